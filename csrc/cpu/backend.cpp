@@ -1,0 +1,96 @@
+// CPU backend: the per-step pointwise pass of each cell, vectorised with at::vec and
+// spread over (row, column-chunk) pairs with at::parallel_for.
+#ifdef FUSED_RNN_AVX2  // setup.py adds -mavx2 -mfma when the building CPU has them
+#define CPU_CAPABILITY_AVX2
+#define CPU_CAPABILITY AVX2
+#endif
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "../ops.h"
+
+namespace fused_rnn {
+
+template <typename S>
+struct Act<at::vec::Vectorized<S>> {
+  using V = at::vec::Vectorized<S>;
+  static V sigmoid(const V& x) { return V(S(1)) / (V(S(1)) + x.neg().exp()); }
+  static V tanh(const V& x) { return x.tanh(); }
+  static V relu(const V& x) { return at::vec::clamp_min(x, V(S(0))); }
+  static V relu_backward(const V& dh, const V& h) { return V::blendv(V(S(0)), dh, h > V(S(0))); }
+};
+
+namespace {
+
+template <typename S>
+struct VecIO {
+  using V = at::vec::Vectorized<S>;
+  static V load(const S* p) { return V::loadu(p); }
+  static void store(S* p, const V& v) { v.store(p); }
+};
+
+template <typename S>
+struct ScalarIO {
+  static S load(const S* p) { return *p; }
+  static void store(S* p, S v) { *p = v; }
+};
+
+// Runs `point(b, j, vectorised)` over every row b < batch and column chunk j < hidden.
+template <typename S, typename F>
+void for_each_chunk(int64_t batch, int64_t hidden, int64_t gates, const F& point) {
+  constexpr int64_t W = at::vec::Vectorized<S>::size();
+  const int64_t full = hidden / W, chunks = full + (hidden % W ? 1 : 0);
+  // Keep small steps on one thread: a chunk costs roughly `gates` vector activations.
+  const int64_t grain = std::max<int64_t>(1, 2048 / (W * gates));
+  at::parallel_for(0, batch * chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / chunks, c = idx % chunks;
+      if (c < full) {
+        point(b, c * W, true);
+      } else {
+        for (int64_t j = full * W; j < hidden; ++j) point(b, j, false);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+struct CpuBackend {
+  static void check_dtype(at::ScalarType t) {
+    TORCH_CHECK(t == at::kFloat || t == at::kDouble,
+                "fused_rnn on CPU supports float32 and float64 tensors, got ", t);
+  }
+
+  template <class Cell, typename S>
+  static void forward_step(const StepForward<S>& a, int64_t batch) {
+    if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
+      for_each_chunk<S>(batch, a.hidden, Cell::kGates, [&](int64_t b, int64_t j, bool vec) {
+        if (vec) Cell::template forward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
+        else Cell::template forward<S, ScalarIO<S>>(a, b, j);
+      });
+    } else {
+      check_dtype(c10::CppTypeToScalarType<S>::value);
+    }
+  }
+
+  template <class Cell, typename S>
+  static void backward_step(const StepBackward<S>& a, int64_t batch) {
+    if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
+      for_each_chunk<S>(batch, a.hidden, Cell::kGates, [&](int64_t b, int64_t j, bool vec) {
+        if (vec) Cell::template backward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
+        else Cell::template backward<S, ScalarIO<S>>(a, b, j);
+      });
+    } else {
+      check_dtype(c10::CppTypeToScalarType<S>::value);
+    }
+  }
+};
+
+TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) { FUSED_RNN_REGISTER_BACKEND(m, CpuBackend); }
+
+}  // namespace fused_rnn

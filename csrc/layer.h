@@ -1,0 +1,248 @@
+// One recurrent layer, one direction, whole sequence — the loop shared by every cell type
+// and every backend. GEMMs go through ATen (MKL on CPU, cuBLAS on CUDA); the per-step
+// pointwise pass is the Backend's:
+//   Backend::check_dtype(ScalarType)
+//   Backend::forward_step<Cell, S>(const StepForward<S>&, int64_t batch)
+//   Backend::backward_step<Cell, S>(const StepBackward<S>&, int64_t batch)
+//
+// Sequences are processed as rows: an unpacked [T, B, I] input is T steps of B rows; a
+// packed [N, I] input is steps of batch_sizes[t] rows (sorted by decreasing length, as in
+// PackedSequence). The running state lives in [B, ·] buffers of which step t touches
+// only the first batch_sizes[t] rows, so padding is never computed and, when the loop
+// ends, every row holds the state at its own last step (h_n, c_n).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <vector>
+
+#include "cells.h"
+
+namespace fused_rnn {
+
+using at::Tensor;
+
+struct LayerWeights {
+  Tensor w_ih, w_hh, b_ih, b_hh, w_hr;  // biases and w_hr may be undefined
+};
+
+// Row layout of a sequence: batch size and first row of each time step.
+struct Steps {
+  std::vector<int64_t> batch;
+  std::vector<int64_t> offset;
+  bool packed = false;
+  int64_t rows = 0;
+
+  int64_t count() const { return static_cast<int64_t>(batch.size()); }
+};
+
+inline Steps make_steps(const Tensor& input, const c10::optional<Tensor>& batch_sizes) {
+  Steps s;
+  if (batch_sizes.has_value()) {
+    const Tensor& bs = *batch_sizes;
+    TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(),
+                "fused_rnn: batch_sizes must be a 1-D int64 CPU tensor, got ", bs.dim(), "-D ",
+                bs.scalar_type(), " on ", bs.device());
+    TORCH_CHECK(input.dim() == 2, "fused_rnn: packed input must be 2-D [rows, features], got ",
+                input.dim(), "-D");
+    s.packed = true;
+    const Tensor bsc = bs.contiguous();
+    const int64_t* p = bsc.data_ptr<int64_t>();
+    for (int64_t t = 0; t < bsc.numel(); ++t) {
+      TORCH_CHECK(p[t] > 0 && (t == 0 || p[t] <= p[t - 1]),
+                  "fused_rnn: batch_sizes must be positive and non-increasing, got ", bs);
+      s.offset.push_back(s.rows);
+      s.batch.push_back(p[t]);
+      s.rows += p[t];
+    }
+    TORCH_CHECK(s.rows == input.size(0), "fused_rnn: batch_sizes sum to ", s.rows,
+                " but the packed input has ", input.size(0), " rows");
+  } else {
+    TORCH_CHECK(input.dim() == 3, "fused_rnn: input must be 3-D [seq_len, batch, features], got ",
+                input.dim(), "-D");
+    const int64_t T = input.size(0), B = input.size(1);
+    TORCH_CHECK(T > 0, "Expected sequence length to be larger than 0 in RNN");
+    for (int64_t t = 0; t < T; ++t) {
+      s.offset.push_back(t * B);
+      s.batch.push_back(B);
+    }
+    s.rows = T * B;
+  }
+  return s;
+}
+
+inline int64_t max_batch(const Steps& s) { return s.count() ? s.batch[0] : 0; }
+
+// For each row of each step, the state it started from: the same row of the step before
+// it in processing order, or the initial state for rows that begin there.
+inline Tensor previous_states(const Tensor& seq, const Tensor& init, const Steps& s, bool reverse) {
+  const int64_t T = s.count(), B = max_batch(s);
+  if (!s.packed) {
+    if (T == 1) return init.contiguous();
+    const Tensor inner = reverse ? seq.narrow(0, B, s.rows - B) : seq.narrow(0, 0, s.rows - B);
+    return reverse ? at::cat({inner, init}) : at::cat({init, inner});
+  }
+  Tensor prev = at::empty({s.rows, seq.size(1)}, seq.options());
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t bs = s.batch[t], row = s.offset[t];
+    const int64_t from = reverse ? t + 1 : t - 1;
+    const int64_t carried = (from >= 0 && from < T) ? std::min(bs, s.batch[from]) : 0;
+    if (carried) prev.narrow(0, row, carried).copy_(seq.narrow(0, s.offset[from], carried));
+    if (carried < bs) prev.narrow(0, row + carried, bs - carried).copy_(init.narrow(0, carried, bs - carried));
+  }
+  return prev;
+}
+
+template <typename S>
+S* ptr(const Tensor& t) { return t.defined() ? static_cast<S*>(t.data_ptr()) : nullptr; }
+
+// Returns {output, h_n, c_n (LSTM only, else undefined), reserve}.
+template <class Cell, class Backend>
+std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tensor>& batch_sizes,
+                                  const Tensor& hx, const Tensor& cx, const LayerWeights& w,
+                                  bool reverse, bool relu) {
+  Backend::check_dtype(input_.scalar_type());
+  const Steps s = make_steps(input_, batch_sizes);
+  const int64_t I = w.w_ih.size(1), G = Cell::kGates, H = w.w_ih.size(0) / G;
+  const int64_t H_out = w.w_hh.size(1);
+  const bool project = w.w_hr.defined();
+  const int64_t B = hx.size(0);
+  const Tensor x = input_.reshape({s.rows, I}).contiguous();
+  const auto opts = x.options();
+
+  const int64_t R = Cell::reserve_width(H, project);
+  Tensor reserve = at::empty({s.rows, R}, opts);
+  Tensor gates = reserve.narrow(1, 0, G * H);
+  // Input projection of every step at once; b_hh joins it unless the cell keeps it apart.
+  Tensor bias = w.b_ih;
+  if (!Cell::kSeparateHiddenGates && w.b_hh.defined()) bias = bias.defined() ? w.b_ih + w.b_hh : w.b_hh;
+  if (bias.defined()) at::addmm_out(gates, bias, x, w.w_ih.t());
+  else at::mm_out(gates, x, w.w_ih.t());
+
+  Tensor h_state = hx.contiguous().clone();
+  Tensor c_state = Cell::kHasCell ? cx.contiguous().clone() : Tensor();
+  Tensor output = at::empty({s.rows, H_out}, opts);
+  Tensor hidden_gates = Cell::kSeparateHiddenGates ? at::empty({B, G * H}, opts) : Tensor();
+  const Tensor w_hh_t = w.w_hh.t(), w_hr_t = project ? w.w_hr.t() : Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_rnn_forward", [&] {
+    using S = scalar_t;
+    StepForward<S> a{};
+    a.ld_reserve = R;
+    a.ld_output = H_out;
+    a.hidden = H;
+    a.relu = relu;
+    a.project = project;
+    a.h_state = ptr<S>(h_state);
+    a.c_state = ptr<S>(c_state);
+    a.hidden_gates = ptr<S>(hidden_gates);
+    for (int64_t k = 0; k < s.count(); ++k) {
+      const int64_t t = reverse ? s.count() - 1 - k : k;
+      const int64_t bs = s.batch[t], row = s.offset[t];
+      if (bs == 0) continue;
+      const Tensor h_prev = h_state.narrow(0, 0, bs);
+      if (Cell::kSeparateHiddenGates) {
+        Tensor hg = hidden_gates.narrow(0, 0, bs);
+        if (w.b_hh.defined()) at::addmm_out(hg, w.b_hh, h_prev, w_hh_t);
+        else at::mm_out(hg, h_prev, w_hh_t);
+      } else {
+        gates.narrow(0, row, bs).addmm_(h_prev, w_hh_t);
+      }
+      a.reserve = ptr<S>(reserve) + row * R;
+      a.output = ptr<S>(output) + row * H_out;
+      Backend::template forward_step<Cell, S>(a, bs);
+      if (project) {
+        Tensor out_t = output.narrow(0, row, bs);
+        at::mm_out(out_t, reserve.narrow(0, row, bs).narrow(1, 5 * H, H), w_hr_t);
+        h_state.narrow(0, 0, bs).copy_(out_t);
+      }
+    }
+  });
+
+  if (!s.packed) output = output.view({s.count(), B, H_out});
+  return {output, h_state, c_state, reserve};
+}
+
+// Returns {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
+// gradients of absent tensors (cx, biases, w_hr) are empty.
+template <class Cell, class Backend>
+std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& grad_cy,
+                                   const Tensor& input, const c10::optional<Tensor>& batch_sizes,
+                                   const Tensor& hx, const Tensor& cx, const LayerWeights& w,
+                                   const Tensor& output, const Tensor& reserve, bool has_bias,
+                                   bool reverse, bool relu) {
+  Backend::check_dtype(input.scalar_type());
+  const Steps s = make_steps(input, batch_sizes);
+  const int64_t I = w.w_ih.size(1), G = Cell::kGates, H = w.w_ih.size(0) / G;
+  const int64_t H_out = w.w_hh.size(1);
+  const bool project = w.w_hr.defined();
+  const int64_t B = hx.size(0), R = reserve.size(1);
+  const Tensor x = input.reshape({s.rows, I}).contiguous();
+  const auto opts = x.options();
+  const Tensor out = output.reshape({s.rows, H_out}).contiguous();
+  const Tensor grad_out = grad_output.reshape({s.rows, H_out}).contiguous();
+  const Tensor res = reserve.contiguous();
+
+  const Tensor h_prev = previous_states(out, hx.contiguous(), s, reverse);
+  const Tensor c_prev = Cell::kHasCell ? previous_states(res.narrow(1, 4 * H, H), cx.contiguous(), s, reverse) : Tensor();
+  Tensor grad_h_state = grad_hy.contiguous().clone();
+  Tensor grad_c_state = Cell::kHasCell ? grad_cy.contiguous().clone() : Tensor();
+  Tensor grad_gates = at::empty({s.rows, G * H}, opts);
+  Tensor grad_hidden_gates = Cell::kSeparateHiddenGates ? at::empty({s.rows, G * H}, opts) : grad_gates;
+  Tensor grad_projected = project ? at::empty({s.rows, H_out}, opts) : Tensor();  // dL/dh before W_hr
+  Tensor grad_unprojected = project ? at::empty({B, H}, opts) : Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_rnn_backward", [&] {
+    using S = scalar_t;
+    StepBackward<S> a{};
+    a.ld_reserve = R;
+    a.ld_output = H_out;
+    a.ld_prev = Cell::kHasCell ? H : H_out;
+    a.hidden = H;
+    a.relu = relu;
+    a.grad_c_state = ptr<S>(grad_c_state);
+    a.grad_h_state = ptr<S>(grad_h_state);
+    for (int64_t k = 0; k < s.count(); ++k) {
+      const int64_t t = reverse ? k : s.count() - 1 - k;
+      const int64_t bs = s.batch[t], row = s.offset[t];
+      if (bs == 0) continue;
+      Tensor grad_h_prev = grad_h_state.narrow(0, 0, bs);
+      if (project) {
+        Tensor dy = grad_projected.narrow(0, row, bs);
+        at::add_out(dy, grad_out.narrow(0, row, bs), grad_h_prev);
+        Tensor dh = grad_unprojected.narrow(0, 0, bs);
+        at::mm_out(dh, dy, w.w_hr);
+        a.grad_h = ptr<S>(dh);
+        a.ld_grad_h = H;
+        a.grad_h_rec = nullptr;
+      } else {
+        a.grad_h = ptr<S>(grad_out) + row * H_out;
+        a.ld_grad_h = H_out;
+        a.grad_h_rec = ptr<S>(grad_h_state);
+      }
+      a.reserve = ptr<S>(res) + row * R;
+      a.output = ptr<S>(out) + row * H_out;
+      a.h_prev = ptr<S>(h_prev) + row * H_out;
+      a.c_prev = Cell::kHasCell ? ptr<S>(c_prev) + row * H : nullptr;
+      a.grad_gates = ptr<S>(grad_gates) + row * G * H;
+      a.grad_hidden_gates = ptr<S>(grad_hidden_gates) + row * G * H;
+      Backend::template backward_step<Cell, S>(a, bs);
+      const Tensor dgh = grad_hidden_gates.narrow(0, row, bs);
+      if (Cell::kSeparateHiddenGates) grad_h_prev.addmm_(dgh, w.w_hh);
+      else at::mm_out(grad_h_prev, dgh, w.w_hh);
+    }
+  });
+
+  const Tensor empty = at::empty({0}, opts);
+  Tensor grad_input = at::mm(grad_gates, w.w_ih).view(input.sizes());
+  Tensor grad_w_ih = at::mm(grad_gates.t(), x);
+  Tensor grad_w_hh = at::mm(grad_hidden_gates.t(), h_prev);
+  Tensor grad_b_ih = has_bias ? grad_gates.sum(0) : empty;
+  Tensor grad_b_hh = has_bias ? grad_hidden_gates.sum(0) : empty.clone();
+  Tensor grad_w_hr = project ? at::mm(grad_projected.t(), res.narrow(1, 5 * H, H)) : empty.clone();
+  Tensor grad_cx = Cell::kHasCell ? grad_c_state : empty.clone();
+  return {grad_input, grad_h_state, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
+}
+
+}  // namespace fused_rnn

@@ -1,0 +1,20 @@
+"""fused_rnn: fused C++/CUDA kernels behind exact drop-ins for torch.nn recurrent layers.
+
+    import fused_rnn
+    lstm = fused_rnn.LSTM(input_size=32, hidden_size=64, num_layers=2)  # same API as nn.LSTM
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # registers torch.ops.fused_rnn.*
+from . import ops  # noqa: F401  (fake kernels and autograd for the ops)
+from ._version import __version__
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, RNNBase, RNNCellBase
+
+
+def backends():
+    """Which backends this build has compiled in, e.g. {"cpu": True, "cuda": False}."""
+    return {"cpu": True, "cuda": bool(_C.with_cuda)}
+
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "RNNBase", "RNNCellBase",
+           "backends", "__version__"]

@@ -1,0 +1,418 @@
+"""Drop-in replacements for torch.nn.RNN/LSTM/GRU and their cells.
+
+Constructors, attributes, parameter names/order/shapes, initialisation (and so the RNG
+stream they consume), extra_repr and input validation follow torch.nn; the computation runs
+in the torch.ops.fused_rnn kernels. Stacking, directions, dropout and packing are handled
+here, once, for every cell type.
+"""
+import math
+import numbers
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn import init
+from torch.nn.utils.rnn import PackedSequence
+
+from .ops import run_layer
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def _check_devices(input, hidden, weight):
+    if input.device != weight.device:
+        raise RuntimeError("Input and parameter tensors are not at the same device, found input tensor at "
+                           f"{input.device} and parameter tensor at {weight.device}")
+    for h in hidden:
+        if h.device != input.device:
+            raise RuntimeError("Input and hidden tensors are not at the same device, found input tensor at "
+                               f"{input.device} and hidden tensor at {h.device}")
+
+
+def _check_hidden_dtype(hidden, dtype):
+    for h in hidden:
+        if h.dtype != dtype:
+            raise RuntimeError(f"Expected hidden state of dtype {dtype} (the parameters' dtype), got {h.dtype}")
+
+
+class RNNBase(nn.Module):
+    """Multi-layer, optionally bidirectional recurrent layer over fused kernels (see torch.nn.RNNBase)."""
+
+    def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
+        super().__init__()
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+
+        if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
+                             "element being zeroed")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
+                          f"expects num_layers greater than 1, but got dropout={dropout} and "
+                          f"num_layers={num_layers}", stacklevel=2)
+        for name, value in (("bias", bias), ("batch_first", batch_first)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if not isinstance(value, int):
+                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"{name} must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if mode not in _GATES:
+            raise ValueError("Unrecognized RNN mode: " + mode)
+        if proj_size > 0 and mode != "LSTM":
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+
+        factory = {"device": device, "dtype": dtype}
+        gate_size = _GATES[mode] * hidden_size
+        directions = 2 if bidirectional else 1
+        out_size = proj_size if proj_size > 0 else hidden_size
+        self._flat_weights_names = []
+        self._all_weights = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else out_size * directions
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                shapes = [("weight_ih", (gate_size, layer_input)), ("weight_hh", (gate_size, out_size))]
+                if bias:
+                    shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
+                if proj_size > 0:
+                    shapes.append(("weight_hr", (proj_size, hidden_size)))
+                names = []
+                for base, shape in shapes:
+                    setattr(self, base + suffix, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(base + suffix)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    # Weights are looked up on every access, so .to(), functional_call and reassignment
+    # never leave a stale copy behind.
+    @property
+    def _flat_weights(self):
+        return [getattr(self, name, None) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self):
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self):
+        """Kept for torch.nn compatibility; the fused kernels need no flattened weight buffer."""
+
+    def extra_repr(self):
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        return s.format(**self.__dict__)
+
+    # ---- torch.nn-compatible validation ---------------------------------------------
+
+    def check_input(self, input, batch_sizes):
+        weight = self.weight_ih_l0
+        if input.dtype != weight.dtype:
+            raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+                             f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
+        expected_dim = 2 if batch_sizes is not None else 3
+        if input.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                               f"got {input.size(-1)}")
+
+    def get_expected_hidden_size(self, input, batch_sizes):
+        if batch_sizes is not None:
+            mini_batch = int(batch_sizes[0])
+        else:
+            mini_batch = input.size(0) if self.batch_first else input.size(1)
+        directions = 2 if self.bidirectional else 1
+        size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        return (self.num_layers * directions, mini_batch, size)
+
+    def check_hidden_size(self, hx, expected_hidden_size, msg="Expected hidden size {}, got {}"):
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def check_forward_args(self, input, hidden, batch_sizes):
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(hidden, self.get_expected_hidden_size(input, batch_sizes))
+
+    def permute_hidden(self, hx, permutation):
+        if permutation is None:
+            return hx
+        return hx.index_select(1, permutation)
+
+    # ---- forward ------------------------------------------------------------------------
+
+    def _zero_state(self, input, batch, size):
+        directions = 2 if self.bidirectional else 1
+        return torch.zeros(self.num_layers * directions, batch, size, dtype=input.dtype, device=input.device)
+
+    def _run(self, input, batch_sizes, h0, c0):
+        """The stack: layers × directions, dropout between layers. `input` is time-major
+        [T, B, I] or packed rows [N, I]."""
+        directions = 2 if self.bidirectional else 1
+        weights = self._flat_weights
+        per_direction = len(weights) // (self.num_layers * directions)
+        h_n, c_n = [], []
+        x = input
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                k = layer * directions + direction
+                w = weights[k * per_direction:(k + 1) * per_direction]
+                w_ih, w_hh = w[0], w[1]
+                b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
+                w_hr = w[-1] if self.proj_size > 0 else None
+                out, h, c = run_layer(self.mode, x, batch_sizes, h0[k], None if c0 is None else c0[k],
+                                      (w_ih, w_hh, b_ih, b_hh, w_hr), direction == 1)
+                outputs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            x = outputs[0] if directions == 1 else torch.cat(outputs, -1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, True)
+        return x, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+
+    def forward(self, input, hx=None):
+        lstm = self.mode == "LSTM"
+        name = "LSTM" if lstm else ("GRU" if self.mode == "GRU" else "RNN")
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        orig_input = input
+        is_batched = True
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = orig_input
+            max_batch = int(batch_sizes[0])
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                suffix = " tensor" if name == "RNN" else ""
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{suffix} instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            if hx is not None:
+                hidden = hx if lstm else (hx,)
+                want = 3 if is_batched else 2
+                if any(h.dim() != want for h in hidden):
+                    kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                    if lstm:
+                        raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
+                                           f"({hidden[0].dim()}-D, {hidden[1].dim()}-D) tensors")
+                    raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
+                if not is_batched:
+                    hx = tuple(h.unsqueeze(1) for h in hidden) if lstm else hx.unsqueeze(1)
+            max_batch = input.size(0) if self.batch_first else input.size(1)
+
+        if hx is None:
+            h0 = self._zero_state(input, max_batch, out_size)
+            c0 = self._zero_state(input, max_batch, self.hidden_size) if lstm else None
+        elif lstm:
+            h0, c0 = self.permute_hidden(hx[0], sorted_indices), self.permute_hidden(hx[1], sorted_indices)
+        else:
+            h0, c0 = self.permute_hidden(hx, sorted_indices), None
+
+        self.check_input(input, batch_sizes)
+        expected = self.get_expected_hidden_size(input, batch_sizes)
+        if lstm:
+            self.check_hidden_size(h0, expected, "Expected hidden[0] size {}, got {}")
+            self.check_hidden_size(c0, expected[:2] + (self.hidden_size,), "Expected hidden[1] size {}, got {}")
+        else:
+            self.check_hidden_size(h0, expected)
+        states = (h0,) if c0 is None else (h0, c0)
+        _check_devices(input, states, self.weight_ih_l0)
+        _check_hidden_dtype(states, input.dtype)
+
+        if batch_sizes is None and self.batch_first:
+            input = input.transpose(0, 1)
+        output, h_n, c_n = self._run(input, batch_sizes, h0, c0)
+
+        if batch_sizes is not None:
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+        else:
+            if self.batch_first:
+                output = output.transpose(0, 1)
+            if not is_batched:
+                output = output.squeeze(batch_dim)
+                h_n = h_n.squeeze(1)
+                c_n = c_n.squeeze(1) if c_n is not None else None
+        h_n = self.permute_hidden(h_n, unsorted_indices)
+        if lstm:
+            return output, (h_n, self.permute_hidden(c_n, unsorted_indices))
+        return output, h_n
+
+
+class RNN(RNNBase):
+    """Drop-in for torch.nn.RNN (Elman RNN, tanh or relu)."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__("RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU", *args, **kwargs)
+
+
+class LSTM(RNNBase):
+    """Drop-in for torch.nn.LSTM, including proj_size."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+
+class GRU(RNNBase):
+    """Drop-in for torch.nn.GRU."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+
+# ---- cells ----------------------------------------------------------------------------------
+
+
+class RNNCellBase(nn.Module):
+    """Single-step cell over the fused kernels (see torch.nn.RNNCellBase)."""
+
+    def __init__(self, input_size, hidden_size, bias, num_chunks, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.weight_ih = nn.Parameter(torch.empty((num_chunks * hidden_size, input_size), **factory))
+        self.weight_hh = nn.Parameter(torch.empty((num_chunks * hidden_size, hidden_size), **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def extra_repr(self):
+        s = "{input_size}, {hidden_size}"
+        if "bias" in self.__dict__ and self.bias is not True:
+            s += ", bias={bias}"
+        if "nonlinearity" in self.__dict__ and self.nonlinearity != "tanh":
+            s += ", nonlinearity={nonlinearity}"
+        return s.format(**self.__dict__)
+
+    def reset_parameters(self):
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    def _step(self, mode, input, hidden):
+        """Validates like ATen's cell ops and runs one fused step: (input [B, I], hidden states
+        [B, H]) -> new states."""
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        for k, h in enumerate(hidden):
+            if input.size(0) != h.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{k} batch size {h.size(0)}")
+            if h.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {h.size(1)}, "
+                                   f"expected {self.hidden_size}")
+        if input.dtype != self.weight_ih.dtype:
+            raise RuntimeError(f"Expected input of dtype {self.weight_ih.dtype} (the parameters' dtype), "
+                               f"got {input.dtype}")
+        _check_hidden_dtype(hidden, input.dtype)
+        _check_devices(input, hidden, self.weight_ih)
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
+        _, h, c = run_layer(mode, input.unsqueeze(0), None, hidden[0], hidden[1] if len(hidden) > 1 else None,
+                            weights, False)
+        return h, c
+
+    def _prepare(self, name, input, hx, count):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for k, h in enumerate(hx):
+                if h.dim() not in (1, 2):
+                    what = f"hx[{k}]" if count == 2 else "hidden"
+                    raise ValueError(f"{name}: Expected {what} to be 1D or 2D, got {h.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = (zeros,) * count
+        elif not is_batched:
+            hx = tuple(h.unsqueeze(0) for h in hx)
+        return input, hx, is_batched
+
+
+class RNNCell(RNNCellBase):
+    """Drop-in for torch.nn.RNNCell."""
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
+        self.nonlinearity = nonlinearity
+
+    def forward(self, input, hx=None):
+        input, (h0,), is_batched = self._prepare("RNNCell", input, None if hx is None else (hx,), 1)
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        h, _ = self._step("RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU", input, (h0,))
+        return h if is_batched else h.squeeze(0)
+
+
+class LSTMCell(RNNCellBase):
+    """Drop-in for torch.nn.LSTMCell."""
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+
+    def forward(self, input, hx=None):
+        input, hidden, is_batched = self._prepare("LSTMCell", input, hx, 2)
+        h, c = self._step("LSTM", input, hidden)
+        return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
+
+
+class GRUCell(RNNCellBase):
+    """Drop-in for torch.nn.GRUCell."""
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
+
+    def forward(self, input, hx=None):
+        input, (h0,), is_batched = self._prepare("GRUCell", input, None if hx is None else (hx,), 1)
+        h, _ = self._step("GRU", input, (h0,))
+        return h if is_batched else h.squeeze(0)

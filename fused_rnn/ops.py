@@ -1,0 +1,153 @@
+"""Python side of the torch.ops.fused_rnn ops: fake (meta) kernels so torch.compile and
+torch.export can trace them, and autograd that ties each layer op to its backward op.
+
+The ops themselves are declared in csrc/ops.cpp. Each *_layer op runs one direction of one
+layer over a whole sequence; see there for argument conventions.
+"""
+import torch
+
+_ops = torch.ops.fused_rnn
+
+
+def _gates(mode):
+    return {"lstm": 4, "gru": 3, "rnn": 1}[mode]
+
+
+def _reserve_width(mode, hidden, project):
+    return {"lstm": (6 if project else 5), "gru": 4, "rnn": 1}[mode] * hidden
+
+
+def _fake_forward(mode, input, batch_sizes, hx, w_ih, w_hh, w_hr=None):
+    hidden = w_ih.shape[0] // _gates(mode)
+    h_out = w_hh.shape[1]
+    if batch_sizes is not None:
+        rows, out_shape = input.shape[0], (input.shape[0], h_out)
+    else:
+        rows, out_shape = input.shape[0] * input.shape[1], (input.shape[0], input.shape[1], h_out)
+    reserve = input.new_empty((rows, _reserve_width(mode, hidden, w_hr is not None)))
+    return input.new_empty(out_shape), hx.new_empty((hx.shape[0], h_out)), reserve
+
+
+@torch.library.register_fake("fused_rnn::lstm_layer")
+def _(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    output, hy, reserve = _fake_forward("lstm", input, batch_sizes, hx, w_ih, w_hh, w_hr)
+    return output, hy, cx.new_empty(cx.shape), reserve
+
+
+@torch.library.register_fake("fused_rnn::gru_layer")
+def _(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse):
+    return _fake_forward("gru", input, batch_sizes, hx, w_ih, w_hh)
+
+
+@torch.library.register_fake("fused_rnn::rnn_layer")
+def _(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, relu, reverse):
+    return _fake_forward("rnn", input, batch_sizes, hx, w_ih, w_hh)
+
+
+def _fake_grads(input, hx, w_ih, w_hh, has_bias):
+    bias = (w_ih.new_empty((w_ih.shape[0],)) if has_bias else w_ih.new_empty((0,)) for _ in range(2))
+    return (input.new_empty(input.shape), hx.new_empty(hx.shape), w_ih.new_empty(w_ih.shape),
+            w_hh.new_empty(w_hh.shape), *bias)
+
+
+@torch.library.register_fake("fused_rnn::lstm_layer_backward")
+def _(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w_ih, w_hh, w_hr, output, reserve,
+      has_bias, reverse):
+    gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _fake_grads(input, hx, w_ih, w_hh, has_bias)
+    gw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else w_ih.new_empty((0,))
+    return gi, ghx, cx.new_empty(cx.shape), gw_ih, gw_hh, gb_ih, gb_hh, gw_hr
+
+
+@torch.library.register_fake("fused_rnn::gru_layer_backward")
+def _(grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output, reserve, has_bias, reverse):
+    return _fake_grads(input, hx, w_ih, w_hh, has_bias)
+
+
+@torch.library.register_fake("fused_rnn::rnn_layer_backward")
+def _(grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output, reserve, has_bias, relu, reverse):
+    return _fake_grads(input, hx, w_ih, w_hh, has_bias)
+
+
+# ---- autograd ---------------------------------------------------------------------------
+
+
+def _bias_grads(ctx, gb_ih, gb_hh):
+    return (gb_ih if ctx.has_b_ih else None), (gb_hh if ctx.has_b_hh else None)
+
+
+def _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve):
+    ctx.batch_sizes = batch_sizes
+    ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
+    ctx.reverse = reverse
+    ctx.mark_non_differentiable(reserve)
+
+
+def _lstm_setup(ctx, inputs, output):
+    input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse = inputs
+    out, _, _, reserve = output
+    _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve)
+    ctx.has_w_hr = w_hr is not None
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, w_hr, out, reserve)
+
+
+def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_reserve):
+    input, hx, cx, w_ih, w_hh, w_hr, out, reserve = ctx.saved_tensors
+    gi, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = _ops.lstm_layer_backward(
+        grad_out, grad_hy, grad_cy, input, ctx.batch_sizes, hx, cx, w_ih, w_hh, w_hr, out, reserve,
+        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse)
+    gb_ih, gb_hh = _bias_grads(ctx, gb_ih, gb_hh)
+    return gi, None, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, (gw_hr if ctx.has_w_hr else None), None
+
+
+def _gru_setup(ctx, inputs, output):
+    input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse = inputs
+    out, _, reserve = output
+    _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve)
+    ctx.save_for_backward(input, hx, w_ih, w_hh, out, reserve)
+
+
+def _gru_backward(ctx, grad_out, grad_hy, _grad_reserve):
+    input, hx, w_ih, w_hh, out, reserve = ctx.saved_tensors
+    gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.gru_layer_backward(
+        grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
+        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse)
+    return (gi, None, ghx, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), None)
+
+
+def _rnn_setup(ctx, inputs, output):
+    input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, relu, reverse = inputs
+    out, _, reserve = output
+    _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve)
+    ctx.relu = relu
+    ctx.save_for_backward(input, hx, w_ih, w_hh, out, reserve)
+
+
+def _rnn_backward(ctx, grad_out, grad_hy, _grad_reserve):
+    input, hx, w_ih, w_hh, out, reserve = ctx.saved_tensors
+    gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.rnn_layer_backward(
+        grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
+        ctx.has_b_ih or ctx.has_b_hh, ctx.relu, ctx.reverse)
+    return (gi, None, ghx, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), None, None)
+
+
+torch.library.register_autograd("fused_rnn::lstm_layer", _lstm_backward, setup_context=_lstm_setup)
+torch.library.register_autograd("fused_rnn::gru_layer", _gru_backward, setup_context=_gru_setup)
+torch.library.register_autograd("fused_rnn::rnn_layer", _rnn_backward, setup_context=_rnn_setup)
+
+
+# ---- one layer direction, as the modules call it -----------------------------------------
+
+
+def run_layer(mode, input, batch_sizes, hx, cx, weights, reverse):
+    """Runs one direction of one layer. `mode` is LSTM, GRU, RNN_TANH or RNN_RELU; `weights`
+    is (w_ih, w_hh, b_ih, b_hh, w_hr) with None for absent tensors. Returns (output, h_n, c_n),
+    c_n None except for LSTM."""
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    if mode == "LSTM":
+        out, hy, cy, _ = _ops.lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+        return out, hy, cy
+    if mode == "GRU":
+        out, hy, _ = _ops.gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse)
+    else:
+        out, hy, _ = _ops.rnn_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, mode == "RNN_RELU", reverse)
+    return out, hy, None

@@ -1,0 +1,90 @@
+"""Builds fused_rnn._C: the CPU backend always, the CUDA backend when CUDA torch and nvcc are present.
+
+Environment switches:
+  FUSED_RNN_CUDA=0|1   force the CUDA backend off / on (on fails loudly if it cannot be built)
+  FUSED_RNN_AVX2=0|1   force the AVX2+FMA CPU kernels off / on (default: on when this CPU has them)
+  TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured as in torch.utils.cpp_extension.
+"""
+import os
+import platform
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def read_version():
+    for line in (ROOT / "fused_rnn" / "_version.py").read_text().splitlines():
+        if line.startswith("__version__"):
+            return line.split("=")[1].strip().strip('"')
+    raise RuntimeError("fused_rnn/_version.py has no __version__")
+
+
+def switch(name):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if value not in ("0", "1"):
+        raise SystemExit(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def cpu_has_avx2():
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def want_cuda():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    forced = switch("FUSED_RNN_CUDA")
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append(f"the installed torch {torch.__version__} is a CPU-only build")
+    if CUDA_HOME is None:
+        reasons.append("no CUDA toolkit (nvcc) was found; set CUDA_HOME")
+    if forced is True and reasons:
+        raise SystemExit("FUSED_RNN_CUDA=1 but the CUDA backend cannot be built: " + "; ".join(reasons))
+    if forced is False:
+        return False
+    return not reasons
+
+
+def extensions():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    cxx = ["-O3", "-std=c++17"]
+    avx2 = switch("FUSED_RNN_AVX2")
+    if avx2 is None:
+        avx2 = cpu_has_avx2()
+    if avx2:
+        cxx += ["-mavx2", "-mfma", "-DFUSED_RNN_AVX2"]
+    sources = ["csrc/ops.cpp", "csrc/cpu/backend.cpp"]
+    if want_cuda():
+        sources += ["csrc/cuda/kernels.cu", "csrc/cuda/backend.cpp"]
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math"]
+        return [CUDAExtension("fused_rnn._C", sources,
+                              extra_compile_args={"cxx": cxx + ["-DFUSED_RNN_WITH_CUDA"], "nvcc": nvcc})]
+    return [CppExtension("fused_rnn._C", sources, extra_compile_args={"cxx": cxx})]
+
+
+def build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    name="fused_rnn",
+    version=read_version(),
+    packages=find_packages(include=["fused_rnn", "fused_rnn.*", "benchmarks", "benchmarks.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": build_ext_class()},
+)
