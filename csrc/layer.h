@@ -2,6 +2,7 @@
 // and every backend. GEMMs go through ATen (MKL on CPU, cuBLAS on CUDA); the per-step
 // pointwise pass is the Backend's:
 //   Backend::check_dtype(ScalarType)
+//   Backend::guard(Device) -> RAII object that makes the device current for the op
 //   Backend::forward_step<Cell, S>(const StepForward<S>&, int64_t batch)
 //   Backend::backward_step<Cell, S>(const StepBackward<S>&, int64_t batch)
 //
@@ -103,6 +104,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
                                   const Tensor& hx, const Tensor& cx, const LayerWeights& w,
                                   bool reverse, bool relu) {
   Backend::check_dtype(input_.scalar_type());
+  const auto device_guard = Backend::guard(input_.device());
   const Steps s = make_steps(input_, batch_sizes);
   const int64_t I = w.w_ih.size(1), G = Cell::kGates, H = w.w_ih.size(0) / G;
   const int64_t H_out = w.w_hh.size(1);
@@ -173,6 +175,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
                                    const Tensor& output, const Tensor& reserve, bool has_bias,
                                    bool reverse, bool relu) {
   Backend::check_dtype(input.scalar_type());
+  const auto device_guard = Backend::guard(input.device());
   const Steps s = make_steps(input, batch_sizes);
   const int64_t I = w.w_ih.size(1), G = Cell::kGates, H = w.w_ih.size(0) / G;
   const int64_t H_out = w.w_hh.size(1);

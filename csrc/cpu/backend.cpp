@@ -66,6 +66,9 @@ struct CpuBackend {
                 "fused_rnn on CPU supports float32 and float64 tensors, got ", t);
   }
 
+  struct NoGuard {};
+  static NoGuard guard(const c10::Device&) { return {}; }
+
   template <class Cell, typename S>
   static void forward_step(const StepForward<S>& a, int64_t batch) {
     if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
