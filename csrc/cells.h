@@ -50,7 +50,8 @@ template <typename S>
 struct StepForward {
   S* reserve;            // [batch, ld_reserve]: gate pre-activations in, saved values out
   int64_t ld_reserve;
-  const S* hidden_gates; // GRU only: [batch, 3H] = W_hh h_prev + b_hh
+  const S* hidden_gates; // GRU only: [batch, 3H] = W_hh h_prev (b_hr, b_hz are in the input projection)
+  const S* bias_hn;      // GRU only: [H] b_hn
   S* h_state;            // [batch, H]: h_prev in, h_new out (not written when LSTM projects)
   S* c_state;            // LSTM only: [batch, H]: c_prev in, c_new out
   S* output;             // [batch, ld_output]: h_new (not written when LSTM projects)
@@ -143,7 +144,7 @@ struct GruCell {
     const int64_t H = a.hidden;
     S* r_ptr = a.reserve + b * a.ld_reserve + j;
     const S* hg = a.hidden_gates + b * 3 * H + j;
-    const V hn = IO::load(hg + 2 * H);
+    const V hn = IO::load(hg + 2 * H) + IO::load(a.bias_hn + j);
     const V r = Act<V>::sigmoid(IO::load(r_ptr) + IO::load(hg));
     const V z = Act<V>::sigmoid(IO::load(r_ptr + H) + IO::load(hg + H));
     const V n = Act<V>::tanh(IO::load(r_ptr + 2 * H) + r * hn);

@@ -1,8 +1,11 @@
 // One recurrent layer, one direction, whole sequence — the loop shared by every cell type
-// and every backend. GEMMs go through ATen (MKL on CPU, cuBLAS on CUDA); the per-step
-// pointwise pass is the Backend's:
+// and every backend. The large GEMMs before and after the time loop go through ATen ops;
+// inside the loop, where per-call overhead matters, the Backend supplies raw-pointer BLAS
+// (MKL on CPU, cuBLAS on CUDA) and the per-step pointwise pass:
 //   Backend::check_dtype(ScalarType)
 //   Backend::guard(Device) -> RAII object that makes the device current for the op
+//   Backend::gemm<S>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+//       row-major C[m, n] = alpha * op(A) op(B) + beta * C
 //   Backend::forward_step<Cell, S>(const StepForward<S>&, int64_t batch)
 //   Backend::backward_step<Cell, S>(const StepBackward<S>&, int64_t batch)
 //
@@ -116,17 +119,26 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
   const int64_t R = Cell::reserve_width(H, project);
   Tensor reserve = at::empty({s.rows, R}, opts);
   Tensor gates = reserve.narrow(1, 0, G * H);
-  // Input projection of every step at once; b_hh joins it unless the cell keeps it apart.
-  Tensor bias = w.b_ih;
-  if (!Cell::kSeparateHiddenGates && w.b_hh.defined()) bias = bias.defined() ? w.b_ih + w.b_hh : w.b_hh;
+  // Input projection of every step at once, with b_ih and b_hh folded in — except GRU's
+  // b_hn, which sits inside r * (W_hn h + b_hn) and is added by the pointwise pass.
+  Tensor bias = w.b_ih.defined() ? w.b_ih : Tensor();
+  Tensor bias_hn;
+  if (w.b_hh.defined()) {
+    Tensor folded = w.b_hh;
+    if (Cell::kSeparateHiddenGates) {
+      bias_hn = w.b_hh.narrow(0, 2 * H, H).contiguous();
+      folded = at::cat({w.b_hh.narrow(0, 0, 2 * H), at::zeros({H}, w.b_hh.options())});
+    }
+    bias = bias.defined() ? bias + folded : folded;
+  }
   if (bias.defined()) at::addmm_out(gates, bias, x, w.w_ih.t());
   else at::mm_out(gates, x, w.w_ih.t());
+  if (Cell::kSeparateHiddenGates && !bias_hn.defined()) bias_hn = at::zeros({H}, opts);
 
   Tensor h_state = hx.contiguous().clone();
   Tensor c_state = Cell::kHasCell ? cx.contiguous().clone() : Tensor();
   Tensor output = at::empty({s.rows, H_out}, opts);
   Tensor hidden_gates = Cell::kSeparateHiddenGates ? at::empty({B, G * H}, opts) : Tensor();
-  const Tensor w_hh_t = w.w_hh.t(), w_hr_t = project ? w.w_hr.t() : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_rnn_forward", [&] {
     using S = scalar_t;
@@ -139,24 +151,26 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     a.h_state = ptr<S>(h_state);
     a.c_state = ptr<S>(c_state);
     a.hidden_gates = ptr<S>(hidden_gates);
+    a.bias_hn = ptr<S>(bias_hn);
+    const S* w_hh = ptr<S>(w.w_hh);
     for (int64_t k = 0; k < s.count(); ++k) {
       const int64_t t = reverse ? s.count() - 1 - k : k;
       const int64_t bs = s.batch[t], row = s.offset[t];
       if (bs == 0) continue;
-      const Tensor h_prev = h_state.narrow(0, 0, bs);
-      if (Cell::kSeparateHiddenGates) {
-        Tensor hg = hidden_gates.narrow(0, 0, bs);
-        if (w.b_hh.defined()) at::addmm_out(hg, w.b_hh, h_prev, w_hh_t);
-        else at::mm_out(hg, h_prev, w_hh_t);
-      } else {
-        gates.narrow(0, row, bs).addmm_(h_prev, w_hh_t);
-      }
       a.reserve = ptr<S>(reserve) + row * R;
       a.output = ptr<S>(output) + row * H_out;
+      // Recurrent GEMM, h_prev W_hh^T, straight into the gate rows (or GRU's hidden gates).
+      if (Cell::kSeparateHiddenGates)
+        Backend::template gemm<S>(false, true, bs, G * H, H_out, S(1), a.h_state, H_out, w_hh, H_out, S(0),
+                                  ptr<S>(hidden_gates), G * H);
+      else
+        Backend::template gemm<S>(false, true, bs, G * H, H_out, S(1), a.h_state, H_out, w_hh, H_out, S(1),
+                                  a.reserve, R);
       Backend::template forward_step<Cell, S>(a, bs);
       if (project) {
         Tensor out_t = output.narrow(0, row, bs);
-        at::mm_out(out_t, reserve.narrow(0, row, bs).narrow(1, 5 * H, H), w_hr_t);
+        Backend::template gemm<S>(false, true, bs, H_out, H, S(1), a.reserve + 5 * H, R, ptr<S>(w.w_hr), H, S(0),
+                                  a.output, H_out);
         h_state.narrow(0, 0, bs).copy_(out_t);
       }
     }
@@ -206,17 +220,17 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
     a.relu = relu;
     a.grad_c_state = ptr<S>(grad_c_state);
     a.grad_h_state = ptr<S>(grad_h_state);
+    const S* w_hh = ptr<S>(w.w_hh);
     for (int64_t k = 0; k < s.count(); ++k) {
       const int64_t t = reverse ? k : s.count() - 1 - k;
       const int64_t bs = s.batch[t], row = s.offset[t];
       if (bs == 0) continue;
-      Tensor grad_h_prev = grad_h_state.narrow(0, 0, bs);
       if (project) {
         Tensor dy = grad_projected.narrow(0, row, bs);
-        at::add_out(dy, grad_out.narrow(0, row, bs), grad_h_prev);
-        Tensor dh = grad_unprojected.narrow(0, 0, bs);
-        at::mm_out(dh, dy, w.w_hr);
-        a.grad_h = ptr<S>(dh);
+        at::add_out(dy, grad_out.narrow(0, row, bs), grad_h_state.narrow(0, 0, bs));
+        Backend::template gemm<S>(false, false, bs, H, H_out, S(1), ptr<S>(dy), H_out, ptr<S>(w.w_hr), H, S(0),
+                                  ptr<S>(grad_unprojected), H);
+        a.grad_h = ptr<S>(grad_unprojected);
         a.ld_grad_h = H;
         a.grad_h_rec = nullptr;
       } else {
@@ -231,9 +245,9 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
       a.grad_gates = ptr<S>(grad_gates) + row * G * H;
       a.grad_hidden_gates = ptr<S>(grad_hidden_gates) + row * G * H;
       Backend::template backward_step<Cell, S>(a, bs);
-      const Tensor dgh = grad_hidden_gates.narrow(0, row, bs);
-      if (Cell::kSeparateHiddenGates) grad_h_prev.addmm_(dgh, w.w_hh);
-      else at::mm_out(grad_h_prev, dgh, w.w_hh);
+      // dL/dh_prev = dgates W_hh (GRU adds it to the direct part z * dh already there).
+      Backend::template gemm<S>(false, false, bs, H_out, G * H, S(1), a.grad_hidden_gates, G * H, w_hh, H_out,
+                                S(Cell::kSeparateHiddenGates ? 1 : 0), a.grad_h_state, H_out);
     }
   });
 

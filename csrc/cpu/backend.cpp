@@ -9,9 +9,19 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 
 #include "../ops.h"
+
+// The Fortran BLAS entry points of the MKL that libtorch_cpu carries (LP64). Weak, so a
+// torch built without them still loads; the per-step GEMM then goes through ATen.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
 
 namespace fused_rnn {
 
@@ -44,8 +54,9 @@ template <typename S, typename F>
 void for_each_chunk(int64_t batch, int64_t hidden, int64_t gates, const F& point) {
   constexpr int64_t W = at::vec::Vectorized<S>::size();
   const int64_t full = hidden / W, chunks = full + (hidden % W ? 1 : 0);
-  // Keep small steps on one thread: a chunk costs roughly `gates` vector activations.
-  const int64_t grain = std::max<int64_t>(1, 2048 / (W * gates));
+  // Waking a second thread costs microseconds: only steps with thousands of gate values
+  // are split (a chunk costs roughly `gates` vector activations).
+  const int64_t grain = std::max<int64_t>(1, 8192 / (W * gates));
   at::parallel_for(0, batch * chunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / chunks, c = idx % chunks;
@@ -64,6 +75,34 @@ struct CpuBackend {
   static void check_dtype(at::ScalarType t) {
     TORCH_CHECK(t == at::kFloat || t == at::kDouble,
                 "fused_rnn on CPU supports float32 and float64 tensors, got ", t);
+  }
+
+  // Row-major C[m, n] = alpha op(A) op(B) + beta C, as the column-major product C^T = op(B)^T op(A)^T.
+  template <typename S>
+  static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, S alpha, const S* a, int64_t lda,
+                   const S* b, int64_t ldb, S beta, S* c, int64_t ldc) {
+    if (m == 0 || n == 0) return;
+    auto blas = [] {
+      if constexpr (std::is_same_v<S, float>) return sgemm_;
+      else if constexpr (std::is_same_v<S, double>) return dgemm_;
+      else return static_cast<void (*)()>(nullptr);
+    }();
+    if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
+      constexpr int64_t kMax = std::numeric_limits<int>::max();
+      if (blas != nullptr && std::max({m, n, k, lda, ldb, ldc}) <= kMax) {
+        const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+        const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+        blas(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+        return;
+      }
+    }
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
+    auto view = [&](const S* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {
+      const at::Tensor t = at::from_blob(const_cast<S*>(p), {trans ? cols : rows, trans ? rows : cols}, {ld, 1}, opts);
+      return trans ? t.t() : t;
+    };
+    at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+    at::addmm_out(out, out, view(a, trans_a, m, k, lda), view(b, trans_b, k, n, ldb), beta, alpha);
   }
 
   struct NoGuard {};

@@ -1,0 +1,100 @@
+// CUDA backend: the per-step GEMMs go to cuBLAS through ATen's handle for the current
+// stream (so TF32 and workspace follow torch's settings), the per-step pointwise pass is one
+// kernel launch (kernels.cu) on the same stream. Nothing here synchronises with the host or
+// allocates outside torch's caching allocator, so a forward or backward can be captured in a
+// CUDA graph.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "../ops.h"
+#include "kernels.h"
+
+namespace fused_rnn {
+namespace {
+
+// The CUDA type with the same bits as each ATen scalar type.
+template <typename S>
+struct CudaScalar {
+  using type = S;
+};
+template <>
+struct CudaScalar<c10::Half> {
+  using type = __half;
+};
+template <>
+struct CudaScalar<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+static_assert(sizeof(c10::Half) == sizeof(__half) && alignof(c10::Half) == alignof(__half));
+static_assert(sizeof(c10::BFloat16) == sizeof(__nv_bfloat16) && alignof(c10::BFloat16) == alignof(__nv_bfloat16));
+
+// Step<S> as Step<CUDA type>: only the pointee types of its pointers change, so both structs
+// have the same layout and the bits carry over.
+template <template <typename> class Step, typename S>
+Step<typename CudaScalar<S>::type> as_cuda(const Step<S>& step) {
+  using Target = Step<typename CudaScalar<S>::type>;
+  static_assert(sizeof(Target) == sizeof(Step<S>) && alignof(Target) == alignof(Step<S>));
+  static_assert(std::is_trivially_copyable_v<Target> && std::is_trivially_copyable_v<Step<S>>);
+  Target target;
+  std::memcpy(&target, &step, sizeof(Target));
+  return target;
+}
+
+}  // namespace
+
+struct CudaBackend {
+  static void check_dtype(at::ScalarType t) {
+    TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+                "fused_rnn on CUDA supports float32, float64, float16 and bfloat16 tensors, got ", t);
+  }
+
+  static c10::cuda::CUDAGuard guard(const c10::Device& device) { return c10::cuda::CUDAGuard(device); }
+
+  // Row-major C[m, n] = alpha op(A) op(B) + beta C, as the column-major product C^T = op(B)^T op(A)^T.
+  // With beta == 0, C may hold garbage (cuBLAS does not read it).
+  template <typename S>
+  static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, S alpha, const S* a, int64_t lda,
+                   const S* b, int64_t ldb, S beta, S* c, int64_t ldc) {
+    if (m == 0 || n == 0) return;
+    TORCH_CHECK(std::max({m, n, k, lda, ldb, ldc}) <= std::numeric_limits<int>::max(),
+                "fused_rnn: a per-step GEMM of [", m, ", ", k, "] x [", k, ", ", n, "] exceeds cuBLAS's int sizes");
+    const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+    const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+    if constexpr (std::is_same_v<S, float>) {
+      TORCH_CUDABLAS_CHECK(cublasSgemm(handle, op_b, op_a, ni, mi, ki, &alpha, b, lb, a, la, &beta, c, lc));
+    } else if constexpr (std::is_same_v<S, double>) {
+      TORCH_CUDABLAS_CHECK(cublasDgemm(handle, op_b, op_a, ni, mi, ki, &alpha, b, lb, a, la, &beta, c, lc));
+    } else {
+      // Half-precision storage accumulates in float, as torch's own half GEMMs do.
+      static_assert(std::is_same_v<S, c10::Half> || std::is_same_v<S, c10::BFloat16>);
+      const cudaDataType_t type = std::is_same_v<S, c10::Half> ? CUDA_R_16F : CUDA_R_16BF;
+      const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
+      TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, op_b, op_a, ni, mi, ki, &alpha_f, b, type, lb, a, type, la, &beta_f,
+                                        c, type, lc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+  }
+
+  template <class Cell, typename S>
+  static void forward_step(const StepForward<S>& step, int64_t batch) {
+    C10_CUDA_CHECK(launch_forward_step<Cell>(as_cuda(step), batch, at::cuda::getCurrentCUDAStream()));
+  }
+
+  template <class Cell, typename S>
+  static void backward_step(const StepBackward<S>& step, int64_t batch) {
+    C10_CUDA_CHECK(launch_backward_step<Cell>(as_cuda(step), batch, at::cuda::getCurrentCUDAStream()));
+  }
+};
+
+TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) { FUSED_RNN_REGISTER_BACKEND(m, CudaBackend); }
+
+}  // namespace fused_rnn
