@@ -1,0 +1,98 @@
+"""Benchmark shapes and the named default grids."""
+from dataclasses import dataclass, replace
+from itertools import product
+
+CELLS = ("LSTM", "GRU", "RNN")
+MODES = ("inference", "training")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One layer configuration and input size. Input is time-major [seq_len, batch, input_size];
+    `packed` feeds a PackedSequence whose lengths are random in [1, seq_len] (one is seq_len)."""
+
+    seq_len: int
+    batch: int
+    input_size: int
+    hidden_size: int
+    num_layers: int = 1
+    bidirectional: bool = False
+    proj_size: int = 0
+    packed: bool = False
+
+    def supports(self, cell):
+        return self.proj_size == 0 or cell == "LSTM"
+
+    def module_kwargs(self):
+        kwargs = {"input_size": self.input_size, "hidden_size": self.hidden_size,
+                  "num_layers": self.num_layers, "bidirectional": self.bidirectional}
+        if self.proj_size:
+            kwargs["proj_size"] = self.proj_size
+        return kwargs
+
+    def series(self, axis):
+        """This shape with the field `axis` blanked out: the key of the sweep it belongs to. In a
+        hidden-size sweep an input size equal to the hidden size is blanked too (it follows H)."""
+        changes = {axis: None}
+        if axis == "hidden_size" and self.input_size == self.hidden_size:
+            changes["input_size"] = None
+        return replace(self, **changes)
+
+    def label(self):
+        """Compact description, e.g. 'T100 B64 I512 H512 L2 bi packed'; blanked fields are left out
+        (a blanked input size that follows the hidden size reads 'I=H')."""
+        parts = [f"T{self.seq_len}" if self.seq_len is not None else "",
+                 f"B{self.batch}" if self.batch is not None else "",
+                 f"I{self.input_size}" if self.input_size is not None else "I=H",
+                 f"H{self.hidden_size}" if self.hidden_size is not None else "",
+                 f"L{self.num_layers}" if self.num_layers != 1 else "",
+                 "bi" if self.bidirectional else "",
+                 f"P{self.proj_size}" if self.proj_size else "",
+                 "packed" if self.packed else ""]
+        return " ".join(part for part in parts if part)
+
+
+def _with_hidden(shape, hidden):
+    return replace(shape, input_size=hidden, hidden_size=hidden)
+
+
+def _variants(base):
+    """Stacked, bidirectional, packed and all three together, at the base size."""
+    return [replace(base, num_layers=2), replace(base, bidirectional=True), replace(base, packed=True),
+            replace(base, num_layers=2, bidirectional=True, packed=True)]
+
+
+def cpu_grid():
+    """Batch × hidden sizes plus the layer/direction/packing variants; T is kept moderate so the
+    whole grid takes roughly 10-20 minutes on 2 cores."""
+    base = Shape(seq_len=100, batch=16, input_size=256, hidden_size=256)
+    sizes = [_with_hidden(replace(base, batch=batch), hidden)
+             for batch, hidden in product((1, 16, 64), (64, 256, 512))]
+    return sizes + _variants(base)
+
+
+def gpu_grid():
+    """The fastrnns default, batch and hidden sweeps around it, and a long sequence."""
+    fastrnns = Shape(seq_len=100, batch=64, input_size=512, hidden_size=512)
+    batches = [replace(fastrnns, batch=batch) for batch in (1, 8, 16, 32, 64, 128, 256)]
+    hiddens = [_with_hidden(fastrnns, hidden) for hidden in (64, 128, 256, 512, 1024, 2048)]
+    long_sequence = Shape(seq_len=1024, batch=16, input_size=768, hidden_size=768)
+    return list(dict.fromkeys([fastrnns, *batches, *hiddens, long_sequence]))
+
+
+def quick_grid():
+    """Small versions of every feature (sweeps, variants, projection) for smoke runs and CI."""
+    base = Shape(seq_len=32, batch=8, input_size=64, hidden_size=64)
+    batches = [replace(base, batch=batch) for batch in (1, 8, 32)]
+    hiddens = [_with_hidden(base, hidden) for hidden in (32, 128)]
+    return batches + hiddens + _variants(base) + [replace(base, proj_size=32)]
+
+
+GRIDS = {"cpu": cpu_grid, "gpu": gpu_grid, "quick": quick_grid}
+
+
+def custom_grid(seq_lens, batches, input_sizes, hidden_sizes, layers, proj_sizes, bidirectional, packed):
+    """Every combination of the given values; an input size of None means 'equal to the hidden size'."""
+    return [Shape(seq_len, batch, input_size or hidden, hidden, num_layers, bidirectional, proj, packed)
+            for seq_len, batch, input_size, hidden, num_layers, proj
+            in product(seq_lens, batches, input_sizes, hidden_sizes, layers, proj_sizes)]

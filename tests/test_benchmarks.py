@@ -1,0 +1,101 @@
+"""The benchmark suite (python -m benchmarks): the quick preset end to end, the results schema,
+and the correctness guard refusing wrong implementations."""
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fused_rnn
+from benchmarks import validate
+from benchmarks.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+# One tiny LSTM shape through the same code path as the grids.
+TINY = ["-T", "6", "-B", "3", "-H", "8", "--cells", "LSTM", "--repeats", "1", "--warmup", "0", "--no-plot"]
+
+
+def _run_tiny(tmp_path, make_ours=None):
+    kwargs = {} if make_ours is None else {"make_ours": make_ours}
+    status = main(TINY + ["--out", str(tmp_path)], **kwargs)
+    return status, json.loads((tmp_path / "results.json").read_text())
+
+
+def test_quick_preset(tmp_path):
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--threads", "1",
+               "--repeats", "2", "--warmup", "1", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = validate(json.loads((tmp_path / "results.json").read_text()))
+    assert (tmp_path / "speedup.png").stat().st_size > 0
+    assert result["config"]["grid"] == "quick" and result["environment"]["num_threads"] == 1
+    points = result["points"]
+    assert {p["cell"] for p in points} == {"LSTM", "GRU", "RNN"}
+    assert {p["mode"] for p in points} == {"inference", "training"}
+    assert any(p["shape"]["packed"] for p in points) and any(p["shape"]["bidirectional"] for p in points)
+    assert all(p["status"] == "ok" and p["ratio"] > 0 for p in points)
+    assert all(len(p["timings"][impl]["samples_ms"]) == 2 for p in points for impl in ("reference", "ours"))
+    assert "geometric mean ratio, training" in done.stdout
+
+
+class _OffsetOutput(fused_rnn.LSTM):
+    def forward(self, input, hx=None):
+        output, state = super().forward(input, hx)
+        return output + 1e-3, state
+
+
+class _DoubledGradient(fused_rnn.LSTM):
+    """Right forward, wrong backward: only the training check can see it."""
+
+    def forward(self, input, hx=None):
+        output, state = super().forward(input, hx)
+        if output.requires_grad:
+            output.register_hook(lambda grad: grad * 2)
+        return output, state
+
+
+class _Raising(fused_rnn.LSTM):
+    def forward(self, input, hx=None):
+        raise RuntimeError("kernel exploded")
+
+
+@pytest.mark.parametrize("wrong, failing_modes, reason", [
+    (_OffsetOutput, {"inference", "training"}, "differs from the reference in output"),
+    (_DoubledGradient, {"training"}, "differs from the reference in input grad"),
+    (_Raising, {"inference", "training"}, "ours raised RuntimeError: kernel exploded"),
+])
+def test_guard_refuses_wrong_implementation(tmp_path, wrong, failing_modes, reason):
+    status, result = _run_tiny(tmp_path, make_ours=lambda cell, **kwargs: wrong(**kwargs))
+    assert status == 1
+    validate(result)
+    by_mode = {point["mode"]: point for point in result["points"]}
+    for mode, point in by_mode.items():
+        if mode in failing_modes:
+            assert point["status"] == "failed" and reason in point["failure"]
+            assert point["ratio"] is None and point["timings"] == {} and point["peak_memory_bytes"] == {}
+        else:
+            assert point["status"] == "ok"
+    assert result["summary"]["failed"] == len(failing_modes)
+
+
+def test_validate_rejects_malformed_results(tmp_path):
+    status, result = _run_tiny(tmp_path)
+    assert status == 0
+    validate(result)
+    point = result["points"][0]
+    assert point["max_abs_error"] <= point["tolerance"] and point["timings"]["ours"]["us_per_step"] > 0
+
+    def broken(change):
+        copied = copy.deepcopy(result)
+        change(copied)
+        return copied
+
+    for bad in (broken(lambda r: r["environment"].pop("torch_version")),
+                broken(lambda r: r["points"][0].update(status="failed")),  # failed yet timed
+                broken(lambda r: r["points"][0]["shape"].update(batch="3")),
+                broken(lambda r: r["points"][0]["timings"]["ours"].pop("median_ms")),
+                broken(lambda r: r["summary"].update(failed=1))):
+        with pytest.raises(ValueError):
+            validate(bad)
