@@ -1,0 +1,84 @@
+"""torch.autograd.gradcheck in float64 through the raw ops and through whole modules."""
+import pytest
+import torch
+from torch.autograd import gradcheck
+from torch.func import functional_call
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fused_rnn
+from conftest import CELL_KINDS, LAYER_KINDS, LAYER_OPS, layer_op_args, layer_op_tensors, leaf
+
+pytestmark = pytest.mark.usefixtures("torch_test_state")
+
+DIFFERENTIABLE = ("input", "hx", "cx", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+OP_CASES = [(kind, proj) for kind in LAYER_KINDS for proj in ([False, True] if kind == "LSTM" else [False])]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+@pytest.mark.parametrize("kind,proj", OP_CASES, ids=[k + ("-proj" if p else "") for k, p in OP_CASES])
+def test_layer_op_gradcheck(kind, proj, packed, reverse, bias):
+    tensors = layer_op_tensors(kind, packed, bias, proj)
+    names = [n for n in DIFFERENTIABLE if tensors[n] is not None]
+
+    def differentiable_outputs(*values):
+        args = layer_op_args(kind, {**tensors, **dict(zip(names, values))}, reverse)
+        return LAYER_OPS[kind](*args)[:-1]  # everything but the reserve
+
+    assert gradcheck(differentiable_outputs, [tensors[n] for n in names])
+
+
+def module_gradcheck(module, leaves, call):
+    """gradcheck of `call(module)` w.r.t. the leaf tensors and every parameter (swapped in
+    through functional_call)."""
+    param_names = [n for n, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for _, p in module.named_parameters()]
+
+    def run(*values):
+        inputs = dict(zip(leaves, values[:len(leaves)]))
+        replaced = dict(zip(param_names, values[len(leaves):]))
+        return call(lambda *a: functional_call(module, replaced, a), inputs)
+
+    assert gradcheck(run, [*leaves.values(), *params])
+
+
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_bidirectional_two_layer_module_gradcheck_packed(kind):
+    class_name, extra = LAYER_KINDS[kind]
+    module = getattr(fused_rnn, class_name)(3, 4, 2, bidirectional=True, dtype=torch.float64, **extra)
+    leaves = {"input": leaf(4, 3, 3), "h0": leaf(4, 3, 4)}
+    if kind == "LSTM":
+        leaves["c0"] = leaf(4, 3, 4)
+
+    def call(forward, t):
+        packed = pack_padded_sequence(t["input"], [2, 4, 3], enforce_sorted=False)
+        out, h_n = forward(packed, (t["h0"], t["c0"]) if kind == "LSTM" else t["h0"])
+        return (out.data, *h_n) if kind == "LSTM" else (out.data, h_n)
+
+    module_gradcheck(module, leaves, call)
+
+
+def test_projected_lstm_module_gradcheck_batch_first():
+    module = fused_rnn.LSTM(3, 4, 2, batch_first=True, bidirectional=True, proj_size=2, dtype=torch.float64)
+    leaves = {"input": leaf(2, 3, 3), "h0": leaf(4, 2, 2), "c0": leaf(4, 2, 4)}
+
+    def call(forward, t):
+        out, (h_n, c_n) = forward(t["input"], (t["h0"], t["c0"]))
+        return out, h_n, c_n
+
+    module_gradcheck(module, leaves, call)
+
+
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_cell_gradcheck(kind):
+    class_name, extra = CELL_KINDS[kind]
+    module = getattr(fused_rnn, class_name)(3, 4, dtype=torch.float64, **extra)
+    leaves = {"input": leaf(2, 3), "h0": leaf(2, 4)}
+    if kind == "LSTMCell":
+        leaves["c0"] = leaf(2, 4)
+
+    def call(forward, t):
+        return forward(t["input"], (t["h0"], t["c0"]) if kind == "LSTMCell" else t["h0"])
+
+    module_gradcheck(module, leaves, call)

@@ -1,0 +1,254 @@
+"""fused_rnn layers and cells against torch.nn: identical initialisation, outputs and every
+gradient (input, initial states, parameters) over a grid of configurations and input forms."""
+import itertools
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from conftest import (CELL_KINDS, LAYER_KINDS, assert_close_nested, assert_same_outputs_and_grads,
+                      assert_state_dicts_identical, leaf, make_kind_pair, output_tensors)
+
+pytestmark = pytest.mark.usefixtures("torch_test_state")
+
+INPUT_SIZE, STEPS, BATCH, PROJ_SIZE = 4, 4, 3, 3
+# float32 uses a hidden size that spans a full 8-lane float vector plus a scalar tail;
+# float64 (4 lanes) gets the same from 5.
+HIDDEN = {torch.float64: 5, torch.float32: 10}
+INPUT_FORMS = ["3d", "unbatched", "packed_sorted", "packed_unsorted"]
+PACKED_LENGTHS = {"packed_sorted": [4, 3, 1], "packed_unsorted": [2, 4, 3]}
+
+
+def layer_grid(kinds, num_layers, bidirectional, batch_first, bias, proj, with_h0, forms):
+    for case in itertools.product(kinds, num_layers, bidirectional, batch_first, bias, proj, with_h0, forms):
+        kind, layers, bidir, bf, has_bias, has_proj, h0, form = case
+        if has_proj and kind != "LSTM":
+            continue
+        name = (f"{kind}-L{layers}-{'bi' if bidir else 'uni'}-{'bf' if bf else 'tf'}-"
+                f"{'bias' if has_bias else 'nobias'}-{'proj' if has_proj else 'noproj'}-"
+                f"{'h0' if h0 else 'noh0'}-{form}")
+        yield pytest.param(*case, id=name)
+
+
+FULL_GRID = list(layer_grid(LAYER_KINDS, [1, 2], [False, True], [False, True], [True, False], [False, True],
+                            [False, True], INPUT_FORMS))
+FLOAT32_GRID = list(layer_grid(LAYER_KINDS, [2], [False, True], [True], [True], [False, True], [True],
+                               INPUT_FORMS))
+
+
+def layer_inputs(kind, module, form, with_h0, dtype):
+    """Leaf tensors (input, h0[, c0]) and a function that runs a module on them in `form`."""
+    hidden = module.hidden_size
+    h_out = module.proj_size or hidden
+    states = module.num_layers * (2 if module.bidirectional else 1)
+    batch_shape = () if form == "unbatched" else (BATCH,)
+    if form == "unbatched":
+        x_shape = (STEPS, INPUT_SIZE)
+    else:
+        x_shape = (BATCH, STEPS, INPUT_SIZE) if module.batch_first else (STEPS, BATCH, INPUT_SIZE)
+    leaves = {"input": leaf(*x_shape, dtype=dtype)}
+    if with_h0:
+        leaves["h0"] = leaf(states, *batch_shape, h_out, dtype=dtype)
+        if kind == "LSTM":
+            leaves["c0"] = leaf(states, *batch_shape, hidden, dtype=dtype)
+
+    def call(m):
+        x = leaves["input"]
+        if form in PACKED_LENGTHS:
+            x = pack_padded_sequence(x, PACKED_LENGTHS[form], batch_first=m.batch_first,
+                                     enforce_sorted=form == "packed_sorted")
+        if not with_h0:
+            return m(x)
+        return m(x, (leaves["h0"], leaves["c0"]) if kind == "LSTM" else leaves["h0"])
+
+    return leaves, call
+
+
+def check_layer_parity(kind, num_layers, bidirectional, batch_first, bias, proj, with_h0, form, dtype):
+    kwargs = dict(num_layers=num_layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional,
+                  dtype=dtype)
+    if proj:
+        kwargs["proj_size"] = PROJ_SIZE
+    ref, ours = make_kind_pair(kind, INPUT_SIZE, HIDDEN[dtype], **kwargs)
+    assert_state_dicts_identical(ref, ours)
+    leaves, call = layer_inputs(kind, ours, form, with_h0, dtype)
+    assert_same_outputs_and_grads(ref, ours, leaves, call, dtype)
+
+
+@pytest.mark.parametrize("kind,num_layers,bidirectional,batch_first,bias,proj,with_h0,form", FULL_GRID)
+def test_layer_matches_nn_float64(kind, num_layers, bidirectional, batch_first, bias, proj, with_h0, form):
+    check_layer_parity(kind, num_layers, bidirectional, batch_first, bias, proj, with_h0, form, torch.float64)
+
+
+@pytest.mark.parametrize("kind,num_layers,bidirectional,batch_first,bias,proj,with_h0,form", FLOAT32_GRID)
+def test_layer_matches_nn_float32(kind, num_layers, bidirectional, batch_first, bias, proj, with_h0, form):
+    check_layer_parity(kind, num_layers, bidirectional, batch_first, bias, proj, with_h0, form, torch.float32)
+
+
+def test_float64_grid_covers_every_axis():
+    """Guards the grid itself: 4 kinds x 2 layers x 2 dirs x 2 layouts x 2 bias x 2 h0 x 4 forms,
+    plus proj_size for LSTM."""
+    assert len(FULL_GRID) == (4 + 1) * 2 * 2 * 2 * 2 * 2 * 4
+
+
+# ---- dropout ---------------------------------------------------------------------------------
+
+def dropout_pair(kind, dropout, dtype=torch.float64):
+    ref, ours = make_kind_pair(kind, INPUT_SIZE, HIDDEN[dtype], num_layers=2, dropout=dropout,
+                               bidirectional=True, dtype=dtype)
+    assert_state_dicts_identical(ref, ours)
+    return ref, ours
+
+
+def seeded(call, seed):
+    """`call` with torch.manual_seed(seed) set right before the forward."""
+    def run(m):
+        torch.manual_seed(seed)
+        return call(m)
+    return run
+
+
+@pytest.mark.parametrize("form", ["3d", "packed_unsorted"])
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_dropout_training_consumes_rng_like_nn(kind, form):
+    ref, ours = dropout_pair(kind, 0.5)
+    ref.train(), ours.train()
+    leaves, call = layer_inputs(kind, ours, form, True, torch.float64)
+    our_out, _ = assert_same_outputs_and_grads(ref, ours, leaves, seeded(call, 7), torch.float64)
+    # Both draw exactly the same random numbers: the generator ends in the same state.
+    states_after = []
+    for m in (ref, ours):
+        with torch.no_grad():
+            seeded(call, 7)(m)
+        states_after.append(torch.get_rng_state())
+    assert torch.equal(*states_after)
+    # Dropout really is active: another seed, or eval mode, gives a different output.
+    with torch.no_grad():
+        other_seed = seeded(call, 8)(ours)
+        ours.eval()
+        no_dropout = call(ours)
+    assert not torch.equal(output_tensors(other_seed)[0], output_tensors(our_out)[0])
+    assert not torch.equal(output_tensors(no_dropout)[0], output_tensors(our_out)[0])
+
+
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_eval_mode_ignores_dropout(kind):
+    ref, ours = dropout_pair(kind, 0.5)
+    _, no_dropout = dropout_pair(kind, 0.0)
+    for m in (ref, ours, no_dropout):
+        m.eval()
+    leaves, call = layer_inputs(kind, ours, "3d", True, torch.float64)
+    with torch.no_grad():
+        first, second = seeded(call, 1)(ours), seeded(call, 2)(ours)
+        assert_close_nested(first, second, torch.float64)
+        assert_close_nested(first, call(no_dropout), torch.float64)
+    assert_same_outputs_and_grads(ref, ours, leaves, call, torch.float64)
+
+
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_changing_dropout_after_construction_takes_effect(kind):
+    ref, ours = dropout_pair(kind, 0.0)
+    leaves, call = layer_inputs(kind, ours, "3d", True, torch.float64)
+    with torch.no_grad():
+        before = call(ours)
+    ref.dropout = ours.dropout = 0.5
+    our_out, _ = assert_same_outputs_and_grads(ref, ours, leaves, seeded(call, 3), torch.float64)
+    assert not torch.equal(our_out[0], before[0])
+    ref.dropout = ours.dropout = 0.0
+    with torch.no_grad():
+        assert_close_nested(seeded(call, 4)(ours), before, torch.float64)
+
+
+# ---- cells -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("with_hx", [False, True], ids=["nohx", "hx"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_cell_matches_nn(kind, bias, batched, with_hx, dtype):
+    hidden = HIDDEN[dtype]
+    ref, ours = make_kind_pair(kind, INPUT_SIZE, hidden, bias=bias, dtype=dtype)
+    assert_state_dicts_identical(ref, ours)
+    batch_shape = (BATCH,) if batched else ()
+    leaves = {"input": leaf(*batch_shape, INPUT_SIZE, dtype=dtype)}
+    if with_hx:
+        leaves["h0"] = leaf(*batch_shape, hidden, dtype=dtype)
+        if kind == "LSTMCell":
+            leaves["c0"] = leaf(*batch_shape, hidden, dtype=dtype)
+
+    def call(m):
+        if not with_hx:
+            return m(leaves["input"])
+        return m(leaves["input"], (leaves["h0"], leaves["c0"]) if kind == "LSTMCell" else leaves["h0"])
+
+    our_out, ref_out = assert_same_outputs_and_grads(ref, ours, leaves, call, dtype)
+    shapes = [t.shape for t in (our_out if kind == "LSTMCell" else [our_out])]
+    assert all(s == (*batch_shape, hidden) for s in shapes)
+
+
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_cell_unrolled_over_steps_matches_nn(kind):
+    """A cell fed its own state for several steps (the usual manual-unroll loop)."""
+    ref, ours = make_kind_pair(kind, INPUT_SIZE, HIDDEN[torch.float64], dtype=torch.float64)
+    leaves = {"input": leaf(STEPS, BATCH, INPUT_SIZE)}
+
+    def call(m):
+        state, outs = None, []
+        for x_t in leaves["input"]:
+            state = m(x_t, state)
+            outs.append(state)
+        return outs
+
+    assert_same_outputs_and_grads(ref, ours, leaves, call, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_layer_matches_nn_with_intra_op_threads(kind, dtype):
+    """A batch large enough for the pointwise pass to be split across two threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref, ours = make_kind_pair(kind, INPUT_SIZE, HIDDEN[dtype], bidirectional=True, dtype=dtype)
+        leaves = {"input": leaf(3, 300, INPUT_SIZE, dtype=dtype)}
+        assert_same_outputs_and_grads(ref, ours, leaves, lambda m: m(leaves["input"]), dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("form", ["3d", "packed_unsorted"])
+@pytest.mark.parametrize("steps,batch", [(1, 3), (1, 1), (3, 1)], ids=["T1", "T1-B1", "B1"])
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_single_step_and_single_sequence(kind, steps, batch, form):
+    ref, ours = make_kind_pair(kind, INPUT_SIZE, HIDDEN[torch.float64], num_layers=2, bidirectional=True,
+                               dtype=torch.float64)
+    leaves = {"input": leaf(steps, batch, INPUT_SIZE), "h0": leaf(4, batch, HIDDEN[torch.float64])}
+    if kind == "LSTM":
+        leaves["c0"] = leaf(4, batch, HIDDEN[torch.float64])
+    lengths = [steps] * batch
+
+    def call(m):
+        x = leaves["input"]
+        if form == "packed_unsorted":
+            x = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        return m(x, (leaves["h0"], leaves["c0"]) if kind == "LSTM" else leaves["h0"])
+
+    assert_same_outputs_and_grads(ref, ours, leaves, call, torch.float64)
+
+
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_expanded_and_partial_upstream_gradients(kind):
+    """Losses whose upstream gradients are stride-0 expansions (plain .sum()), or that use
+    only the final state, or only a strided slice of the output."""
+    ref, ours = make_kind_pair(kind, INPUT_SIZE, HIDDEN[torch.float64], num_layers=2, bidirectional=True,
+                               dtype=torch.float64)
+    leaves = {"input": leaf(STEPS, BATCH, INPUT_SIZE)}
+    last_state = (lambda out: out[1][0]) if kind == "LSTM" else (lambda out: out[1])
+    losses = [lambda out: out[0].sum(), lambda out: last_state(out).sum(),
+              lambda out: out[0].transpose(0, 1)[:, ::2].pow(2).sum()]
+    for loss in losses:
+        grads = []
+        for m in (ref, ours):
+            grads.append(torch.autograd.grad(loss(m(leaves["input"])), [leaves["input"], *m.parameters()]))
+        assert_close_nested(grads[1], grads[0], torch.float64)
