@@ -1,5 +1,5 @@
-// CUDA backend: the per-step GEMMs go to cuBLAS through ATen's handle for the current
-// stream (so TF32 and workspace follow torch's settings), the per-step pointwise pass is one
+// CUDA backend: the per-step GEMMs go to cuBLAS through ATen's handle for the current stream
+// (so TF32 and the workspace follow torch's settings) and the per-step pointwise pass is one
 // kernel launch (kernels.cu) on the same stream. Nothing here synchronises with the host or
 // allocates outside torch's caching allocator, so a forward or backward can be captured in a
 // CUDA graph.
@@ -50,6 +50,17 @@ Step<typename CudaScalar<S>::type> as_cuda(const Step<S>& step) {
 
 }  // namespace
 
+// A weight W used as the right operand of every step's GEMM: C[m, n] = A[m, k] op(W) + beta C,
+// with W row-major [n, k] when trans (op(W) = W^T), else [k, n].
+template <typename S>
+struct CudaStepWeight {
+  const S* w;
+  bool trans;
+  int64_t k, n;
+
+  void gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const;
+};
+
 struct CudaBackend {
   static void check_dtype(at::ScalarType t) {
     TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
@@ -58,30 +69,37 @@ struct CudaBackend {
 
   static c10::cuda::CUDAGuard guard(const c10::Device& device) { return c10::cuda::CUDAGuard(device); }
 
-  // Row-major C[m, n] = alpha op(A) op(B) + beta C, as the column-major product C^T = op(B)^T op(A)^T.
-  // With beta == 0, C may hold garbage (cuBLAS does not read it).
+  // Row-major C[m, n] = alpha op(A) op(B) + beta C, as the column-major product C^T = op(B)^T op(A)^T
+  // on the same memory. With beta == 0, cuBLAS does not read C, which may then hold garbage.
   template <typename S>
   static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, S alpha, const S* a, int64_t lda,
                    const S* b, int64_t ldb, S beta, S* c, int64_t ldc) {
     if (m == 0 || n == 0) return;
     TORCH_CHECK(std::max({m, n, k, lda, ldb, ldc}) <= std::numeric_limits<int>::max(),
                 "fused_rnn: a per-step GEMM of [", m, ", ", k, "] x [", k, ", ", n, "] exceeds cuBLAS's int sizes");
-    const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+    const int mi = m, ni = n, ki = k, ld_a = lda, ld_b = ldb, ld_c = ldc;
     const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
     if constexpr (std::is_same_v<S, float>) {
-      TORCH_CUDABLAS_CHECK(cublasSgemm(handle, op_b, op_a, ni, mi, ki, &alpha, b, lb, a, la, &beta, c, lc));
+      TORCH_CUDABLAS_CHECK(cublasSgemm(handle, op_b, op_a, ni, mi, ki, &alpha, b, ld_b, a, ld_a, &beta, c, ld_c));
     } else if constexpr (std::is_same_v<S, double>) {
-      TORCH_CUDABLAS_CHECK(cublasDgemm(handle, op_b, op_a, ni, mi, ki, &alpha, b, lb, a, la, &beta, c, lc));
+      TORCH_CUDABLAS_CHECK(cublasDgemm(handle, op_b, op_a, ni, mi, ki, &alpha, b, ld_b, a, ld_a, &beta, c, ld_c));
     } else {
       // Half-precision storage accumulates in float, as torch's own half GEMMs do.
       static_assert(std::is_same_v<S, c10::Half> || std::is_same_v<S, c10::BFloat16>);
       const cudaDataType_t type = std::is_same_v<S, c10::Half> ? CUDA_R_16F : CUDA_R_16BF;
       const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
-      TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, op_b, op_a, ni, mi, ki, &alpha_f, b, type, lb, a, type, la, &beta_f,
-                                        c, type, lc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, op_b, op_a, ni, mi, ki, &alpha_f, b, type, ld_b, a, type, ld_a,
+                                        &beta_f, c, type, ld_c, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
+  }
+
+  // cuBLAS reads W in place: nothing to prepare, whatever the batch or the number of steps.
+  template <typename S>
+  static CudaStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t /*max_rows*/,
+                                       int64_t /*steps*/) {
+    return {w, trans, k, n};
   }
 
   template <class Cell, typename S>
@@ -94,6 +112,11 @@ struct CudaBackend {
     C10_CUDA_CHECK(launch_backward_step<Cell>(as_cuda(step), batch, at::cuda::getCurrentCUDAStream()));
   }
 };
+
+template <typename S>
+void CudaStepWeight<S>::gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {
+  CudaBackend::gemm<S>(false, trans, m, n, k, S(1), a, lda, w, trans ? k : n, beta, c, ldc);
+}
 
 TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) { FUSED_RNN_REGISTER_BACKEND(m, CudaBackend); }
 
