@@ -4,8 +4,9 @@
 // (MKL on CPU, cuBLAS on CUDA) and the per-step pointwise pass:
 //   Backend::check_dtype(ScalarType)
 //   Backend::guard(Device) -> RAII object that makes the device current for the op
-//   Backend::gemm<S>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-//       row-major C[m, n] = alpha * op(A) op(B) + beta * C
+//   Backend::step_weight<S>(w, trans, k, n, max_rows, steps) -> an object whose
+//       .gemm(m, a, lda, beta, c, ldc) computes row-major C[m, n] = A[m, k] op(W) + beta C
+//       for a weight W used at every step (a backend may re-layout it once per call)
 //   Backend::forward_step<Cell, S>(const StepForward<S>&, int64_t batch)
 //   Backend::backward_step<Cell, S>(const StepBackward<S>&, int64_t batch)
 //
@@ -152,7 +153,8 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     a.c_state = ptr<S>(c_state);
     a.hidden_gates = ptr<S>(hidden_gates);
     a.bias_hn = ptr<S>(bias_hn);
-    const S* w_hh = ptr<S>(w.w_hh);
+    const auto w_hh_t = Backend::template step_weight<S>(ptr<S>(w.w_hh), true, H_out, G * H, B, s.count());
+    const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? s.count() : 0);
     for (int64_t k = 0; k < s.count(); ++k) {
       const int64_t t = reverse ? s.count() - 1 - k : k;
       const int64_t bs = s.batch[t], row = s.offset[t];
@@ -160,17 +162,12 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
       a.reserve = ptr<S>(reserve) + row * R;
       a.output = ptr<S>(output) + row * H_out;
       // Recurrent GEMM, h_prev W_hh^T, straight into the gate rows (or GRU's hidden gates).
-      if (Cell::kSeparateHiddenGates)
-        Backend::template gemm<S>(false, true, bs, G * H, H_out, S(1), a.h_state, H_out, w_hh, H_out, S(0),
-                                  ptr<S>(hidden_gates), G * H);
-      else
-        Backend::template gemm<S>(false, true, bs, G * H, H_out, S(1), a.h_state, H_out, w_hh, H_out, S(1),
-                                  a.reserve, R);
+      if (Cell::kSeparateHiddenGates) w_hh_t.gemm(bs, a.h_state, H_out, S(0), ptr<S>(hidden_gates), G * H);
+      else w_hh_t.gemm(bs, a.h_state, H_out, S(1), a.reserve, R);
       Backend::template forward_step<Cell, S>(a, bs);
       if (project) {
         Tensor out_t = output.narrow(0, row, bs);
-        Backend::template gemm<S>(false, true, bs, H_out, H, S(1), a.reserve + 5 * H, R, ptr<S>(w.w_hr), H, S(0),
-                                  a.output, H_out);
+        w_hr_t.gemm(bs, a.reserve + 5 * H, R, S(0), a.output, H_out);
         h_state.narrow(0, 0, bs).copy_(out_t);
       }
     }
@@ -220,7 +217,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
     a.relu = relu;
     a.grad_c_state = ptr<S>(grad_c_state);
     a.grad_h_state = ptr<S>(grad_h_state);
-    const S* w_hh = ptr<S>(w.w_hh);
+    const auto w_hh_step = Backend::template step_weight<S>(ptr<S>(w.w_hh), false, G * H, H_out, B, s.count());
+    const auto w_hr_step = Backend::template step_weight<S>(ptr<S>(w.w_hr), false, H_out, H, B, project ? s.count() : 0);
     for (int64_t k = 0; k < s.count(); ++k) {
       const int64_t t = reverse ? k : s.count() - 1 - k;
       const int64_t bs = s.batch[t], row = s.offset[t];
@@ -228,8 +226,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
       if (project) {
         Tensor dy = grad_projected.narrow(0, row, bs);
         at::add_out(dy, grad_out.narrow(0, row, bs), grad_h_state.narrow(0, 0, bs));
-        Backend::template gemm<S>(false, false, bs, H, H_out, S(1), ptr<S>(dy), H_out, ptr<S>(w.w_hr), H, S(0),
-                                  ptr<S>(grad_unprojected), H);
+        w_hr_step.gemm(bs, ptr<S>(dy), H_out, S(0), ptr<S>(grad_unprojected), H);
         a.grad_h = ptr<S>(grad_unprojected);
         a.ld_grad_h = H;
         a.grad_h_rec = nullptr;
@@ -246,8 +243,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
       a.grad_hidden_gates = ptr<S>(grad_hidden_gates) + row * G * H;
       Backend::template backward_step<Cell, S>(a, bs);
       // dL/dh_prev = dgates W_hh (GRU adds it to the direct part z * dh already there).
-      Backend::template gemm<S>(false, false, bs, H_out, G * H, S(1), a.grad_hidden_gates, G * H, w_hh, H_out,
-                                S(Cell::kSeparateHiddenGates ? 1 : 0), a.grad_h_state, H_out);
+      w_hh_step.gemm(bs, a.grad_hidden_gates, G * H, S(Cell::kSeparateHiddenGates ? 1 : 0), a.grad_h_state, H_out);
     }
   });
 

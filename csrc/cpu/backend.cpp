@@ -21,6 +21,12 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
             const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL's packed GEMM: the right operand is re-laid out once and reused by every step.
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
+                      int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
 
 namespace fused_rnn {
@@ -71,6 +77,19 @@ void for_each_chunk(int64_t batch, int64_t hidden, int64_t gates, const F& point
 
 }  // namespace
 
+struct CpuBackend;
+
+// A weight W used as the right operand of every step's GEMM: C[m, n] = A[m, k] op(W) + beta C.
+template <typename S>
+struct CpuStepWeight {
+  const S* w;
+  bool trans;
+  int64_t k, n;
+  at::Tensor packed;  // MKL packed layout of op(W), float only
+
+  void gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const;
+};
+
 struct CpuBackend {
   static void check_dtype(at::ScalarType t) {
     TORCH_CHECK(t == at::kFloat || t == at::kDouble,
@@ -105,6 +124,23 @@ struct CpuBackend {
     at::addmm_out(out, out, view(a, trans_a, m, k, lda), view(b, trans_b, k, n, ldb), beta, alpha);
   }
 
+  template <typename S>
+  static CpuStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t max_rows,
+                                      int64_t steps) {
+    CpuStepWeight<S> sw{w, trans, k, n, at::Tensor()};
+    constexpr int64_t kRowMajor = 101, kNoTrans = 111, kTrans = 112, kB = 162, kMinSteps = 4;
+    if constexpr (std::is_same_v<S, float>) {
+      const bool available = cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute;
+      if (available && steps >= kMinSteps && max_rows > 0 && std::max({k, n, max_rows}) <= std::numeric_limits<int>::max()) {
+        const size_t bytes = cblas_sgemm_pack_get_size(kB, max_rows, n, k);
+        sw.packed = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))}, at::kFloat);
+        cblas_sgemm_pack(kRowMajor, kB, trans ? kTrans : kNoTrans, max_rows, n, k, 1.0f, w, trans ? k : n,
+                         static_cast<float*>(sw.packed.data_ptr()));
+      }
+    }
+    return sw;
+  }
+
   struct NoGuard {};
   static NoGuard guard(const c10::Device&) { return {}; }
 
@@ -132,6 +168,19 @@ struct CpuBackend {
     }
   }
 };
+
+template <typename S>
+void CpuStepWeight<S>::gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {
+  if (m == 0) return;
+  if constexpr (std::is_same_v<S, float>) {
+    if (packed.defined()) {
+      constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151;
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, m, n, k, a, lda, static_cast<const float*>(packed.data_ptr()), n, beta, c, ldc);
+      return;
+    }
+  }
+  CpuBackend::gemm<S>(false, trans, m, n, k, S(1), a, lda, w, trans ? k : n, beta, c, ldc);
+}
 
 TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) { FUSED_RNN_REGISTER_BACKEND(m, CpuBackend); }
 
