@@ -7,7 +7,9 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # registers torch.ops.fused_rnn.*
 from . import ops  # noqa: F401  (fake kernels and autograd for the ops)
+from . import autocast  # noqa: F401  (CUDA autocast casts for the ops)
 from ._version import __version__
+from .convert import to_fused, to_torch
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, RNNBase, RNNCellBase
 
 
@@ -17,4 +19,4 @@ def backends():
 
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "RNNBase", "RNNCellBase",
-           "backends", "__version__"]
+           "to_fused", "to_torch", "backends", "__version__"]

@@ -30,7 +30,13 @@ def _check_devices(input, hidden, weight):
                                f"{input.device} and hidden tensor at {h.device}")
 
 
+def _autocasting():
+    return torch.is_autocast_enabled("cuda")
+
+
 def _check_hidden_dtype(hidden, dtype):
+    if _autocasting():  # the ops' autocast casts every floating input
+        return
     for h in hidden:
         if h.dtype != dtype:
             raise RuntimeError(f"Expected hidden state of dtype {dtype} (the parameters' dtype), got {h.dtype}")
@@ -139,7 +145,7 @@ class RNNBase(nn.Module):
 
     def check_input(self, input, batch_sizes):
         weight = self.weight_ih_l0
-        if input.dtype != weight.dtype:
+        if input.dtype != weight.dtype and not _autocasting():
             raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
                              f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
         expected_dim = 2 if batch_sizes is not None else 3
@@ -350,7 +356,7 @@ class RNNCellBase(nn.Module):
             if h.size(1) != self.hidden_size:
                 raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {h.size(1)}, "
                                    f"expected {self.hidden_size}")
-        if input.dtype != self.weight_ih.dtype:
+        if input.dtype != self.weight_ih.dtype and not _autocasting():
             raise RuntimeError(f"Expected input of dtype {self.weight_ih.dtype} (the parameters' dtype), "
                                f"got {input.dtype}")
         _check_hidden_dtype(hidden, input.dtype)

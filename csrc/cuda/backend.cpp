@@ -69,6 +69,13 @@ struct CudaBackend {
 
   static c10::cuda::CUDAGuard guard(const c10::Device& device) { return c10::cuda::CUDAGuard(device); }
 
+  static at::Tensor linear(const at::Tensor& x, const at::Tensor& w) { return at::mm(x, w.t()); }
+
+  static void linear_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+    if (bias.defined()) at::addmm_out(out, bias, x, w.t());
+    else at::mm_out(out, x, w.t());
+  }
+
   // Row-major C[m, n] = alpha op(A) op(B) + beta C, as the column-major product C^T = op(B)^T op(A)^T
   // on the same memory. With beta == 0, cuBLAS does not read C, which may then hold garbage.
   template <typename S>
