@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fused_rnn
-from _pairs import assert_all_close, outputs_and_grads
+from helpers import assert_all_close, outputs_and_grads
 
 FLOAT32 = dict(atol=1e-5, rtol=1e-5)
 

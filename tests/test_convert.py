@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import fused_rnn
-from _pairs import assert_all_close, assert_all_equal, outputs_and_grads
 from fused_rnn.convert import to_fused, to_torch
+from helpers import assert_all_close, assert_all_equal, outputs_and_grads
 
 FLOAT64 = dict(atol=1e-10, rtol=1e-10)
 RECURRENT = (nn.RNNBase, nn.RNNCellBase, fused_rnn.RNNBase, fused_rnn.RNNCellBase)

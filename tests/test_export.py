@@ -6,7 +6,7 @@ from torch import nn
 from torch.export import Dim
 
 import fused_rnn
-from _pairs import assert_all_close
+from helpers import assert_all_close
 
 
 class Tagger(nn.Module):

@@ -1,46 +1,21 @@
 """torch.autograd.gradcheck in float64 through the raw ops and through whole modules."""
 import pytest
 import torch
-from torch.autograd import gradcheck
-from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
-from conftest import CELL_KINDS, LAYER_KINDS, LAYER_OPS, layer_op_args, layer_op_tensors, leaf
+from helpers import (CELL_KINDS, LAYER_KINDS, OP_KIND_IDS, OP_KINDS, assert_layer_op_gradcheck_passes, leaf,
+                     module_gradcheck)
 
 pytestmark = pytest.mark.usefixtures("torch_test_state")
-
-DIFFERENTIABLE = ("input", "hx", "cx", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
-OP_CASES = [(kind, proj) for kind in LAYER_KINDS for proj in ([False, True] if kind == "LSTM" else [False])]
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
-@pytest.mark.parametrize("kind,proj", OP_CASES, ids=[k + ("-proj" if p else "") for k, p in OP_CASES])
+@pytest.mark.parametrize("kind,proj", OP_KINDS, ids=OP_KIND_IDS)
 def test_layer_op_gradcheck(kind, proj, packed, reverse, bias):
-    tensors = layer_op_tensors(kind, packed, bias, proj)
-    names = [n for n in DIFFERENTIABLE if tensors[n] is not None]
-
-    def differentiable_outputs(*values):
-        args = layer_op_args(kind, {**tensors, **dict(zip(names, values))}, reverse)
-        return LAYER_OPS[kind](*args)[:-1]  # everything but the reserve
-
-    assert gradcheck(differentiable_outputs, [tensors[n] for n in names])
-
-
-def module_gradcheck(module, leaves, call):
-    """gradcheck of `call(module)` w.r.t. the leaf tensors and every parameter (swapped in
-    through functional_call)."""
-    param_names = [n for n, _ in module.named_parameters()]
-    params = [p.detach().clone().requires_grad_() for _, p in module.named_parameters()]
-
-    def run(*values):
-        inputs = dict(zip(leaves, values[:len(leaves)]))
-        replaced = dict(zip(param_names, values[len(leaves):]))
-        return call(lambda *a: functional_call(module, replaced, a), inputs)
-
-    assert gradcheck(run, [*leaves.values(), *params])
+    assert_layer_op_gradcheck_passes(kind, proj, packed, reverse, bias)
 
 
 @pytest.mark.parametrize("kind", list(LAYER_KINDS))

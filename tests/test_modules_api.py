@@ -9,8 +9,8 @@ from torch import nn
 from torch.func import functional_call
 
 import fused_rnn
-from conftest import (CELL_KINDS, LAYER_KINDS, assert_close_nested, assert_same_outputs_and_grads,
-                      assert_state_dicts_identical, leaf, make_kind_pair, make_pair, output_tensors)
+from helpers import (CELL_KINDS, LAYER_KINDS, assert_close_nested, assert_same_outputs_and_grads,
+                     assert_state_dicts_identical, leaf, make_kind_pair, make_pair, output_tensors)
 
 pytestmark = pytest.mark.usefixtures("torch_test_state")
 

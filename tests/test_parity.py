@@ -1,34 +1,18 @@
 """fused_rnn layers and cells against torch.nn: identical initialisation, outputs and every
 gradient (input, initial states, parameters) over a grid of configurations and input forms."""
-import itertools
-
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from conftest import (CELL_KINDS, LAYER_KINDS, assert_close_nested, assert_same_outputs_and_grads,
-                      assert_state_dicts_identical, leaf, make_kind_pair, output_tensors)
+from helpers import (BATCH, CELL_KINDS, INPUT_FORMS, INPUT_SIZE, LAYER_GRID_ARGS, LAYER_KINDS, PROJ_SIZE, STEPS,
+                     assert_close_nested, assert_same_outputs_and_grads, assert_state_dicts_identical, layer_call,
+                     layer_grid, layer_leaves, leaf, make_kind_pair, output_tensors)
 
 pytestmark = pytest.mark.usefixtures("torch_test_state")
 
-INPUT_SIZE, STEPS, BATCH, PROJ_SIZE = 4, 4, 3, 3
 # float32 uses a hidden size that spans a full 8-lane float vector plus a scalar tail;
 # float64 (4 lanes) gets the same from 5.
 HIDDEN = {torch.float64: 5, torch.float32: 10}
-INPUT_FORMS = ["3d", "unbatched", "packed_sorted", "packed_unsorted"]
-PACKED_LENGTHS = {"packed_sorted": [4, 3, 1], "packed_unsorted": [2, 4, 3]}
-
-
-def layer_grid(kinds, num_layers, bidirectional, batch_first, bias, proj, with_h0, forms):
-    for case in itertools.product(kinds, num_layers, bidirectional, batch_first, bias, proj, with_h0, forms):
-        kind, layers, bidir, bf, has_bias, has_proj, h0, form = case
-        if has_proj and kind != "LSTM":
-            continue
-        name = (f"{kind}-L{layers}-{'bi' if bidir else 'uni'}-{'bf' if bf else 'tf'}-"
-                f"{'bias' if has_bias else 'nobias'}-{'proj' if has_proj else 'noproj'}-"
-                f"{'h0' if h0 else 'noh0'}-{form}")
-        yield pytest.param(*case, id=name)
-
 
 FULL_GRID = list(layer_grid(LAYER_KINDS, [1, 2], [False, True], [False, True], [True, False], [False, True],
                             [False, True], INPUT_FORMS))
@@ -37,31 +21,9 @@ FLOAT32_GRID = list(layer_grid(LAYER_KINDS, [2], [False, True], [True], [True], 
 
 
 def layer_inputs(kind, module, form, with_h0, dtype):
-    """Leaf tensors (input, h0[, c0]) and a function that runs a module on them in `form`."""
-    hidden = module.hidden_size
-    h_out = module.proj_size or hidden
-    states = module.num_layers * (2 if module.bidirectional else 1)
-    batch_shape = () if form == "unbatched" else (BATCH,)
-    if form == "unbatched":
-        x_shape = (STEPS, INPUT_SIZE)
-    else:
-        x_shape = (BATCH, STEPS, INPUT_SIZE) if module.batch_first else (STEPS, BATCH, INPUT_SIZE)
-    leaves = {"input": leaf(*x_shape, dtype=dtype)}
-    if with_h0:
-        leaves["h0"] = leaf(states, *batch_shape, h_out, dtype=dtype)
-        if kind == "LSTM":
-            leaves["c0"] = leaf(states, *batch_shape, hidden, dtype=dtype)
-
-    def call(m):
-        x = leaves["input"]
-        if form in PACKED_LENGTHS:
-            x = pack_padded_sequence(x, PACKED_LENGTHS[form], batch_first=m.batch_first,
-                                     enforce_sorted=form == "packed_sorted")
-        if not with_h0:
-            return m(x)
-        return m(x, (leaves["h0"], leaves["c0"]) if kind == "LSTM" else leaves["h0"])
-
-    return leaves, call
+    """Leaf tensors (input, h0[, c0]) and a function call(module) that runs a module on them in `form`."""
+    leaves, run = layer_leaves(kind, module, form, with_h0, dtype), layer_call(kind, form)
+    return leaves, lambda m: run(m, leaves)
 
 
 def check_layer_parity(kind, num_layers, bidirectional, batch_first, bias, proj, with_h0, form, dtype):
@@ -75,12 +37,12 @@ def check_layer_parity(kind, num_layers, bidirectional, batch_first, bias, proj,
     assert_same_outputs_and_grads(ref, ours, leaves, call, dtype)
 
 
-@pytest.mark.parametrize("kind,num_layers,bidirectional,batch_first,bias,proj,with_h0,form", FULL_GRID)
+@pytest.mark.parametrize(LAYER_GRID_ARGS, FULL_GRID)
 def test_layer_matches_nn_float64(kind, num_layers, bidirectional, batch_first, bias, proj, with_h0, form):
     check_layer_parity(kind, num_layers, bidirectional, batch_first, bias, proj, with_h0, form, torch.float64)
 
 
-@pytest.mark.parametrize("kind,num_layers,bidirectional,batch_first,bias,proj,with_h0,form", FLOAT32_GRID)
+@pytest.mark.parametrize(LAYER_GRID_ARGS, FLOAT32_GRID)
 def test_layer_matches_nn_float32(kind, num_layers, bidirectional, batch_first, bias, proj, with_h0, form):
     check_layer_parity(kind, num_layers, bidirectional, batch_first, bias, proj, with_h0, form, torch.float32)
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from _pairs import assert_twins_agree, make_pair
+from helpers import CELL_KINDS, LAYER_KINDS, assert_twins_agree, leaf, make_kind_pair
 
 FLOAT64 = dict(atol=1e-10, rtol=1e-10)
 SIZES = st.integers(1, 6)
@@ -21,13 +21,6 @@ SIZES = st.integers(1, 6)
 # every example seeds torch itself.
 PROPERTY_SETTINGS = settings(max_examples=20, deadline=None, derandomize=True, database=None,
                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-
-# kind -> (class name, constructor arguments that select it)
-LAYER_KINDS = {"LSTM": ("LSTM", {}), "GRU": ("GRU", {}),
-               "RNN_TANH": ("RNN", {"nonlinearity": "tanh"}), "RNN_RELU": ("RNN", {"nonlinearity": "relu"})}
-CELL_KINDS = {"LSTMCell": ("LSTMCell", {}), "GRUCell": ("GRUCell", {}),
-              "RNNCell_TANH": ("RNNCell", {"nonlinearity": "tanh"}),
-              "RNNCell_RELU": ("RNNCell", {"nonlinearity": "relu"})}
 
 
 class LayerConfig(NamedTuple):
@@ -41,12 +34,11 @@ class LayerConfig(NamedTuple):
     proj_size: int = 0
 
     def build_pair(self, seed):
-        class_name, selector = LAYER_KINDS[self.kind]
         options = self._asdict()
         del options["kind"]
         if self.kind != "LSTM":
             del options["proj_size"]  # GRU and RNN reject the argument
-        return make_pair(class_name, **options, **selector, seed=seed, dtype=torch.float64)
+        return make_kind_pair(self.kind, **options, seed=seed, dtype=torch.float64)
 
     def state_shapes(self, batch):
         """Shapes of h_0, and c_0 for LSTM; batch None for an unbatched input."""
@@ -91,21 +83,17 @@ def layouts(draw):
     return Layout(form, steps, batch, lengths, enforce_sorted, draw(st.booleans()), draw(st.integers(0, 2**16)))
 
 
-def random_leaf(*shape):
-    return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-
-
 def assert_layer_matches_torch_nn(config, layout):
     reference, fused = config.build_pair(seed=layout.seed)
     torch.manual_seed(layout.seed)
     if layout.form == "unbatched":
-        x = random_leaf(layout.steps, config.input_size)
+        x = leaf(layout.steps, config.input_size)
     elif config.batch_first:
-        x = random_leaf(layout.batch, layout.steps, config.input_size)
+        x = leaf(layout.batch, layout.steps, config.input_size)
     else:
-        x = random_leaf(layout.steps, layout.batch, config.input_size)
+        x = leaf(layout.steps, layout.batch, config.input_size)
     state_batch = None if layout.form == "unbatched" else layout.batch
-    states = [random_leaf(*shape) for shape in config.state_shapes(state_batch)] if layout.with_state else []
+    states = [leaf(*shape) for shape in config.state_shapes(state_batch)] if layout.with_state else []
     hx = None if not states else (tuple(states) if config.kind == "LSTM" else states[0])
 
     def call(module):
@@ -153,12 +141,10 @@ def test_layers_match_torch_nn(kind, data):
 @example(input_size=2, hidden_size=3, bias=False, batch=None, with_state=True, seed=0)
 def test_cells_match_torch_nn(kind, input_size, hidden_size, bias, batch, with_state, seed):
     """batch None means an unbatched input."""
-    class_name, selector = CELL_KINDS[kind]
-    reference, fused = make_pair(class_name, input_size, hidden_size, bias=bias, **selector, seed=seed,
-                                 dtype=torch.float64)
+    reference, fused = make_kind_pair(kind, input_size, hidden_size, bias=bias, seed=seed, dtype=torch.float64)
     torch.manual_seed(seed)
     leading = () if batch is None else (batch,)
-    x = random_leaf(*leading, input_size)
-    states = [random_leaf(*leading, hidden_size) for _ in range(2 if kind == "LSTMCell" else 1)] if with_state else []
+    x = leaf(*leading, input_size)
+    states = [leaf(*leading, hidden_size) for _ in range(2 if kind == "LSTMCell" else 1)] if with_state else []
     hx = None if not states else (tuple(states) if kind == "LSTMCell" else states[0])
     assert_twins_agree(reference, fused, lambda module: module(x, hx), [x, *states], **FLOAT64)

@@ -1,0 +1,381 @@
+"""Helpers shared by every test module (CPU and CUDA alike): torch.nn / fused_rnn module pairs
+built from one seed, comparisons of nested outputs and of tensor lists, outputs plus gradients
+of a fixed non-trivial loss, inputs for the layer modules, arguments for the raw ops, and
+gradcheck / opcheck drivers. Tensors are created on `device` (None: the CPU).
+
+A plain module rather than conftest.py, so that test modules (and any process they spawn)
+import it by name; conftest.py holds only the fixtures."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd import gradcheck
+from torch.func import functional_call
+from torch.library import opcheck
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+import fused_rnn
+
+TOLERANCES = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+
+# Layer kind -> (class name, constructor kwargs that select it).
+LAYER_KINDS = {
+    "LSTM": ("LSTM", {}),
+    "GRU": ("GRU", {}),
+    "RNN_TANH": ("RNN", {"nonlinearity": "tanh"}),
+    "RNN_RELU": ("RNN", {"nonlinearity": "relu"}),
+}
+CELL_KINDS = {
+    "LSTMCell": ("LSTMCell", {}),
+    "GRUCell": ("GRUCell", {}),
+    "RNNCell_TANH": ("RNNCell", {"nonlinearity": "tanh"}),
+    "RNNCell_RELU": ("RNNCell", {"nonlinearity": "relu"}),
+}
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+# ---- module pairs --------------------------------------------------------------------------------
+
+def make_pair(class_name, *args, seed=0, **kwargs):
+    """(torch.nn.<class_name>(*args, **kwargs), fused_rnn.<class_name>(...)), each built right
+    after torch.manual_seed(seed), so both draw the same initial weights (on any device: pass
+    device= and dtype= through kwargs)."""
+    torch.manual_seed(seed)
+    ref = getattr(nn, class_name)(*args, **kwargs)
+    torch.manual_seed(seed)
+    ours = getattr(fused_rnn, class_name)(*args, **kwargs)
+    return ref, ours
+
+
+def make_kind_pair(kind, *args, seed=0, **kwargs):
+    """make_pair for a LAYER_KINDS / CELL_KINDS key, e.g. 'RNN_RELU' or 'GRUCell'."""
+    class_name, extra = {**LAYER_KINDS, **CELL_KINDS}[kind]
+    return make_pair(class_name, *args, seed=seed, **extra, **kwargs)
+
+
+def assert_state_dicts_identical(ref, ours):
+    """Same keys in the same order, bitwise-equal values of the same dtype and shape."""
+    ref_sd, our_sd = ref.state_dict(), ours.state_dict()
+    assert list(our_sd) == list(ref_sd)
+    for name, value in ref_sd.items():
+        assert our_sd[name].dtype == value.dtype, name
+        assert torch.equal(our_sd[name], value), name
+
+
+# ---- comparisons ---------------------------------------------------------------------------------
+
+def assert_close_nested(actual, expected, dtype=None, path="out"):
+    """Recursive torch.testing.assert_close (TOLERANCES[dtype], NaNs equal) over tensors,
+    tuples/lists, dicts, None and PackedSequence (data, batch_sizes, indices and the padded
+    form)."""
+    tol = TOLERANCES[dtype] if dtype is not None else {}
+    if isinstance(expected, PackedSequence):
+        assert isinstance(actual, PackedSequence), f"{path}: expected a PackedSequence, got {type(actual)}"
+        assert_close_nested(actual.data, expected.data, dtype, path + ".data")
+        assert torch.equal(actual.batch_sizes, expected.batch_sizes), path + ".batch_sizes"
+        for field in ("sorted_indices", "unsorted_indices"):
+            a, e = getattr(actual, field), getattr(expected, field)
+            assert (a is None) == (e is None), f"{path}.{field}"
+            if e is not None:
+                assert torch.equal(a, e), f"{path}.{field}"
+        padded_actual, lengths_actual = pad_packed_sequence(actual)
+        padded_expected, lengths_expected = pad_packed_sequence(expected)
+        assert torch.equal(lengths_actual, lengths_expected), path + ".lengths"
+        assert_close_nested(padded_actual, padded_expected, dtype, path + ".padded")
+    elif isinstance(expected, (tuple, list)):
+        assert isinstance(actual, (tuple, list)) and len(actual) == len(expected), path
+        for k, (a, e) in enumerate(zip(actual, expected)):
+            assert_close_nested(a, e, dtype, f"{path}[{k}]")
+    elif isinstance(expected, dict):
+        assert list(actual) == list(expected), path
+        for key in expected:
+            assert_close_nested(actual[key], expected[key], dtype, f"{path}[{key!r}]")
+    elif expected is None:
+        assert actual is None, path
+    else:
+        assert actual.shape == expected.shape, f"{path}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        torch.testing.assert_close(actual, expected, **tol, equal_nan=True, msg=lambda m: f"{path}: {m}")
+
+
+def assert_all_close(actual, expected, **tolerance):
+    """Pairwise torch.testing.assert_close over two equally long lists of tensors."""
+    assert len(actual) == len(expected), f"{len(actual)} tensors != {len(expected)}"
+    for k, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a, e, **tolerance, msg=lambda message, k=k: f"tensor {k}: {message}")
+
+
+def assert_all_equal(actual, expected):
+    """Pairwise bitwise equality (values, shapes and dtypes) of two lists of tensors."""
+    assert len(actual) == len(expected), f"{len(actual)} tensors != {len(expected)}"
+    for k, (a, e) in enumerate(zip(actual, expected)):
+        assert (a.dtype, a.shape) == (e.dtype, e.shape), f"tensor {k}: {a.dtype} {a.shape} != {e.dtype} {e.shape}"
+        assert torch.equal(a, e), f"tensor {k} differs, max abs diff {(a - e).abs().max().item()}"
+
+
+# ---- outputs and gradients -----------------------------------------------------------------------
+
+def output_tensors(out):
+    """The tensors of a (possibly nested) module output, in order; a PackedSequence contributes
+    .data."""
+    if isinstance(out, PackedSequence):
+        return [out.data]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in output_tensors(item)]
+    if out is None:
+        return []
+    return [out]
+
+
+def weighted_loss(out, dtype=None):
+    """sum_k <out_k, W_k> over output_tensors(out) with fixed pseudo-random W_k, so every output
+    element (output, h_n and c_n alike) gets its own non-trivial upstream gradient, and a swapped
+    or misplaced gradient cannot cancel out. Computed in `dtype` (None: each tensor's own)."""
+    loss = 0
+    for k, t in enumerate(output_tensors(out)):
+        g = torch.Generator().manual_seed(100 + k)
+        weight = torch.randn(t.shape, generator=g, dtype=t.dtype if dtype is None else dtype).to(t.device)
+        loss = loss + (t.to(weight.dtype) * weight).sum()
+    return loss
+
+
+def weighted_loss_grads(out, wrt, loss_dtype=None):
+    """The gradients of weighted_loss(out, loss_dtype) with respect to `wrt`: a list for a list
+    of tensors, a dict with the same keys for a dict of them."""
+    tensors = list(wrt.values()) if isinstance(wrt, dict) else list(wrt)
+    grads = torch.autograd.grad(weighted_loss(out, loss_dtype), tensors)
+    return dict(zip(wrt, grads)) if isinstance(wrt, dict) else list(grads)
+
+
+def outputs_and_grads(function, wrt, loss_dtype=None):
+    """Runs `function()` and returns (its output tensors, as output_tensors lists them, and
+    weighted_loss_grads of them with respect to `wrt`)."""
+    outputs = output_tensors(function())
+    return outputs, weighted_loss_grads(outputs, wrt, loss_dtype)
+
+
+def leaves_and_params(module, leaves):
+    """The named leaf tensors (input, h0, ...) followed by each parameter of `module`, named
+    'param.<name>'."""
+    return {**leaves, **{f"param.{n}": p for n, p in module.named_parameters()}}
+
+
+def assert_same_outputs_and_grads(ref, ours, leaves, call, dtype, module_params=True):
+    """The fused module matches torch.nn on the (nested) outputs of `call(module)` and on every
+    gradient of weighted_loss: with respect to each of the named `leaves` and, if module_params,
+    each parameter. Returns (our output, torch.nn output)."""
+    results = []
+    for module in (ref, ours):
+        out = call(module)
+        results.append((out, weighted_loss_grads(out, leaves_and_params(module, leaves) if module_params else leaves)))
+    (ref_out, ref_grads), (our_out, our_grads) = results
+    assert_close_nested(our_out, ref_out, dtype)
+    assert_close_nested(our_grads, ref_grads, dtype, path="grad")
+    return our_out, ref_out
+
+
+def assert_twins_agree(reference, fused, call, leaves, **tolerance):
+    """`call(module)` gives the same output tensors and the same gradients (with respect to the
+    list `leaves` and to every parameter) for the torch.nn module and its fused twin."""
+    results = []
+    for module in (reference, fused):
+        results.append(outputs_and_grads(lambda: call(module), [*leaves, *module.parameters()]))
+    (ref_outputs, ref_grads), (fused_outputs, fused_grads) = results
+    assert_all_close(fused_outputs, ref_outputs, **tolerance)
+    assert_all_close(fused_grads, ref_grads, **tolerance)
+
+
+# ---- layer inputs ------------------------------------------------------------------------------
+
+def leaf(*shape, dtype=torch.float64, device=None, requires_grad=True):
+    return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+INPUT_SIZE, STEPS, BATCH, PROJ_SIZE = 4, 4, 3, 3
+INPUT_FORMS = ["3d", "unbatched", "packed_sorted", "packed_unsorted"]
+PACKED_LENGTHS = {"packed_sorted": [4, 3, 1], "packed_unsorted": [2, 4, 3]}
+LAYER_GRID_ARGS = "kind,num_layers,bidirectional,batch_first,bias,proj,with_h0,form"
+
+
+def layer_grid(kinds, num_layers, bidirectional, batch_first, bias, proj, with_h0, forms):
+    """pytest.params for LAYER_GRID_ARGS over the product of the given values (proj for LSTM only)."""
+    for case in itertools.product(kinds, num_layers, bidirectional, batch_first, bias, proj, with_h0, forms):
+        kind, layers, bidir, bf, has_bias, has_proj, h0, form = case
+        if has_proj and kind != "LSTM":
+            continue
+        name = (f"{kind}-L{layers}-{'bi' if bidir else 'uni'}-{'bf' if bf else 'tf'}-"
+                f"{'bias' if has_bias else 'nobias'}-{'proj' if has_proj else 'noproj'}-"
+                f"{'h0' if h0 else 'noh0'}-{form}")
+        yield pytest.param(*case, id=name)
+
+
+def layer_leaves(kind, module, form, with_h0, dtype, steps=STEPS, batch=BATCH, device=None):
+    """Random leaf tensors input, h0[, c0] shaped for `module` and the input form (an INPUT_FORMS
+    entry; the packed forms take PACKED_LENGTHS[form] for the lengths of the `batch` sequences)."""
+    h_out = module.proj_size or module.hidden_size
+    states = module.num_layers * (2 if module.bidirectional else 1)
+    batch_shape = () if form == "unbatched" else (batch,)
+    if form == "unbatched":
+        x_shape = (steps, module.input_size)
+    else:
+        x_shape = (batch, steps, module.input_size) if module.batch_first else (steps, batch, module.input_size)
+    leaves = {"input": leaf(*x_shape, dtype=dtype, device=device)}
+    if with_h0:
+        leaves["h0"] = leaf(states, *batch_shape, h_out, dtype=dtype, device=device)
+        if kind == "LSTM":
+            leaves["c0"] = leaf(states, *batch_shape, module.hidden_size, dtype=dtype, device=device)
+    return leaves
+
+
+def layer_call(kind, form):
+    """call(module, leaves): runs the module on layer_leaves in `form`, with h0 (and c0) if given."""
+    def call(module, leaves):
+        x = leaves["input"]
+        if form in PACKED_LENGTHS:
+            x = pack_padded_sequence(x, PACKED_LENGTHS[form], batch_first=module.batch_first,
+                                     enforce_sorted=form == "packed_sorted")
+        if "h0" not in leaves:
+            return module(x)
+        return module(x, (leaves["h0"], leaves["c0"]) if kind == "LSTM" else leaves["h0"])
+
+    return call
+
+
+# ---- raw ops -------------------------------------------------------------------------------------
+
+LAYER_OPS = {
+    "LSTM": torch.ops.fused_rnn.lstm_layer.default,
+    "GRU": torch.ops.fused_rnn.gru_layer.default,
+    "RNN_TANH": torch.ops.fused_rnn.rnn_layer.default,
+    "RNN_RELU": torch.ops.fused_rnn.rnn_layer.default,
+}
+BACKWARD_OPS = {
+    "LSTM": torch.ops.fused_rnn.lstm_layer_backward.default,
+    "GRU": torch.ops.fused_rnn.gru_layer_backward.default,
+    "RNN_TANH": torch.ops.fused_rnn.rnn_layer_backward.default,
+    "RNN_RELU": torch.ops.fused_rnn.rnn_layer_backward.default,
+}
+DIFFERENTIABLE_OP_INPUTS = ("input", "hx", "cx", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+PACKED_BATCH_SIZES = [3, 3, 2, 1]  # four steps, batch 3, mixed lengths (4, 3, 2)
+# (kind, proj) for the layer ops; proj only for LSTM.
+OP_KINDS = [(kind, proj) for kind in LAYER_KINDS for proj in ([False, True] if kind == "LSTM" else [False])]
+OP_KIND_IDS = [kind + ("-proj" if proj else "") for kind, proj in OP_KINDS]
+
+
+def layer_op_tensors(kind, packed, bias, proj, requires_grad=True, dtype=torch.float64, device=None,
+                     input_size=3, hidden=5, proj_size=3, batch=3, steps=4):
+    """Random tensors for one layer op as a dict: input, batch_sizes, hx, cx (LSTM), w_ih,
+    w_hh, b_ih, b_hh, w_hr (None where absent). batch_sizes (packed only) stays on the CPU, as
+    in PackedSequence."""
+    assert not proj or kind == "LSTM"
+    gates, h_out = GATES[kind], (proj_size if proj else hidden)
+    mk = lambda *shape: leaf(*shape, dtype=dtype, device=device, requires_grad=requires_grad)  # noqa: E731
+    if packed:
+        batch_sizes = torch.tensor(PACKED_BATCH_SIZES, dtype=torch.int64)
+        batch, x = int(batch_sizes[0]), mk(int(batch_sizes.sum()), input_size)
+    else:
+        batch_sizes, x = None, mk(steps, batch, input_size)
+    return {
+        "input": x, "batch_sizes": batch_sizes, "hx": mk(batch, h_out),
+        "cx": mk(batch, hidden) if kind == "LSTM" else None,
+        "w_ih": mk(gates * hidden, input_size), "w_hh": mk(gates * hidden, h_out),
+        "b_ih": mk(gates * hidden) if bias else None, "b_hh": mk(gates * hidden) if bias else None,
+        "w_hr": mk(proj_size, hidden) if proj else None,
+    }
+
+
+def layer_op_args(kind, t, reverse):
+    """Positional args of LAYER_OPS[kind] from a layer_op_tensors dict."""
+    common = (t["input"], t["batch_sizes"], t["hx"])
+    weights = (t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"])
+    if kind == "LSTM":
+        return (*common, t["cx"], *weights, t["w_hr"], reverse)
+    if kind == "GRU":
+        return (*common, *weights, reverse)
+    return (*common, *weights, kind == "RNN_RELU", reverse)
+
+
+def layer_backward_op_args(kind, t, reverse):
+    """Valid positional args of BACKWARD_OPS[kind]: runs the forward op for output and reserve,
+    and draws random upstream gradients."""
+    with torch.no_grad():
+        results = LAYER_OPS[kind](*layer_op_args(kind, t, reverse))
+    output, hy, reserve = results[0], results[1], results[-1]
+    grad_out, grad_hy = torch.randn_like(output), torch.randn_like(hy)
+    has_bias = t["b_ih"] is not None
+    x, bs, hx, w_ih, w_hh = t["input"], t["batch_sizes"], t["hx"], t["w_ih"], t["w_hh"]
+    if kind == "LSTM":
+        grad_cy = torch.randn_like(results[2])
+        return (grad_out, grad_hy, grad_cy, x, bs, hx, t["cx"], w_ih, w_hh, t["w_hr"], output, reserve,
+                has_bias, reverse)
+    if kind == "GRU":
+        return (grad_out, grad_hy, x, bs, hx, w_ih, w_hh, output, reserve, has_bias, reverse)
+    return (grad_out, grad_hy, x, bs, hx, w_ih, w_hh, output, reserve, has_bias, kind == "RNN_RELU", reverse)
+
+
+# ---- gradcheck and opcheck -----------------------------------------------------------------------
+
+def assert_layer_op_gradcheck_passes(kind, proj, packed, reverse, bias, **tensor_options):
+    """gradcheck of LAYER_OPS[kind] (every output but the reserve) with respect to each of its
+    differentiable inputs; tensor_options go to layer_op_tensors (device=, input_size=, ...)."""
+    tensors = layer_op_tensors(kind, packed, bias, proj, **tensor_options)
+    names = [n for n in DIFFERENTIABLE_OP_INPUTS if tensors[n] is not None]
+
+    def differentiable_outputs(*values):
+        args = layer_op_args(kind, {**tensors, **dict(zip(names, values))}, reverse)
+        return LAYER_OPS[kind](*args)[:-1]  # everything but the reserve
+
+    assert gradcheck(differentiable_outputs, [tensors[n] for n in names])
+
+
+def module_gradcheck(module, leaves, call):
+    """gradcheck of `call(forward, leaves)` w.r.t. the leaf tensors and every parameter, where
+    forward(*args) runs the module with the parameters swapped in through functional_call."""
+    param_names = [n for n, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for _, p in module.named_parameters()]
+
+    def run(*values):
+        inputs = dict(zip(leaves, values[:len(leaves)]))
+        replaced = dict(zip(param_names, values[len(leaves):]))
+        return call(lambda *a: functional_call(module, replaced, a), inputs)
+
+    assert gradcheck(run, [*leaves.values(), *params])
+
+
+# (kind, packed, reverse, bias, proj) for opcheck: four variants per op, two more with proj for LSTM.
+OPCHECK_VARIANTS = [
+    (False, False, True, False),
+    (True, True, True, False),
+    (False, True, False, False),
+    (True, False, False, False),
+]
+LSTM_PROJ_OPCHECK_VARIANTS = [(False, False, True, True), (True, True, False, True)]
+OPCHECK_CASES = [(kind, *v) for kind in LAYER_KINDS
+                 for v in OPCHECK_VARIANTS + (LSTM_PROJ_OPCHECK_VARIANTS if kind == "LSTM" else [])]
+OPCHECK_CASE_ARGS = "kind,packed,reverse,bias,proj"
+
+
+def opcheck_case_id(case):
+    kind, packed, reverse, bias, proj = case
+    return "-".join([kind, "packed" if packed else "unpacked", "reverse" if reverse else "forward",
+                     "bias" if bias else "nobias"] + (["proj"] if proj else []))
+
+
+OPCHECK_CASE_IDS = [opcheck_case_id(case) for case in OPCHECK_CASES]
+
+
+def assert_opcheck_passes(op, args):
+    results = opcheck(op, args)
+    assert results and all(v == "SUCCESS" for v in results.values()), results
+
+
+def assert_layer_op_opcheck_passes(kind, packed, reverse, bias, proj, requires_grad=True, **tensor_options):
+    """opcheck of LAYER_OPS[kind]; tensor_options go to layer_op_tensors (device=, input_size=, ...)."""
+    tensors = layer_op_tensors(kind, packed, bias, proj, requires_grad=requires_grad, **tensor_options)
+    assert_opcheck_passes(LAYER_OPS[kind], layer_op_args(kind, tensors, reverse))
+
+
+def assert_backward_op_opcheck_passes(kind, packed, reverse, bias, proj, **tensor_options):
+    """opcheck of BACKWARD_OPS[kind]; tensor_options go to layer_op_tensors (device=, input_size=, ...)."""
+    tensors = layer_op_tensors(kind, packed, bias, proj, requires_grad=False, **tensor_options)
+    assert_opcheck_passes(BACKWARD_OPS[kind], layer_backward_op_args(kind, tensors, reverse))
