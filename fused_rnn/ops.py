@@ -130,9 +130,20 @@ def _rnn_backward(ctx, grad_out, grad_hy, _grad_reserve):
     return (gi, None, ghx, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), None, None)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("fused_rnn: gradients of gradients (double backward) through the recurrent "
+                              "layers are not supported; first-order gradients, also with create_graph=True, are")
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
 torch.library.register_autograd("fused_rnn::lstm_layer", _lstm_backward, setup_context=_lstm_setup)
 torch.library.register_autograd("fused_rnn::gru_layer", _gru_backward, setup_context=_gru_setup)
 torch.library.register_autograd("fused_rnn::rnn_layer", _rnn_backward, setup_context=_rnn_setup)
+for _name in ("lstm_layer_backward", "gru_layer_backward", "rnn_layer_backward"):
+    torch.library.register_autograd(f"fused_rnn::{_name}", _no_double_backward, setup_context=_no_context)
 
 
 # ---- one layer direction, as the modules call it -----------------------------------------

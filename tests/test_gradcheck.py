@@ -57,3 +57,14 @@ def test_cell_gradcheck(kind):
         return forward(t["input"], (t["h0"], t["c0"]) if kind == "LSTMCell" else t["h0"])
 
     module_gradcheck(module, leaves, call)
+
+
+@pytest.mark.parametrize("cls", [fused_rnn.LSTM, fused_rnn.GRU, fused_rnn.RNN])
+def test_create_graph_works_and_double_backward_raises_clearly(cls):
+    module = cls(3, 4, 2, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    grad, = torch.autograd.grad(module(x)[0].pow(2).sum(), x, create_graph=True)
+    reference, = torch.autograd.grad(module(x)[0].pow(2).sum(), x)
+    torch.testing.assert_close(grad, reference, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(grad.pow(2).sum(), x)
