@@ -104,26 +104,25 @@ inline Tensor previous_states(const Tensor& seq, const Tensor& init, const Steps
 template <typename S>
 S* ptr(const Tensor& t) { return t.defined() ? static_cast<S*>(t.data_ptr()) : nullptr; }
 
-// Returns {output, h_n, c_n (LSTM only, else undefined), reserve}.
+// Returns {output, h_n, c_n (LSTM only, else undefined), reserve}. Without `save_reserve`
+// (inference) the reserve comes back with 0 rows: the input projection is then computed a
+// chunk of time steps at a time into a small reused buffer instead of for the whole sequence.
 template <class Cell, class Backend>
 std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tensor>& batch_sizes,
                                   const Tensor& hx, const Tensor& cx, const LayerWeights& w,
-                                  bool reverse, bool relu) {
+                                  bool reverse, bool relu, bool save_reserve) {
   Backend::check_dtype(input_.scalar_type());
   const auto device_guard = Backend::guard(input_.device());
   const Steps s = make_steps(input_, batch_sizes);
-  const int64_t I = w.w_ih.size(1), G = Cell::kGates, H = w.w_ih.size(0) / G;
+  const int64_t T = s.count(), I = w.w_ih.size(1), G = Cell::kGates, H = w.w_ih.size(0) / G;
   const int64_t H_out = w.w_hh.size(1);
   const bool project = w.w_hr.defined();
   const int64_t B = hx.size(0);
   const Tensor x = input_.reshape({s.rows, I}).contiguous();
   const auto opts = x.options();
 
-  const int64_t R = Cell::reserve_width(H, project);
-  Tensor reserve = at::empty({s.rows, R}, opts);
-  Tensor gates = reserve.narrow(1, 0, G * H);
-  // Input projection of every step at once, with b_ih and b_hh folded in — except GRU's
-  // b_hn, which sits inside r * (W_hn h + b_hn) and is added by the pointwise pass.
+  // b_ih and b_hh fold into the input projection — except GRU's b_hn, which sits inside
+  // r * (W_hn h + b_hn) and is added by the pointwise pass.
   Tensor bias = w.b_ih.defined() ? w.b_ih : Tensor();
   Tensor bias_hn;
   if (w.b_hh.defined()) {
@@ -134,8 +133,14 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     }
     bias = bias.defined() ? bias + folded : folded;
   }
-  Backend::linear_out(gates, x, w.w_ih, bias);
   if (Cell::kSeparateHiddenGates && !bias_hn.defined()) bias_hn = at::zeros({H}, opts);
+
+  // Steps per input-projection chunk: all of them when the reserve is kept, else enough for
+  // about a megabyte of gate values.
+  const int64_t R = Cell::reserve_width(H, project);
+  constexpr int64_t kChunkValues = int64_t(1) << 18;
+  const int64_t chunk = save_reserve ? std::max<int64_t>(T, 1) : std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, B * R));
+  Tensor reserve = at::empty({save_reserve ? s.rows : std::min(s.rows, chunk * B), R}, opts);
 
   Tensor h_state = hx.contiguous().clone();
   Tensor c_state = Cell::kHasCell ? cx.contiguous().clone() : Tensor();
@@ -154,27 +159,36 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     a.c_state = ptr<S>(c_state);
     a.hidden_gates = ptr<S>(hidden_gates);
     a.bias_hn = ptr<S>(bias_hn);
-    const auto w_hh_t = Backend::template step_weight<S>(ptr<S>(w.w_hh), true, H_out, G * H, B, s.count());
-    const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? s.count() : 0);
-    for (int64_t k = 0; k < s.count(); ++k) {
-      const int64_t t = reverse ? s.count() - 1 - k : k;
-      const int64_t bs = s.batch[t], row = s.offset[t];
-      if (bs == 0) continue;
-      a.reserve = ptr<S>(reserve) + row * R;
-      a.output = ptr<S>(output) + row * H_out;
-      // Recurrent GEMM, h_prev W_hh^T, straight into the gate rows (or GRU's hidden gates).
-      if (Cell::kSeparateHiddenGates) w_hh_t.gemm(bs, a.h_state, H_out, S(0), ptr<S>(hidden_gates), G * H);
-      else w_hh_t.gemm(bs, a.h_state, H_out, S(1), a.reserve, R);
-      Backend::template forward_step<Cell, S>(a, bs);
-      if (project) {
-        Tensor out_t = output.narrow(0, row, bs);
-        w_hr_t.gemm(bs, a.reserve + 5 * H, R, S(0), a.output, H_out);
-        h_state.narrow(0, 0, bs).copy_(out_t);
+    const auto w_hh_t = Backend::template step_weight<S>(ptr<S>(w.w_hh), true, H_out, G * H, B, T);
+    const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? T : 0);
+    for (int64_t first = 0; first < T; first += chunk) {
+      // This chunk's time steps [t_lo, t_hi) and rows [row_lo, row_hi), in processing order.
+      const int64_t last = std::min(T, first + chunk);
+      const int64_t t_lo = reverse ? T - last : first, t_hi = reverse ? T - first : last;
+      const int64_t row_lo = s.offset[t_lo], row_hi = t_hi < T ? s.offset[t_hi] : s.rows;
+      const int64_t reserve_lo = save_reserve ? row_lo : 0;  // reserve row of row_lo
+      Tensor chunk_gates = reserve.narrow(0, reserve_lo, row_hi - row_lo).narrow(1, 0, G * H);
+      Backend::linear_out(chunk_gates, x.narrow(0, row_lo, row_hi - row_lo), w.w_ih, bias);
+      for (int64_t k = first; k < last; ++k) {
+        const int64_t t = reverse ? T - 1 - k : k;
+        const int64_t bs = s.batch[t], row = s.offset[t];
+        if (bs == 0) continue;
+        a.reserve = ptr<S>(reserve) + (row - row_lo + reserve_lo) * R;
+        a.output = ptr<S>(output) + row * H_out;
+        // Recurrent GEMM, h_prev W_hh^T, straight into the gate rows (or GRU's hidden gates).
+        if (Cell::kSeparateHiddenGates) w_hh_t.gemm(bs, a.h_state, H_out, S(0), ptr<S>(hidden_gates), G * H);
+        else w_hh_t.gemm(bs, a.h_state, H_out, S(1), a.reserve, R);
+        Backend::template forward_step<Cell, S>(a, bs);
+        if (project) {
+          w_hr_t.gemm(bs, a.reserve + 5 * H, R, S(0), a.output, H_out);
+          h_state.narrow(0, 0, bs).copy_(output.narrow(0, row, bs));
+        }
       }
     }
   });
 
-  if (!s.packed) output = output.view({s.count(), B, H_out});
+  if (!s.packed) output = output.view({T, B, H_out});
+  if (!save_reserve) reserve = at::empty({0, R}, opts);
   return {output, h_state, c_state, reserve};
 }
 

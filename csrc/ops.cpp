@@ -3,17 +3,20 @@
 // Each *_layer op runs one direction of one layer over the whole sequence. `input` is
 // [T, B, I], or packed rows [N, I] when `batch_sizes` (CPU int64, as in PackedSequence)
 // is given; `reverse` runs time backwards. Outputs: output [T, B, H_out] or [N, H_out],
-// the final state(s) [B, ·], and `reserve`, the saved activations the backward op reads.
+// the final state(s) [B, ·], and `reserve`, the saved activations the backward op reads
+// (0 rows when save_reserve is false: inference, where nothing will differentiate).
 #include <torch/extension.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(fused_rnn, m) {
   m.def("lstm_layer(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
-        "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, bool save_reserve=True) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gru_layer(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor w_ih, Tensor w_hh, "
-        "Tensor? b_ih, Tensor? b_hh, bool reverse) -> (Tensor, Tensor, Tensor)");
+        "Tensor? b_ih, Tensor? b_hh, bool reverse, bool save_reserve=True) -> (Tensor, Tensor, Tensor)");
   m.def("rnn_layer(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor w_ih, Tensor w_hh, "
-        "Tensor? b_ih, Tensor? b_hh, bool relu, bool reverse) -> (Tensor, Tensor, Tensor)");
+        "Tensor? b_ih, Tensor? b_hh, bool relu, bool reverse, bool save_reserve=True) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("lstm_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, "
         "Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor output, "
         "Tensor reserve, bool has_bias, bool reverse) "

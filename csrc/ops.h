@@ -59,13 +59,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tensor& input, const
                                                       const Tensor& hx, const Tensor& cx, const Tensor& w_ih,
                                                       const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
                                                       const c10::optional<Tensor>& b_hh,
-                                                      const c10::optional<Tensor>& w_hr, bool reverse) {
+                                                      const c10::optional<Tensor>& w_hr, bool reverse,
+                                                      bool save_reserve) {
   const LayerWeights w = weights(w_ih, w_hh, b_ih, b_hh, w_hr);
   check_layer(LstmCell::kGates, input, hx, w);
   check_batch(input, batch_sizes, hx);
   TORCH_CHECK(cx.dim() == 2 && cx.size(0) == hx.size(0) && cx.size(1) == w_ih.size(0) / 4,
               "fused_rnn: cx must be [", hx.size(0), ", ", w_ih.size(0) / 4, "], got ", cx.sizes());
-  auto r = layer_forward<LstmCell, Backend>(input, batch_sizes, hx, cx, w, reverse, false);
+  auto r = layer_forward<LstmCell, Backend>(input, batch_sizes, hx, cx, w, reverse, false, save_reserve);
   return {r[0], r[1], r[2], r[3]};
 }
 
@@ -73,11 +74,11 @@ template <class Backend>
 std::tuple<Tensor, Tensor, Tensor> gru_layer(const Tensor& input, const c10::optional<Tensor>& batch_sizes,
                                              const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                                              const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
-                                             bool reverse) {
+                                             bool reverse, bool save_reserve) {
   const LayerWeights w = weights(w_ih, w_hh, b_ih, b_hh, c10::nullopt);
   check_layer(GruCell::kGates, input, hx, w);
   check_batch(input, batch_sizes, hx);
-  auto r = layer_forward<GruCell, Backend>(input, batch_sizes, hx, Tensor(), w, reverse, false);
+  auto r = layer_forward<GruCell, Backend>(input, batch_sizes, hx, Tensor(), w, reverse, false, save_reserve);
   return {r[0], r[1], r[3]};
 }
 
@@ -85,11 +86,11 @@ template <class Backend>
 std::tuple<Tensor, Tensor, Tensor> rnn_layer(const Tensor& input, const c10::optional<Tensor>& batch_sizes,
                                              const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                                              const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
-                                             bool relu, bool reverse) {
+                                             bool relu, bool reverse, bool save_reserve) {
   const LayerWeights w = weights(w_ih, w_hh, b_ih, b_hh, c10::nullopt);
   check_layer(RnnCell::kGates, input, hx, w);
   check_batch(input, batch_sizes, hx);
-  auto r = layer_forward<RnnCell, Backend>(input, batch_sizes, hx, Tensor(), w, reverse, relu);
+  auto r = layer_forward<RnnCell, Backend>(input, batch_sizes, hx, Tensor(), w, reverse, relu, save_reserve);
   return {r[0], r[1], r[3]};
 }
 

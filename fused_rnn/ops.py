@@ -17,31 +17,31 @@ def _reserve_width(mode, hidden, project):
     return {"lstm": (6 if project else 5), "gru": 4, "rnn": 1}[mode] * hidden
 
 
-def _fake_forward(mode, input, batch_sizes, hx, w_ih, w_hh, w_hr=None):
+def _fake_forward(mode, input, batch_sizes, hx, w_ih, w_hh, save_reserve, w_hr=None):
     hidden = w_ih.shape[0] // _gates(mode)
     h_out = w_hh.shape[1]
     if batch_sizes is not None:
         rows, out_shape = input.shape[0], (input.shape[0], h_out)
     else:
         rows, out_shape = input.shape[0] * input.shape[1], (input.shape[0], input.shape[1], h_out)
-    reserve = input.new_empty((rows, _reserve_width(mode, hidden, w_hr is not None)))
+    reserve = input.new_empty((rows if save_reserve else 0, _reserve_width(mode, hidden, w_hr is not None)))
     return input.new_empty(out_shape), hx.new_empty((hx.shape[0], h_out)), reserve
 
 
 @torch.library.register_fake("fused_rnn::lstm_layer")
-def _(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
-    output, hy, reserve = _fake_forward("lstm", input, batch_sizes, hx, w_ih, w_hh, w_hr)
+def _(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save_reserve=True):
+    output, hy, reserve = _fake_forward("lstm", input, batch_sizes, hx, w_ih, w_hh, save_reserve, w_hr)
     return output, hy, cx.new_empty(cx.shape), reserve
 
 
 @torch.library.register_fake("fused_rnn::gru_layer")
-def _(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse):
-    return _fake_forward("gru", input, batch_sizes, hx, w_ih, w_hh)
+def _(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, save_reserve=True):
+    return _fake_forward("gru", input, batch_sizes, hx, w_ih, w_hh, save_reserve)
 
 
 @torch.library.register_fake("fused_rnn::rnn_layer")
-def _(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, relu, reverse):
-    return _fake_forward("rnn", input, batch_sizes, hx, w_ih, w_hh)
+def _(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, relu, reverse, save_reserve=True):
+    return _fake_forward("rnn", input, batch_sizes, hx, w_ih, w_hh, save_reserve)
 
 
 def _fake_grads(input, hx, w_ih, w_hh, has_bias):
@@ -75,7 +75,10 @@ def _bias_grads(ctx, gb_ih, gb_hh):
     return (gb_ih if ctx.has_b_ih else None), (gb_hh if ctx.has_b_hh else None)
 
 
-def _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve):
+def _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve, save_reserve):
+    if not save_reserve:
+        raise RuntimeError("fused_rnn: a layer op called with save_reserve=False keeps no activations and "
+                           "cannot be differentiated; call it with save_reserve=True when gradients are needed")
     ctx.batch_sizes = batch_sizes
     ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
     ctx.reverse = reverse
@@ -83,9 +86,9 @@ def _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve):
 
 
 def _lstm_setup(ctx, inputs, output):
-    input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse = inputs
+    input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save_reserve = inputs
     out, _, _, reserve = output
-    _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve)
+    _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve, save_reserve)
     ctx.has_w_hr = w_hr is not None
     ctx.save_for_backward(input, hx, cx, w_ih, w_hh, w_hr, out, reserve)
 
@@ -96,13 +99,13 @@ def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_reserve):
         grad_out, grad_hy, grad_cy, input, ctx.batch_sizes, hx, cx, w_ih, w_hh, w_hr, out, reserve,
         ctx.has_b_ih or ctx.has_b_hh, ctx.reverse)
     gb_ih, gb_hh = _bias_grads(ctx, gb_ih, gb_hh)
-    return gi, None, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, (gw_hr if ctx.has_w_hr else None), None
+    return gi, None, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, (gw_hr if ctx.has_w_hr else None), None, None
 
 
 def _gru_setup(ctx, inputs, output):
-    input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse = inputs
+    input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, save_reserve = inputs
     out, _, reserve = output
-    _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve)
+    _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve, save_reserve)
     ctx.save_for_backward(input, hx, w_ih, w_hh, out, reserve)
 
 
@@ -111,13 +114,13 @@ def _gru_backward(ctx, grad_out, grad_hy, _grad_reserve):
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.gru_layer_backward(
         grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
         ctx.has_b_ih or ctx.has_b_hh, ctx.reverse)
-    return (gi, None, ghx, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), None)
+    return (gi, None, ghx, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), None, None)
 
 
 def _rnn_setup(ctx, inputs, output):
-    input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, relu, reverse = inputs
+    input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, relu, reverse, save_reserve = inputs
     out, _, reserve = output
-    _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve)
+    _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve, save_reserve)
     ctx.relu = relu
     ctx.save_for_backward(input, hx, w_ih, w_hh, out, reserve)
 
@@ -127,7 +130,7 @@ def _rnn_backward(ctx, grad_out, grad_hy, _grad_reserve):
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.rnn_layer_backward(
         grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
         ctx.has_b_ih or ctx.has_b_hh, ctx.relu, ctx.reverse)
-    return (gi, None, ghx, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), None, None)
+    return (gi, None, ghx, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), None, None, None)
 
 
 def _no_double_backward(ctx, *grads):
@@ -154,11 +157,13 @@ def run_layer(mode, input, batch_sizes, hx, cx, weights, reverse):
     is (w_ih, w_hh, b_ih, b_hh, w_hr) with None for absent tensors. Returns (output, h_n, c_n),
     c_n None except for LSTM."""
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    # Activations are kept for backward only when something here can be differentiated.
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, hx, cx, *weights))
     if mode == "LSTM":
-        out, hy, cy, _ = _ops.lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+        out, hy, cy, _ = _ops.lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save)
         return out, hy, cy
     if mode == "GRU":
-        out, hy, _ = _ops.gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse)
+        out, hy, _ = _ops.gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, save)
     else:
-        out, hy, _ = _ops.rnn_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, mode == "RNN_RELU", reverse)
+        out, hy, _ = _ops.rnn_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, mode == "RNN_RELU", reverse, save)
     return out, hy, None

@@ -284,15 +284,15 @@ def layer_op_tensors(kind, packed, bias, proj, requires_grad=True, dtype=torch.f
     }
 
 
-def layer_op_args(kind, t, reverse):
+def layer_op_args(kind, t, reverse, save_reserve=True):
     """Positional args of LAYER_OPS[kind] from a layer_op_tensors dict."""
     common = (t["input"], t["batch_sizes"], t["hx"])
     weights = (t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"])
     if kind == "LSTM":
-        return (*common, t["cx"], *weights, t["w_hr"], reverse)
+        return (*common, t["cx"], *weights, t["w_hr"], reverse, save_reserve)
     if kind == "GRU":
-        return (*common, *weights, reverse)
-    return (*common, *weights, kind == "RNN_RELU", reverse)
+        return (*common, *weights, reverse, save_reserve)
+    return (*common, *weights, kind == "RNN_RELU", reverse, save_reserve)
 
 
 def layer_backward_op_args(kind, t, reverse):
@@ -370,9 +370,10 @@ def assert_opcheck_passes(op, args):
 
 
 def assert_layer_op_opcheck_passes(kind, packed, reverse, bias, proj, requires_grad=True, **tensor_options):
-    """opcheck of LAYER_OPS[kind]; tensor_options go to layer_op_tensors (device=, input_size=, ...)."""
+    """opcheck of LAYER_OPS[kind]; tensor_options go to layer_op_tensors (device=, input_size=, ...).
+    Without requires_grad the op runs as in inference, keeping no reserve."""
     tensors = layer_op_tensors(kind, packed, bias, proj, requires_grad=requires_grad, **tensor_options)
-    assert_opcheck_passes(LAYER_OPS[kind], layer_op_args(kind, tensors, reverse))
+    assert_opcheck_passes(LAYER_OPS[kind], layer_op_args(kind, tensors, reverse, save_reserve=requires_grad))
 
 
 def assert_backward_op_opcheck_passes(kind, packed, reverse, bias, proj, **tensor_options):

@@ -214,3 +214,31 @@ def test_expanded_and_partial_upstream_gradients(kind):
         for m in (ref, ours):
             grads.append(torch.autograd.grad(loss(m(leaves["input"])), [leaves["input"], *m.parameters()]))
         assert_close_nested(grads[1], grads[0], torch.float64)
+
+
+# Inference (no_grad) keeps no activations and projects the input a chunk of steps at a time:
+# batch 64 x hidden 64 gives chunks of a few steps, so 30 steps cross several chunk borders.
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+@pytest.mark.parametrize("form", ["padded", "packed_unsorted"])
+def test_inference_without_reserve_matches_torch_nn(kind, form):
+    ref, ours = make_kind_pair(kind, 8, 64, num_layers=2, bidirectional=True, dtype=torch.float32)
+    x = torch.randn(30, 64, 8)
+    if form == "packed_unsorted":
+        lengths = torch.randint(1, 31, (64,))
+        lengths[5] = 30
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    with torch.no_grad():
+        expected, actual = ref(x), ours(x)
+    assert_close_nested(actual, expected, torch.float32)
+
+
+def test_reserve_is_kept_only_when_differentiating():
+    w_ih, w_hh, hx = torch.randn(20, 3), torch.randn(20, 5), torch.zeros(2, 5)
+    x = torch.randn(4, 2, 3)
+    kept = torch.ops.fused_rnn.lstm_layer(x, None, hx, hx, w_ih, w_hh, None, None, None, False, True)
+    skipped = torch.ops.fused_rnn.lstm_layer(x, None, hx, hx, w_ih, w_hh, None, None, None, False, False)
+    assert kept[3].shape == (8, 25) and skipped[3].shape == (0, 25)
+    for a, b in zip(kept[:3], skipped[:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="save_reserve=False"):
+        torch.ops.fused_rnn.lstm_layer(x.requires_grad_(), None, hx, hx, w_ih, w_hh, None, None, None, False, False)
