@@ -1,6 +1,7 @@
-// CPU backend: the per-step pointwise pass of each cell, vectorised with at::vec and
-// spread over (row, column-chunk) pairs with at::parallel_for.
-#ifdef FUSED_RNN_AVX2  // setup.py adds -mavx2 -mfma when the building CPU has them
+// CPU backend: the per-step pointwise pass of each cell, vectorised with at::vec and spread
+// over (row, column-chunk) pairs with at::parallel_for; GEMMs on oneDNN (through ATen's mkldnn
+// linear op) where they are large enough for its per-call overhead, else on MKL.
+#ifdef FUSED_RNN_AVX2  // setup.py adds -mavx2 -mfma -mf16c when the building CPU has them
 #define CPU_CAPABILITY_AVX2
 #define CPU_CAPABILITY AVX2
 #endif
@@ -102,6 +103,10 @@ struct CpuStepWeight {
 
 namespace {
 
+// Multiply-adds from which a GEMM goes to oneDNN rather than MKL (measured on AVX-512 AMD EPYC:
+// below about a million, oneDNN's per-call overhead outweighs its speed).
+constexpr int64_t kOnednnMinWork = int64_t(1) << 20;
+
 // Runs a tiny GEMM on the calling thread: waking MKL's pool for it costs more than the GEMM,
 // and far more when the cores are busy with other work.
 class SingleThreadedIfSmall {
@@ -169,9 +174,8 @@ void accumulate_rows(float* c, int64_t ldc, const float* r, int64_t m, int64_t n
 struct CpuBackend {
   // oneDNN for the large float32 GEMMs where torch has it, else ATen (MKL).
   static bool use_onednn(const at::Tensor& x, const at::Tensor& w) {
-    constexpr int64_t kMinWork = int64_t(1) << 20;
     return x.scalar_type() == at::kFloat && x.size(0) > 0 && x.size(1) > 0 && w.size(0) > 0 &&
-           x.size(0) * x.size(1) * w.size(0) >= kMinWork && onednn_linear_op();
+           x.size(0) * x.size(1) * w.size(0) >= kOnednnMinWork && onednn_linear_op();
   }
 
   static at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
@@ -223,8 +227,6 @@ struct CpuBackend {
                                       int64_t steps) {
     CpuStepWeight<S> sw{w, trans, k, n, at::Tensor()};
     constexpr int64_t kRowMajor = 101, kNoTrans = 111, kTrans = 112, kB = 162, kMinSteps = 4;
-    // Below about a million multiply-adds per step, oneDNN's per-call overhead outweighs its speed.
-    constexpr int64_t kOnednnMinWork = int64_t(1) << 20;
     if constexpr (std::is_same_v<S, float>) {
       if (steps >= kMinSteps && max_rows * k * n >= kOnednnMinWork && onednn_linear_op()) {
         const auto opts = at::TensorOptions().dtype(at::kFloat);
