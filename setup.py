@@ -78,7 +78,7 @@ def default_cuda_archs():
 def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
     avx2 = switch("FUSED_RNN_AVX2")
     if avx2 is None:
         avx2 = cpu_has_avx2()
@@ -92,7 +92,7 @@ def extensions():
         # No --use_fast_math: it turns tanhf into tanh.approx.f32 (error ~2^-11) and divisions
         # into approximations, which breaks float32 parity with cuDNN; the pointwise kernels
         # are bound by memory traffic, not arithmetic.
-        nvcc = ["-O3", "-std=c++17"]
+        nvcc = ["-O3"]
         return [CUDAExtension("fused_rnn._C", sources,
                               extra_compile_args={"cxx": cxx + ["-DFUSED_RNN_WITH_CUDA"], "nvcc": nvcc})]
     return [CppExtension("fused_rnn._C", sources, extra_compile_args={"cxx": cxx})]
