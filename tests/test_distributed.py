@@ -1,8 +1,7 @@
-"""DistributedDataParallel over a fused LSTM: two gloo processes on 127.0.0.1, each training on
+"""DistributedDataParallel over a fused LSTM: two gloo processes (file-store rendezvous), each training on
 its half of the batch, end with identical replicas equal to one process trained on the whole
 batch (mean-reduced losses, so DDP's gradient averaging reproduces the full-batch gradient)."""
 import datetime
-import socket
 import time
 
 import pytest
@@ -51,10 +50,11 @@ def train(model, inputs, targets):
         optimizer.step()
 
 
-def train_one_replica(rank, port, result_dir):
+def train_one_replica(rank, result_dir):
     """Process body: joins the group, trains a DDP replica on this rank's half of the batch and
     saves its parameters to result_dir/rank{rank}.pt."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+    # A file store, not a TCP port: no race for a free port with other processes on the machine.
+    dist.init_process_group("gloo", init_method=f"file://{result_dir}/store", rank=rank, world_size=WORLD_SIZE,
                             timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
@@ -67,15 +67,9 @@ def train_one_replica(rank, port, result_dir):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def run_replicas(result_dir):
     """Spawns the WORLD_SIZE processes and waits for them, killing them past the deadline."""
-    processes = mp.spawn(train_one_replica, args=(free_port(), str(result_dir)), nprocs=WORLD_SIZE, join=False)
+    processes = mp.spawn(train_one_replica, args=(str(result_dir),), nprocs=WORLD_SIZE, join=False)
     deadline = time.monotonic() + DEADLINE_SECONDS
     while not processes.join(timeout=1):  # raises if a process failed, with its traceback
         if time.monotonic() > deadline:
