@@ -2,7 +2,8 @@
 
 Environment switches:
   FUSED_RNN_CUDA=0|1   force the CUDA backend off / on (on fails loudly if it cannot be built)
-  FUSED_RNN_AVX2=0|1   force the AVX2/FMA/F16C CPU kernels off / on (default: on when this CPU has them)
+  FUSED_RNN_SIMD=avx512|avx2|none   the vector instructions of the CPU kernels (default: the
+                       best this CPU has; the extension then runs only on CPUs that have them)
   TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured as in torch.utils.cpp_extension.
 """
 import os
@@ -31,14 +32,34 @@ def switch(name):
     return value == "1"
 
 
-def cpu_has_avx2():
+SIMD_FLAGS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+                "-DFUSED_RNN_AVX512"]),
+    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c", "-DFUSED_RNN_AVX2"]),
+    "none": ((), []),
+}
+
+
+def simd_level():
+    forced = os.environ.get("FUSED_RNN_SIMD")
+    if forced:
+        if forced not in SIMD_FLAGS:
+            raise SystemExit(f"FUSED_RNN_SIMD must be one of {', '.join(SIMD_FLAGS)}, got {forced!r}")
+        return forced
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return "none"
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
+        return "none"
+    return next(level for level, (needed, _) in SIMD_FLAGS.items() if all(f in flags for f in needed))
+
+
+def torch_uses_openmp():
+    import torch
+
+    return "OpenMP" in torch.__config__.parallel_info().split("ATen parallel backend:")[-1].splitlines()[0]
 
 
 def want_cuda():
@@ -79,11 +100,13 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     cxx = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
-    avx2 = switch("FUSED_RNN_AVX2")
-    if avx2 is None:
-        avx2 = cpu_has_avx2()
-    if avx2:
-        cxx += ["-mavx2", "-mfma", "-mf16c", "-DFUSED_RNN_AVX2"]
+    # at::parallel_for is an OpenMP region in the headers: without -fopenmp it silently runs on
+    # one thread. The libgomp it links is the one torch has already loaded (same soname).
+    link = []
+    if torch_uses_openmp():
+        cxx += ["-fopenmp"]
+        link += ["-fopenmp"]
+    cxx += SIMD_FLAGS[simd_level()][1]
     sources = ["csrc/ops.cpp", "csrc/cpu/backend.cpp"]
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -93,9 +116,9 @@ def extensions():
         # into approximations, which breaks float32 parity with cuDNN; the pointwise kernels
         # are bound by memory traffic, not arithmetic.
         nvcc = ["-O3"]
-        return [CUDAExtension("fused_rnn._C", sources,
+        return [CUDAExtension("fused_rnn._C", sources, extra_link_args=link,
                               extra_compile_args={"cxx": cxx + ["-DFUSED_RNN_WITH_CUDA"], "nvcc": nvcc})]
-    return [CppExtension("fused_rnn._C", sources, extra_compile_args={"cxx": cxx})]
+    return [CppExtension("fused_rnn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
 
 def build_ext_class():

@@ -9,6 +9,10 @@
 //   Backend::step_weight<S>(w, trans, k, n, max_rows, steps) -> an object whose
 //       .gemm(m, a, lda, beta, c, ldc) computes row-major C[m, n] = A[m, k] op(W) + beta C
 //       for a weight W used at every step (a backend may re-layout it once per call)
+//   Backend::recurrent_weight<Cell, S>(w_hh, h_out, hidden, max_rows, steps) -> the same for
+//       W_hh [gates*hidden, h_out] in h_prev W_hh^T, and
+//   Backend::recurrent_step<Cell, S>(w_hh, const StepForward<S>&, batch, gates, ld_gates, beta):
+//       gates = h_state W_hh^T + beta gates, then the cell's pointwise step (fused or not)
 //   Backend::forward_step<Cell, S>(const StepForward<S>&, int64_t batch)
 //   Backend::backward_step<Cell, S>(const StepBackward<S>&, int64_t batch)
 //
@@ -159,7 +163,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     a.c_state = ptr<S>(c_state);
     a.hidden_gates = ptr<S>(hidden_gates);
     a.bias_hn = ptr<S>(bias_hn);
-    const auto w_hh_t = Backend::template step_weight<S>(ptr<S>(w.w_hh), true, H_out, G * H, B, T);
+    const auto w_hh_t = Backend::template recurrent_weight<Cell, S>(ptr<S>(w.w_hh), H_out, H, B, T);
     const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? T : 0);
     for (int64_t first = 0; first < T; first += chunk) {
       // This chunk's time steps [t_lo, t_hi) and rows [row_lo, row_hi), in processing order.
@@ -175,10 +179,12 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
         if (bs == 0) continue;
         a.reserve = ptr<S>(reserve) + (row - row_lo + reserve_lo) * R;
         a.output = ptr<S>(output) + row * H_out;
-        // Recurrent GEMM, h_prev W_hh^T, straight into the gate rows (or GRU's hidden gates).
-        if (Cell::kSeparateHiddenGates) w_hh_t.gemm(bs, a.h_state, H_out, S(0), ptr<S>(hidden_gates), G * H);
-        else w_hh_t.gemm(bs, a.h_state, H_out, S(1), a.reserve, R);
-        Backend::template forward_step<Cell, S>(a, bs);
+        // Recurrent GEMM, h_prev W_hh^T, straight into the gate rows (or GRU's hidden gates),
+        // then the pointwise step.
+        if (Cell::kSeparateHiddenGates)
+          Backend::template recurrent_step<Cell, S>(w_hh_t, a, bs, ptr<S>(hidden_gates), G * H, S(0));
+        else
+          Backend::template recurrent_step<Cell, S>(w_hh_t, a, bs, a.reserve, R, S(1));
         if (project) {
           w_hr_t.gemm(bs, a.reserve + 5 * H, R, S(0), a.output, H_out);
           h_state.narrow(0, 0, bs).copy_(output.narrow(0, row, bs));

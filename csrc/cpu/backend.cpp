@@ -1,7 +1,12 @@
 // CPU backend: the per-step pointwise pass of each cell, vectorised with at::vec and spread
 // over (row, column-chunk) pairs with at::parallel_for; GEMMs on oneDNN (through ATen's mkldnn
 // linear op) where they are large enough for its per-call overhead, else on MKL.
-#ifdef FUSED_RNN_AVX2  // setup.py adds -mavx2 -mfma -mf16c when the building CPU has them
+// setup.py adds -mavx512* or -mavx2 -mfma -mf16c as the building CPU allows: at::vec then
+// uses 512- or 256-bit vectors.
+#if defined(FUSED_RNN_AVX512)
+#define CPU_CAPABILITY_AVX512
+#define CPU_CAPABILITY AVX512
+#elif defined(FUSED_RNN_AVX2)
 #define CPU_CAPABILITY_AVX2
 #define CPU_CAPABILITY AVX2
 #endif
@@ -17,6 +22,7 @@
 #include <type_traits>
 
 #include "../ops.h"
+#include "panels.h"
 
 // The Fortran BLAS entry points of the MKL that libtorch_cpu carries (LP64). Weak, so a
 // torch built without them still loads; the per-step GEMM then goes through ATen.
@@ -25,12 +31,6 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
             const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-// MKL's packed GEMM: the right operand is re-laid out once and reused by every step.
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
-                      int ld, float* dest) __attribute__((weak));
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
-                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
 }
 
@@ -90,13 +90,15 @@ void for_each_chunk(int64_t batch, int64_t hidden, int64_t gates, const F& point
 struct CpuBackend;
 
 // A weight W used as the right operand of every step's GEMM: C[m, n] = A[m, k] op(W) + beta C.
+// Used for more than a few steps it is re-laid out once into panels (panels.h); a layer's W_hh
+// is then grouped by gate so that the pointwise step can follow each panel's GEMM.
 template <typename S>
 struct CpuStepWeight {
   const S* w;
   bool trans;
   int64_t k, n;
-  at::Tensor packed;  // MKL packed layout of op(W), float only
-  at::Tensor onednn;  // op(W)^T as a oneDNN tensor, float only, for the larger steps
+  Panels<S> panels;
+  at::Tensor h_prev;  // recurrent weights: a copy of the step's h_prev, which the fused step overwrites
 
   void gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const;
 };
@@ -106,6 +108,9 @@ namespace {
 // Multiply-adds from which a GEMM goes to oneDNN rather than MKL (measured on AVX-512 AMD EPYC:
 // below about a million, oneDNN's per-call overhead outweighs its speed).
 constexpr int64_t kOnednnMinWork = int64_t(1) << 20;
+
+// Steps from which a per-step weight is laid out in panels (its one-off cost then pays).
+constexpr int64_t kMinPanelSteps = 4;
 
 // Runs a tiny GEMM on the calling thread: waking MKL's pool for it costs more than the GEMM,
 // and far more when the cores are busy with other work.
@@ -139,34 +144,6 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
                           c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
   onednn_linear_op()->callBoxed(&stack);
   return stack.back().toTensor();
-}
-
-// A linear weight [n, k] as a oneDNN tensor, in the blocked layout oneDNN prefers for
-// `rows`-row inputs when that helps (measured: from about 8 rows).
-at::Tensor onednn_weight(const at::Tensor& w, int64_t rows) {
-  static const std::optional<c10::OperatorHandle> reorder =
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_linear_weight", ""});
-  constexpr int64_t kMinBlockedRows = 8;
-  if (!reorder.has_value() || rows < kMinBlockedRows) return w.to_mkldnn();
-  torch::jit::Stack stack{w, c10::IValue(rows)};
-  reorder->callBoxed(&stack);
-  return stack.back().toTensor();
-}
-
-// C[m, n] = R + beta C, R contiguous.
-void accumulate_rows(float* c, int64_t ldc, const float* r, int64_t m, int64_t n, float beta) {
-  using V = at::vec::Vectorized<float>;
-  for (int64_t i = 0; i < m; ++i) {
-    float* ci = c + i * ldc;
-    const float* ri = r + i * n;
-    if (beta == 0.0f) {
-      std::memcpy(ci, ri, n * sizeof(float));
-      continue;
-    }
-    int64_t j = 0;
-    for (; j + V::size() <= n; j += V::size()) (V::loadu(ri + j) + V(beta) * V::loadu(ci + j)).store(ci + j);
-    for (; j < n; ++j) ci[j] = ri[j] + beta * ci[j];
-  }
 }
 
 }  // namespace
@@ -223,26 +200,66 @@ struct CpuBackend {
   }
 
   template <typename S>
-  static CpuStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t max_rows,
+  static constexpr bool has_panels() { return std::is_same_v<S, float> || std::is_same_v<S, double>; }
+
+  // Per-step weights are laid out in panels once when used for a few steps; a single step
+  // reads them in place.
+  template <typename S>
+  static CpuStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t /*max_rows*/,
                                       int64_t steps) {
-    CpuStepWeight<S> sw{w, trans, k, n, at::Tensor()};
-    constexpr int64_t kRowMajor = 101, kNoTrans = 111, kTrans = 112, kB = 162, kMinSteps = 4;
-    if constexpr (std::is_same_v<S, float>) {
-      if (steps >= kMinSteps && max_rows * k * n >= kOnednnMinWork && onednn_linear_op()) {
-        const auto opts = at::TensorOptions().dtype(at::kFloat);
-        const at::Tensor w_t = at::from_blob(const_cast<float*>(w), trans ? at::IntArrayRef{n, k} : at::IntArrayRef{k, n}, opts);
-        sw.onednn = onednn_weight(trans ? w_t.contiguous() : w_t.t().contiguous(), max_rows);
-        return sw;
-      }
-      const bool available = cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute;
-      if (available && steps >= kMinSteps && max_rows > 0 && std::max({k, n, max_rows}) <= std::numeric_limits<int>::max()) {
-        const size_t bytes = cblas_sgemm_pack_get_size(kB, max_rows, n, k);
-        sw.packed = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))}, at::kFloat);
-        cblas_sgemm_pack(kRowMajor, kB, trans ? kTrans : kNoTrans, max_rows, n, k, 1.0f, w, trans ? k : n,
-                         static_cast<float*>(sw.packed.data_ptr()));
-      }
+    CpuStepWeight<S> sw{w, trans, k, n};
+    if (has_panels<S>() && steps >= kMinPanelSteps && k > 0 && n > 0) sw.panels = Panels<S>(w, trans, k, 1, n);
+    return sw;
+  }
+
+  // W_hh [G*H, H_out] for the recurrent GEMM h_prev W_hh^T, its panels grouped by gate.
+  template <class Cell, typename S>
+  static CpuStepWeight<S> recurrent_weight(const S* w_hh, int64_t h_out, int64_t hidden, int64_t max_rows,
+                                           int64_t steps) {
+    CpuStepWeight<S> sw{w_hh, true, h_out, Cell::kGates * hidden};
+    if (has_panels<S>() && steps >= kMinPanelSteps && h_out > 0 && hidden > 0) {
+      sw.panels = Panels<S>(w_hh, true, h_out, Cell::kGates, hidden);
+      sw.h_prev = at::empty({max_rows, h_out}, at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value));
     }
     return sw;
+  }
+
+  // gates += h_prev W_hh^T (beta 1; GRU: gates = h_prev W_hh^T, beta 0), then the cell's pointwise
+  // step; with panels, each thread runs both for its own block of hidden units in one pass.
+  template <class Cell, typename S>
+  static void recurrent_step(const CpuStepWeight<S>& w_hh, const StepForward<S>& a, int64_t batch, S* gates,
+                             int64_t ld_gates, S beta) {
+    if constexpr (!std::is_same_v<S, float> && !std::is_same_v<S, double>) {
+      check_dtype(c10::CppTypeToScalarType<S>::value);
+    } else {
+      if (!w_hh.panels.defined()) {
+        w_hh.gemm(batch, a.h_state, w_hh.k, beta, gates, ld_gates);
+        return forward_step<Cell, S>(a, batch);
+      }
+      if (batch > 0) fused_step<Cell>(w_hh, a, batch, gates, ld_gates, beta);
+    }
+  }
+
+  template <class Cell, typename S>
+  static void fused_step(const CpuStepWeight<S>& w_hh, const StepForward<S>& a, int64_t batch, S* gates,
+                         int64_t ld_gates, S beta) {
+    // The pointwise step overwrites h_state (h_prev -> h_new) while other threads still read
+    // it for their GEMM: they read this copy instead.
+    S* h_prev = w_hh.h_prev.template data_ptr<S>();
+    std::memcpy(h_prev, a.h_state, batch * w_hh.k * sizeof(S));
+    const Panels<S>& panels = w_hh.panels;
+    constexpr int64_t W = Panels<S>::kWidth;
+    for_each_panel_block(panels, batch, [&](int64_t p, int64_t first, int64_t rows) {
+      panels.block(p, rows, h_prev + first * w_hh.k, w_hh.k, beta, gates + first * ld_gates, ld_gates);
+      for (int64_t v = 0; v < panels.unit_vectors(); ++v) {
+        const int64_t j = panels.unit(p, v), lanes = panels.valid_lanes(p, v);
+        for (int64_t b = first; b < first + rows; ++b) {
+          if (lanes == W) Cell::template forward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
+          else
+            for (int64_t l = 0; l < lanes; ++l) Cell::template forward<S, ScalarIO<S>>(a, b, j + l);
+        }
+      }
+    });
   }
 
   struct NoGuard {};
@@ -276,21 +293,10 @@ struct CpuBackend {
 template <typename S>
 void CpuStepWeight<S>::gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {
   if (m == 0) return;
-  if constexpr (std::is_same_v<S, float>) {
-    if (onednn.defined() && lda == k) {
-      const at::Tensor x = at::from_blob(const_cast<float*>(a), {m, k}, at::TensorOptions().dtype(at::kFloat));
-      const at::Tensor r = onednn_linear(x, onednn);
-      accumulate_rows(c, ldc, r.data_ptr<float>(), m, n, beta);
-      return;
-    }
-    if (packed.defined()) {
-      constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151;
-      const SingleThreadedIfSmall threads(m * n * k);
-      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, m, n, k, a, lda, static_cast<const float*>(packed.data_ptr()), n, beta, c, ldc);
-      return;
-    }
-  }
-  CpuBackend::gemm<S>(false, trans, m, n, k, S(1), a, lda, w, trans ? k : n, beta, c, ldc);
+  if (!panels.defined()) return CpuBackend::gemm<S>(false, trans, m, n, k, S(1), a, lda, w, trans ? k : n, beta, c, ldc);
+  for_each_panel_block(panels, m, [&](int64_t p, int64_t first, int64_t rows) {
+    panels.block(p, rows, a + first * lda, lda, beta, c + first * ldc, ldc);
+  });
 }
 
 TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) { FUSED_RNN_REGISTER_BACKEND(m, CpuBackend); }

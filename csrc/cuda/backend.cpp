@@ -110,6 +110,20 @@ struct CudaBackend {
   }
 
   template <class Cell, typename S>
+  static CudaStepWeight<S> recurrent_weight(const S* w_hh, int64_t h_out, int64_t hidden, int64_t max_rows,
+                                            int64_t steps) {
+    return step_weight<S>(w_hh, true, h_out, Cell::kGates * hidden, max_rows, steps);
+  }
+
+  // The recurrent GEMM on cuBLAS, then the pointwise kernel, on the same stream.
+  template <class Cell, typename S>
+  static void recurrent_step(const CudaStepWeight<S>& w_hh, const StepForward<S>& step, int64_t batch, S* gates,
+                             int64_t ld_gates, S beta) {
+    w_hh.gemm(batch, step.h_state, w_hh.k, beta, gates, ld_gates);
+    forward_step<Cell, S>(step, batch);
+  }
+
+  template <class Cell, typename S>
   static void forward_step(const StepForward<S>& step, int64_t batch) {
     C10_CUDA_CHECK(launch_forward_step<Cell>(as_cuda(step), batch, at::cuda::getCurrentCUDAStream()));
   }

@@ -1,0 +1,155 @@
+// The per-step GEMM of the CPU backend, C[m, n] = A[m, k] B + beta C, on a right operand B
+// re-laid out once per call into panels of SIMD vectors, and a register-blocked at::vec
+// micro-kernel over them. A panel holds kVectors vectors of columns for every k, so one pass
+// over it keeps MR x kVectors accumulators in registers and reads each weight once per MR rows.
+//
+// The columns of B form `gates` groups of `units` columns each (column g * units + u, as the
+// gates of a recurrent cell sit in W_hh); panel p holds, for every gate, the same block of
+// units [p * U, (p + 1) * U). A cell's pointwise step for those units can therefore follow the
+// GEMM of their panel directly, while the gate values are still in L1. A plain matrix is one
+// gate of n units. The threads take contiguous ranges of panels, so at every step each core
+// reads the same part of the weight, which stays in its own L2.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+
+namespace fused_rnn {
+
+template <typename S>
+class Panels {
+ public:
+  using V = at::vec::Vectorized<S>;
+  static constexpr int64_t kWidth = V::size();
+
+  Panels() = default;
+
+  // B = op(w): w is row-major [n, k] when `trans` (B = w^T, as W_hh in h W_hh^T), else [k, n].
+  Panels(const S* w, bool trans, int64_t k, int64_t gates, int64_t units)
+      : k_(k), gates_(gates), units_(units), unit_vectors_(gates == 1 ? 4 : 1) {
+    vectors_ = gates_ * unit_vectors_;
+    const int64_t unit_block = unit_vectors_ * kWidth;
+    count_ = (units_ + unit_block - 1) / unit_block;
+    const int64_t n = gates_ * units_, panel_size = k_ * vectors_ * kWidth;
+    data_ = at::empty({count_ * panel_size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value));
+    S* out = data_.data_ptr<S>();
+    at::parallel_for(0, count_, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        S* panel = out + p * panel_size;
+        for (int64_t v = 0; v < vectors_; ++v) {
+          const int64_t col = column(p, v), lanes = valid_lanes(p, v);
+          for (int64_t lane = 0; lane < kWidth; ++lane) {
+            S* dst = panel + v * kWidth + lane;
+            if (lane >= lanes) {
+              for (int64_t i = 0; i < k_; ++i) dst[i * vectors_ * kWidth] = S(0);
+            } else if (trans) {
+              const S* src = w + (col + lane) * k_;
+              for (int64_t i = 0; i < k_; ++i) dst[i * vectors_ * kWidth] = src[i];
+            } else {
+              for (int64_t i = 0; i < k_; ++i) dst[i * vectors_ * kWidth] = w[i * n + col + lane];
+            }
+          }
+        }
+      }
+    });
+  }
+
+  bool defined() const { return data_.defined(); }
+  int64_t count() const { return count_; }
+  int64_t k() const { return k_; }
+  int64_t vectors() const { return vectors_; }
+  int64_t unit_vectors() const { return unit_vectors_; }
+  // Rows per register block for this panel width.
+  int64_t block_rows() const { return vectors_ == 3 ? block_rows_for<3>() : block_rows_for<4>(); }
+  // First unit of vector v of panel p, and its first column of C.
+  int64_t unit(int64_t p, int64_t v) const { return (p * unit_vectors_ + v % unit_vectors_) * kWidth; }
+  int64_t column(int64_t p, int64_t v) const { return (v / unit_vectors_) * units_ + unit(p, v); }
+  int64_t valid_lanes(int64_t p, int64_t v) const {
+    return std::clamp<int64_t>(units_ - unit(p, v), 0, kWidth);
+  }
+
+  // Rows [0, rows) (rows <= block_rows()) of C for panel p's columns.
+  void block(int64_t p, int64_t rows, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {
+    if (vectors_ == 3) dispatch_rows<3>(p, rows, a, lda, beta, c, ldc);
+    else dispatch_rows<4>(p, rows, a, lda, beta, c, ldc);
+  }
+
+  // Multiply-adds in one block of rows of one panel.
+  int64_t block_work() const { return block_rows() * k_ * vectors_ * kWidth; }
+
+ private:
+  template <int NV>
+  static constexpr int64_t block_rows_for() {
+    constexpr int64_t registers = sizeof(V) >= 64 ? 32 : 16;  // zmm with AVX-512, else ymm/xmm
+    return std::min<int64_t>(8, (registers - NV - 1) / NV);
+  }
+
+  template <int NV, int R = block_rows_for<NV>()>
+  void dispatch_rows(int64_t p, int64_t rows, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {
+    if constexpr (R > 1) {
+      if (rows < R) return dispatch_rows<NV, R - 1>(p, rows, a, lda, beta, c, ldc);
+    }
+    kernel<NV, R>(p, a, lda, beta, c, ldc);
+  }
+
+  template <int NV, int R>
+  void kernel(int64_t p, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {
+    std::array<int64_t, NV> col{}, lanes{};
+    for (int v = 0; v < NV; ++v) col[v] = column(p, v), lanes[v] = valid_lanes(p, v);
+    V acc[R][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        if (beta == S(0) || lanes[v] == 0) acc[r][v] = V(S(0));
+        else if (lanes[v] == kWidth) acc[r][v] = V::loadu(c + r * ldc + col[v]) * V(beta);
+        else acc[r][v] = V::loadu(c + r * ldc + col[v], lanes[v]) * V(beta);
+      }
+    }
+    const S* w = data_.data_ptr<S>() + p * k_ * NV * kWidth;
+    for (int64_t i = 0; i < k_; ++i, w += NV * kWidth) {
+      V wv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) wv[v] = V::loadu(w + v * kWidth);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const V x(a[r * lda + i]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(x, wv[v], acc[r][v]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        if (lanes[v] == kWidth) acc[r][v].store(c + r * ldc + col[v]);
+        else if (lanes[v] > 0) acc[r][v].store(c + r * ldc + col[v], lanes[v]);
+      }
+    }
+  }
+
+  at::Tensor data_;  // [count][k][vectors][kWidth]
+  int64_t k_ = 0, gates_ = 1, units_ = 0, unit_vectors_ = 1, vectors_ = 0, count_ = 0;
+};
+
+// Runs `task(p, first_row, rows)` over every (panel, block of rows) of an m-row product, in
+// parallel when there is enough work: contiguous task ranges keep each thread on its panels.
+template <typename S, typename F>
+void for_each_panel_block(const Panels<S>& b, int64_t m, const F& task) {
+  const int64_t R = b.block_rows(), row_blocks = (m + R - 1) / R;
+  // About 64k multiply-adds per thread pay for waking the other threads (a few microseconds).
+  constexpr int64_t kMinParallelWork = int64_t(1) << 16;
+  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, b.block_work()));
+  at::parallel_for(0, b.count() * row_blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t p = idx / row_blocks, first = (idx % row_blocks) * R;
+      task(p, first, std::min(R, m - first));
+    }
+  });
+}
+
+}  // namespace fused_rnn
