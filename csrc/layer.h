@@ -6,6 +6,7 @@
 //   Backend::guard(Device) -> RAII object that makes the device current for the op
 //   Backend::linear_out(out, x, w, bias) / Backend::linear(x, w): out = x w^T (+ bias), the
 //       large GEMMs outside the time loop (bias may be undefined)
+//   Backend::weight_grad(g, x, bias) -> {g^T x, column sums of g (if bias)}: a weight's gradient
 //   Backend::step_weight<S>(w, trans, k, n, max_rows, steps) -> an object whose
 //       .gemm(m, a, lda, beta, c, ldc) computes row-major C[m, n] = A[m, k] op(W) + beta C
 //       for a weight W used at every step (a backend may re-layout it once per call)
@@ -270,10 +271,9 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
 
   const Tensor empty = at::empty({0}, opts);
   Tensor grad_input = Backend::linear(grad_gates, w.w_ih.t()).view(input.sizes());
-  Tensor grad_w_ih = Backend::linear(grad_gates.t(), x.t());
-  Tensor grad_w_hh = Backend::linear(grad_hidden_gates.t(), h_prev.t());
-  Tensor grad_b_ih = has_bias ? grad_gates.sum(0) : empty;
-  Tensor grad_b_hh = has_bias ? grad_hidden_gates.sum(0) : empty.clone();
+  auto [grad_w_ih, grad_b_ih] = Backend::weight_grad(grad_gates, x, has_bias);
+  auto [grad_w_hh, grad_b_hh] = Backend::weight_grad(grad_hidden_gates, h_prev, has_bias);
+  if (!has_bias) grad_b_ih = empty, grad_b_hh = empty.clone();
   Tensor grad_w_hr = project ? Backend::linear(grad_projected.t(), res.narrow(1, 5 * H, H).t()) : empty.clone();
   Tensor grad_cx = Cell::kHasCell ? grad_c_state : empty.clone();
   return {grad_input, grad_h_state, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};

@@ -79,6 +79,9 @@ def _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve, save_reserve):
     if not save_reserve:
         raise RuntimeError("fused_rnn: a layer op called with save_reserve=False keeps no activations and "
                            "cannot be differentiated; call it with save_reserve=True when gradients are needed")
+    # Outputs that get no gradient (the reserve always, h_n / c_n often) stay None instead of
+    # being filled with zeros: the reserve is as large as all the gates.
+    ctx.set_materialize_grads(False)
     ctx.batch_sizes = batch_sizes
     ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
     ctx.reverse = reverse
@@ -93,8 +96,13 @@ def _lstm_setup(ctx, inputs, output):
     ctx.save_for_backward(input, hx, cx, w_ih, w_hh, w_hr, out, reserve)
 
 
+def _or_zeros(grad, like):
+    return torch.zeros_like(like) if grad is None else grad
+
+
 def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_reserve):
     input, hx, cx, w_ih, w_hh, w_hr, out, reserve = ctx.saved_tensors
+    grad_out, grad_hy, grad_cy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx), _or_zeros(grad_cy, cx)
     gi, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = _ops.lstm_layer_backward(
         grad_out, grad_hy, grad_cy, input, ctx.batch_sizes, hx, cx, w_ih, w_hh, w_hr, out, reserve,
         ctx.has_b_ih or ctx.has_b_hh, ctx.reverse)
@@ -111,6 +119,7 @@ def _gru_setup(ctx, inputs, output):
 
 def _gru_backward(ctx, grad_out, grad_hy, _grad_reserve):
     input, hx, w_ih, w_hh, out, reserve = ctx.saved_tensors
+    grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.gru_layer_backward(
         grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
         ctx.has_b_ih or ctx.has_b_hh, ctx.reverse)
@@ -127,6 +136,7 @@ def _rnn_setup(ctx, inputs, output):
 
 def _rnn_backward(ctx, grad_out, grad_hy, _grad_reserve):
     input, hx, w_ih, w_hh, out, reserve = ctx.saved_tensors
+    grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.rnn_layer_backward(
         grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
         ctx.has_b_ih or ctx.has_b_hh, ctx.relu, ctx.reverse)

@@ -76,6 +76,10 @@ struct CudaBackend {
     else at::mm_out(out, x, w.t());
   }
 
+  static std::pair<at::Tensor, at::Tensor> weight_grad(const at::Tensor& g, const at::Tensor& x, bool bias) {
+    return {at::mm(g.t(), x), bias ? g.sum(0) : at::Tensor()};
+  }
+
   // Row-major C[m, n] = alpha op(A) op(B) + beta C, as the column-major product C^T = op(B)^T op(A)^T
   // on the same memory. With beta == 0, cuBLAS does not read C, which may then hold garbage.
   template <typename S>
