@@ -224,10 +224,27 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   const Tensor c_prev = Cell::kHasCell ? previous_states(res.narrow(1, 4 * H, H), cx.contiguous(), s, reverse) : Tensor();
   Tensor grad_h_state = grad_hy.contiguous().clone();
   Tensor grad_c_state = Cell::kHasCell ? grad_cy.contiguous().clone() : Tensor();
-  Tensor grad_gates = at::empty({s.rows, G * H}, opts);
-  Tensor grad_hidden_gates = Cell::kSeparateHiddenGates ? at::empty({s.rows, G * H}, opts) : grad_gates;
   Tensor grad_projected = project ? at::empty({s.rows, H_out}, opts) : Tensor();  // dL/dh before W_hr
   Tensor grad_unprojected = project ? at::empty({B, H}, opts) : Tensor();
+
+  // The steps run backwards a chunk at a time: the gate gradients of a chunk (about 4 MB) go
+  // into a reused buffer, from which the input gradient and the weight and bias gradients
+  // are taken by large GEMMs before the next chunk, so no [rows, G*H] buffer is ever needed.
+  const int64_t T = s.count();
+  constexpr int64_t kChunkValues = int64_t(1) << 20;
+  const int64_t chunk = std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, B * G * H));
+  const int64_t chunk_rows = std::min(s.rows, chunk * B);
+  Tensor grad_gates = at::empty({chunk_rows, G * H}, opts);
+  Tensor grad_hidden_gates = Cell::kSeparateHiddenGates ? at::empty({chunk_rows, G * H}, opts) : grad_gates;
+  const Tensor w_ih_t = w.w_ih.t().contiguous();
+  Tensor grad_input = at::empty({s.rows, I}, opts);
+  Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh;
+  // Adds one chunk's share of a gradient (the first chunk's share is the gradient so far).
+  auto accumulate = [](Tensor& total, const Tensor& part) {
+    if (!part.defined()) return;
+    if (total.defined()) total.add_(part);
+    else total = part;
+  };
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_rnn_backward", [&] {
     using S = scalar_t;
@@ -239,42 +256,60 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
     a.relu = relu;
     a.grad_c_state = ptr<S>(grad_c_state);
     a.grad_h_state = ptr<S>(grad_h_state);
-    const auto w_hh_step = Backend::template step_weight<S>(ptr<S>(w.w_hh), false, G * H, H_out, B, s.count());
-    const auto w_hr_step = Backend::template step_weight<S>(ptr<S>(w.w_hr), false, H_out, H, B, project ? s.count() : 0);
-    for (int64_t k = 0; k < s.count(); ++k) {
-      const int64_t t = reverse ? k : s.count() - 1 - k;
-      const int64_t bs = s.batch[t], row = s.offset[t];
-      if (bs == 0) continue;
-      if (project) {
-        Tensor dy = grad_projected.narrow(0, row, bs);
-        at::add_out(dy, grad_out.narrow(0, row, bs), grad_h_state.narrow(0, 0, bs));
-        w_hr_step.gemm(bs, ptr<S>(dy), H_out, S(0), ptr<S>(grad_unprojected), H);
-        a.grad_h = ptr<S>(grad_unprojected);
-        a.ld_grad_h = H;
-        a.grad_h_rec = nullptr;
-      } else {
-        a.grad_h = ptr<S>(grad_out) + row * H_out;
-        a.ld_grad_h = H_out;
-        a.grad_h_rec = ptr<S>(grad_h_state);
+    const auto w_hh_step = Backend::template step_weight<S>(ptr<S>(w.w_hh), false, G * H, H_out, B, T);
+    const auto w_hr_step = Backend::template step_weight<S>(ptr<S>(w.w_hr), false, H_out, H, B, project ? T : 0);
+    for (int64_t first = 0; first < T; first += chunk) {
+      // This chunk's time steps, in backward order, and the rows [row_lo, row_hi) they cover.
+      const int64_t last = std::min(T, first + chunk);
+      const int64_t t_lo = reverse ? first : T - last, t_hi = reverse ? last : T - first;
+      const int64_t row_lo = s.offset[t_lo], row_hi = t_hi < T ? s.offset[t_hi] : s.rows;
+      for (int64_t k = first; k < last; ++k) {
+        const int64_t t = reverse ? k : T - 1 - k;
+        const int64_t bs = s.batch[t], row = s.offset[t];
+        if (bs == 0) continue;
+        if (project) {
+          Tensor dy = grad_projected.narrow(0, row, bs);
+          at::add_out(dy, grad_out.narrow(0, row, bs), grad_h_state.narrow(0, 0, bs));
+          w_hr_step.gemm(bs, ptr<S>(dy), H_out, S(0), ptr<S>(grad_unprojected), H);
+          a.grad_h = ptr<S>(grad_unprojected);
+          a.ld_grad_h = H;
+          a.grad_h_rec = nullptr;
+        } else {
+          a.grad_h = ptr<S>(grad_out) + row * H_out;
+          a.ld_grad_h = H_out;
+          a.grad_h_rec = ptr<S>(grad_h_state);
+        }
+        a.reserve = ptr<S>(res) + row * R;
+        a.output = ptr<S>(out) + row * H_out;
+        a.h_prev = ptr<S>(h_prev) + row * H_out;
+        a.c_prev = Cell::kHasCell ? ptr<S>(c_prev) + row * H : nullptr;
+        a.grad_gates = ptr<S>(grad_gates) + (row - row_lo) * G * H;
+        a.grad_hidden_gates = ptr<S>(grad_hidden_gates) + (row - row_lo) * G * H;
+        Backend::template backward_step<Cell, S>(a, bs);
+        // dL/dh_prev = dgates W_hh (GRU adds it to the direct part z * dh already there).
+        w_hh_step.gemm(bs, a.grad_hidden_gates, G * H, S(Cell::kSeparateHiddenGates ? 1 : 0), a.grad_h_state, H_out);
       }
-      a.reserve = ptr<S>(res) + row * R;
-      a.output = ptr<S>(out) + row * H_out;
-      a.h_prev = ptr<S>(h_prev) + row * H_out;
-      a.c_prev = Cell::kHasCell ? ptr<S>(c_prev) + row * H : nullptr;
-      a.grad_gates = ptr<S>(grad_gates) + row * G * H;
-      a.grad_hidden_gates = ptr<S>(grad_hidden_gates) + row * G * H;
-      Backend::template backward_step<Cell, S>(a, bs);
-      // dL/dh_prev = dgates W_hh (GRU adds it to the direct part z * dh already there).
-      w_hh_step.gemm(bs, a.grad_hidden_gates, G * H, S(Cell::kSeparateHiddenGates ? 1 : 0), a.grad_h_state, H_out);
+      const int64_t n = row_hi - row_lo;
+      const Tensor dg = grad_gates.narrow(0, 0, n), dgh = grad_hidden_gates.narrow(0, 0, n);
+      Tensor grad_input_rows = grad_input.narrow(0, row_lo, n);
+      Backend::linear_out(grad_input_rows, dg, w_ih_t, Tensor());
+      auto [dw_ih, db_ih] = Backend::weight_grad(dg, x.narrow(0, row_lo, n), has_bias);
+      auto [dw_hh, db_hh] = Backend::weight_grad(dgh, h_prev.narrow(0, row_lo, n), has_bias);
+      accumulate(grad_w_ih, dw_ih);
+      accumulate(grad_w_hh, dw_hh);
+      accumulate(grad_b_ih, db_ih);
+      accumulate(grad_b_hh, db_hh);
     }
   });
 
   const Tensor empty = at::empty({0}, opts);
-  Tensor grad_input = Backend::linear(grad_gates, w.w_ih.t()).view(input.sizes());
-  auto [grad_w_ih, grad_b_ih] = Backend::weight_grad(grad_gates, x, has_bias);
-  auto [grad_w_hh, grad_b_hh] = Backend::weight_grad(grad_hidden_gates, h_prev, has_bias);
+  grad_input = grad_input.view(input.sizes());
+  if (!grad_w_ih.defined()) {  // no steps at all (an empty packed sequence)
+    grad_w_ih = at::zeros_like(w.w_ih), grad_w_hh = at::zeros_like(w.w_hh);
+    grad_b_ih = at::zeros({G * H}, opts), grad_b_hh = at::zeros({G * H}, opts);
+  }
   if (!has_bias) grad_b_ih = empty, grad_b_hh = empty.clone();
-  Tensor grad_w_hr = project ? Backend::linear(grad_projected.t(), res.narrow(1, 5 * H, H).t()) : empty.clone();
+  Tensor grad_w_hr = project ? Backend::weight_grad(grad_projected, res.narrow(1, 5 * H, H), false).first : empty.clone();
   Tensor grad_cx = Cell::kHasCell ? grad_c_state : empty.clone();
   return {grad_input, grad_h_state, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
 }

@@ -175,7 +175,7 @@ struct CpuBackend {
   // layout (two copies in, no transposes), else ATen.
   static std::pair<at::Tensor, at::Tensor> weight_grad(const at::Tensor& g, const at::Tensor& x, bool bias) {
     if (g.scalar_type() == at::kFloat && onednn_linear_op() && g.size(0) * g.size(1) * x.size(1) >= kOnednnMinWork) {
-      auto [grad_w, grad_b] = at::mkldnn_linear_backward_weights(g.to_mkldnn(), x.to_mkldnn(), at::empty({0}, g.options()), bias);
+      auto [grad_w, grad_b] = at::mkldnn_linear_backward_weights(g.contiguous().to_mkldnn(), x.contiguous().to_mkldnn(), at::empty({0}, g.options()), bias);
       return {grad_w, bias ? grad_b : at::Tensor()};
     }
     return {at::mm(g.t(), x), bias ? g.sum(0) : at::Tensor()};
