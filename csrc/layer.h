@@ -227,12 +227,14 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   Tensor grad_projected = project ? at::empty({s.rows, H_out}, opts) : Tensor();  // dL/dh before W_hr
   Tensor grad_unprojected = project ? at::empty({B, H}, opts) : Tensor();
 
-  // The steps run backwards a chunk at a time: the gate gradients of a chunk (about 4 MB) go
-  // into a reused buffer, from which the input gradient and the weight and bias gradients
-  // are taken by large GEMMs before the next chunk, so no [rows, G*H] buffer is ever needed.
+  // The steps run backwards a chunk at a time: the gate gradients of a chunk (about 4 MB, and
+  // at least 1024 rows so that the GEMMs stay efficient) go into a reused buffer, from which
+  // the input gradient and the weight and bias gradients are taken by large GEMMs before the
+  // next chunk, so no [rows, G*H] buffer is ever needed.
   const int64_t T = s.count();
-  constexpr int64_t kChunkValues = int64_t(1) << 20;
-  const int64_t chunk = std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, B * G * H));
+  constexpr int64_t kChunkValues = int64_t(1) << 20, kChunkMinRows = 1024;
+  const int64_t chunk = std::max<int64_t>(kChunkValues / std::max<int64_t>(1, B * G * H),
+                                          (kChunkMinRows + B - 1) / std::max<int64_t>(1, B));
   const int64_t chunk_rows = std::min(s.rows, chunk * B);
   Tensor grad_gates = at::empty({chunk_rows, G * H}, opts);
   Tensor grad_hidden_gates = Cell::kSeparateHiddenGates ? at::empty({chunk_rows, G * H}, opts) : grad_gates;

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from helpers import (BATCH, CELL_KINDS, INPUT_FORMS, INPUT_SIZE, LAYER_GRID_ARGS, LAYER_KINDS, PROJ_SIZE, STEPS,
+from helpers import (BATCH, CELL_KINDS, GATES, INPUT_FORMS, INPUT_SIZE, LAYER_GRID_ARGS, LAYER_KINDS, PROJ_SIZE, STEPS,
                      assert_close_nested, assert_same_outputs_and_grads, assert_state_dicts_identical, layer_call,
                      layer_grid, layer_leaves, leaf, make_kind_pair, output_tensors)
 
@@ -242,3 +242,25 @@ def test_reserve_is_kept_only_when_differentiating():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="save_reserve=False"):
         torch.ops.fused_rnn.lstm_layer(x.requires_grad_(), None, hx, hx, w_ih, w_hh, None, None, None, False, False)
+
+
+# The CPU kernels' blocking: hidden sizes that are not a multiple of the SIMD width (72, and
+# LSTM's 40 projected to 24), a batch that leaves a partial block of rows (13), and enough
+# steps for the backward pass to run in more than one chunk (~2^20 gate values per chunk).
+@pytest.mark.parametrize("form", ["3d", "packed_unsorted"])
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_layer_matches_nn_across_kernel_blocks_and_backward_chunks(kind, form):
+    batch, hidden = 13, 72
+    proj = {"proj_size": 24} if kind == "LSTM" else {}
+    steps = 2 ** 20 // (batch * GATES[kind] * hidden) + 17
+    ref, ours = make_kind_pair(kind, 5, hidden, bidirectional=True, dtype=torch.float64, **proj)
+    leaves = {"input": leaf(steps, batch, 5)}
+    lengths = [steps] + [int(n) for n in torch.randint(1, steps + 1, (batch - 1,))]
+
+    def call(m):
+        x = leaves["input"]
+        if form == "packed_unsorted":
+            x = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        return m(x)
+
+    assert_same_outputs_and_grads(ref, ours, leaves, call, torch.float64)

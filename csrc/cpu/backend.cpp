@@ -45,11 +45,29 @@ struct Act<at::vec::Vectorized<S>> {
     if constexpr (std::is_same_v<S, float>) return V::blendv(x.exp_u20(), x, x.isnan());
     else return x.exp();
   }
-  static V sigmoid(const V& x) { return V(S(1)) / (V(S(1)) + exp(x.neg())); }
+  // 1 / d for the d >= 1 of sigmoid and tanh. float: the hardware estimate refined by one
+  // Newton step (error ~1e-7 relative) instead of a division, several times its throughput.
+  static V reciprocal(const V& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<S, float>) {
+      const __m512 r = _mm512_rcp14_ps(d);
+      const V refined(_mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f))));
+      return V::blendv(refined, V(0.0f), d == V(std::numeric_limits<float>::infinity()));
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<S, float>) {
+      const __m256 r = _mm256_rcp_ps(d);
+      const V refined(_mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f))));
+      return V::blendv(refined, V(0.0f), d == V(std::numeric_limits<float>::infinity()));
+    }
+#endif
+    return V(S(1)) / d;
+  }
+  static V sigmoid(const V& x) { return reciprocal(V(S(1)) + exp(x.neg())); }
   // float: tanh(x) = 1 - 2 / (1 + e^{2x}) costs one exp, far less than Sleef's tanh; its error
   // stays about 1e-6 absolute (relative near 0 it grows, as the parity tests allow).
   static V tanh(const V& x) {
-    if constexpr (std::is_same_v<S, float>) return V(1.0f) - V(2.0f) / (V(1.0f) + exp(x + x));
+    if constexpr (std::is_same_v<S, float>) return V(1.0f) - V(2.0f) * reciprocal(V(1.0f) + exp(x + x));
     else return x.tanh();
   }
   static V relu(const V& x) { return at::vec::clamp_min(x, V(S(0))); }
