@@ -4,8 +4,8 @@
 // (MKL on CPU, cuBLAS on CUDA) and the per-step pointwise pass:
 //   Backend::check_dtype(ScalarType)
 //   Backend::guard(Device) -> RAII object that makes the device current for the op
-//   Backend::linear_out(out, x, w, bias) / Backend::linear(x, w): out = x w^T (+ bias), the
-//       large GEMMs outside the time loop (bias may be undefined)
+//   Backend::linear_out(out, x, w, bias): out = x w^T (+ bias), the large GEMMs outside the
+//       time loop (bias may be undefined)
 //   Backend::weight_grad(g, x, bias) -> {g^T x, column sums of g (if bias)}: a weight's gradient
 //   Backend::step_weight<S>(w, trans, k, n, max_rows, steps) -> an object whose
 //       .gemm(m, a, lda, beta, c, ldc) computes row-major C[m, n] = A[m, k] op(W) + beta C

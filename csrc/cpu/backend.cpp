@@ -1,6 +1,7 @@
-// CPU backend: the per-step pointwise pass of each cell, vectorised with at::vec and spread
-// over (row, column-chunk) pairs with at::parallel_for; GEMMs on oneDNN (through ATen's mkldnn
-// linear op) where they are large enough for its per-call overhead, else on MKL.
+// CPU backend: the per-step GEMMs on panel-packed weights (panels.h), the recurrent one fused
+// with each cell's pointwise pass (vectorised with at::vec, spread with at::parallel_for); the
+// large GEMMs on oneDNN (through ATen's mkldnn ops) where they are large enough for its
+// per-call overhead, else on MKL.
 // setup.py adds -mavx512* or -mavx2 -mfma -mf16c as the building CPU allows: at::vec then
 // uses 512- or 256-bit vectors.
 #if defined(FUSED_RNN_AVX512)
@@ -179,10 +180,6 @@ struct CpuBackend {
            x.size(0) * x.size(1) * w.size(0) >= kOnednnMinWork && onednn_linear_op();
   }
 
-  static at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
-    return use_onednn(x, w) ? onednn_linear(x, w) : at::mm(x, w.t());
-  }
-
   static void linear_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
     if (use_onednn(x, w)) out.copy_(onednn_linear(x, w, bias));
     else if (bias.defined()) at::addmm_out(out, bias, x, w.t());
@@ -198,6 +195,10 @@ struct CpuBackend {
     }
     return {at::mm(g.t(), x), bias ? g.sum(0) : at::Tensor()};
   }
+
+  // The scalar types the CPU kernels are built for (check_dtype turns the others away).
+  template <typename S>
+  static constexpr bool has_kernels() { return std::is_same_v<S, float> || std::is_same_v<S, double>; }
 
   static void check_dtype(at::ScalarType t) {
     TORCH_CHECK(t == at::kFloat || t == at::kDouble,
@@ -233,16 +234,13 @@ struct CpuBackend {
     at::addmm_out(out, out, view(a, trans_a, m, k, lda), view(b, trans_b, k, n, ldb), beta, alpha);
   }
 
-  template <typename S>
-  static constexpr bool has_panels() { return std::is_same_v<S, float> || std::is_same_v<S, double>; }
-
   // Per-step weights are laid out in panels once when used for a few steps; a single step
   // reads them in place.
   template <typename S>
   static CpuStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t /*max_rows*/,
                                       int64_t steps) {
     CpuStepWeight<S> sw{w, trans, k, n};
-    if (has_panels<S>() && steps >= kMinPanelSteps && k > 0 && n > 0) sw.panels = Panels<S>(w, trans, k, 1, n);
+    if (has_kernels<S>() && steps >= kMinPanelSteps && k > 0 && n > 0) sw.panels = Panels<S>(w, trans, k, 1, n);
     return sw;
   }
 
@@ -251,7 +249,7 @@ struct CpuBackend {
   static CpuStepWeight<S> recurrent_weight(const S* w_hh, int64_t h_out, int64_t hidden, int64_t max_rows,
                                            int64_t steps) {
     CpuStepWeight<S> sw{w_hh, true, h_out, Cell::kGates * hidden};
-    if (has_panels<S>() && steps >= kMinPanelSteps && h_out > 0 && hidden > 0) {
+    if (has_kernels<S>() && steps >= kMinPanelSteps && h_out > 0 && hidden > 0) {
       sw.panels = Panels<S>(w_hh, true, h_out, Cell::kGates, hidden);
       sw.h_prev = at::empty({max_rows, h_out}, at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value));
     }
@@ -263,7 +261,7 @@ struct CpuBackend {
   template <class Cell, typename S>
   static void recurrent_step(const CpuStepWeight<S>& w_hh, const StepForward<S>& a, int64_t batch, S* gates,
                              int64_t ld_gates, S beta) {
-    if constexpr (!std::is_same_v<S, float> && !std::is_same_v<S, double>) {
+    if constexpr (!has_kernels<S>()) {
       check_dtype(c10::CppTypeToScalarType<S>::value);
     } else {
       if (!w_hh.panels.defined()) {
@@ -301,7 +299,7 @@ struct CpuBackend {
 
   template <class Cell, typename S>
   static void forward_step(const StepForward<S>& a, int64_t batch) {
-    if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
+    if constexpr (has_kernels<S>()) {
       for_each_chunk<S>(batch, a.hidden, Cell::kGates, [&](int64_t b, int64_t j, bool vec) {
         if (vec) Cell::template forward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
         else Cell::template forward<S, ScalarIO<S>>(a, b, j);
@@ -313,7 +311,7 @@ struct CpuBackend {
 
   template <class Cell, typename S>
   static void backward_step(const StepBackward<S>& a, int64_t batch) {
-    if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
+    if constexpr (has_kernels<S>()) {
       for_each_chunk<S>(batch, a.hidden, Cell::kGates, [&](int64_t b, int64_t j, bool vec) {
         if (vec) Cell::template backward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
         else Cell::template backward<S, ScalarIO<S>>(a, b, j);

@@ -1,7 +1,7 @@
 // The per-step GEMM of the CPU backend, C[m, n] = A[m, k] B + beta C, on a right operand B
 // re-laid out once per call into panels of SIMD vectors, and a register-blocked at::vec
-// micro-kernel over them. A panel holds kVectors vectors of columns for every k, so one pass
-// over it keeps MR x kVectors accumulators in registers and reads each weight once per MR rows.
+// micro-kernel over them. A panel holds NV (3 or 4) vectors of columns for every k, so one pass
+// over it keeps MR x NV accumulators in registers and reads each weight once per MR rows.
 //
 // The columns of B form `gates` groups of `units` columns each (column g * units + u, as the
 // gates of a recurrent cell sit in W_hh); panel p holds, for every gate, the same block of

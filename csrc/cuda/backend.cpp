@@ -69,8 +69,6 @@ struct CudaBackend {
 
   static c10::cuda::CUDAGuard guard(const c10::Device& device) { return c10::cuda::CUDAGuard(device); }
 
-  static at::Tensor linear(const at::Tensor& x, const at::Tensor& w) { return at::mm(x, w.t()); }
-
   static void linear_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
     if (bias.defined()) at::addmm_out(out, bias, x, w.t());
     else at::mm_out(out, x, w.t());
