@@ -4,8 +4,9 @@
 // (MKL on CPU, cuBLAS on CUDA) and the per-step pointwise pass:
 //   Backend::check_dtype(ScalarType)
 //   Backend::guard(Device) -> RAII object that makes the device current for the op
-//   Backend::linear_out(out, x, w, bias): out = x w^T (+ bias), the large GEMMs outside the
-//       time loop (bias may be undefined)
+//   Backend::dense_weight<S>(w, trans, bias) -> an object whose .apply_out(out, x) computes
+//       out = x op(w) (+ bias), op(w) = w^T if trans: the large GEMMs outside the time loop, one
+//       chunk of rows at a time (out may be a column range of a wider buffer; bias may be undefined)
 //   Backend::weight_grad(g, x, bias) -> {g^T x, column sums of g (if bias)}: a weight's gradient
 //   Backend::step_weight<S>(w, trans, k, n, max_rows, steps) -> an object whose
 //       .gemm(m, a, lda, beta, c, ldc) computes row-major C[m, n] = A[m, k] op(W) + beta C
@@ -86,21 +87,25 @@ inline Steps make_steps(const Tensor& input, const c10::optional<Tensor>& batch_
 
 inline int64_t max_batch(const Steps& s) { return s.count() ? s.batch[0] : 0; }
 
-// For each row of each step, the state it started from: the same row of the step before
-// it in processing order, or the initial state for rows that begin there.
-inline Tensor previous_states(const Tensor& seq, const Tensor& init, const Steps& s, bool reverse) {
+// For each row of the steps [t_lo, t_hi), the state it started from: the same row of the step
+// before it in processing order, or the initial state for rows that begin there. Unpacked, this
+// is a view of `seq` except in the chunk holding the first step; packed, it is gathered.
+inline Tensor previous_states(const Tensor& seq, const Tensor& init, const Steps& s, bool reverse, int64_t t_lo,
+                              int64_t t_hi) {
   const int64_t T = s.count(), B = max_batch(s);
+  const int64_t row_lo = s.offset[t_lo], row_hi = t_hi < T ? s.offset[t_hi] : s.rows, n = row_hi - row_lo;
   if (!s.packed) {
-    if (T == 1) return init.contiguous();
-    const Tensor inner = reverse ? seq.narrow(0, B, s.rows - B) : seq.narrow(0, 0, s.rows - B);
-    return reverse ? at::cat({inner, init}) : at::cat({init, inner});
+    const int64_t from = reverse ? row_lo + B : row_lo - B;  // first row of the step before
+    if (reverse ? t_hi < T : t_lo > 0) return seq.narrow(0, from, n);
+    if (n == B) return init;
+    return reverse ? at::cat({seq.narrow(0, from, n - B), init}) : at::cat({init, seq.narrow(0, row_lo, n - B)});
   }
-  Tensor prev = at::empty({s.rows, seq.size(1)}, seq.options());
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t bs = s.batch[t], row = s.offset[t];
-    const int64_t from = reverse ? t + 1 : t - 1;
-    const int64_t carried = (from >= 0 && from < T) ? std::min(bs, s.batch[from]) : 0;
-    if (carried) prev.narrow(0, row, carried).copy_(seq.narrow(0, s.offset[from], carried));
+  Tensor prev = at::empty({n, seq.size(1)}, seq.options());
+  for (int64_t t = t_lo; t < t_hi; ++t) {
+    const int64_t bs = s.batch[t], row = s.offset[t] - row_lo;
+    const int64_t before = reverse ? t + 1 : t - 1;
+    const int64_t carried = (before >= 0 && before < T) ? std::min(bs, s.batch[before]) : 0;
+    if (carried) prev.narrow(0, row, carried).copy_(seq.narrow(0, s.offset[before], carried));
     if (carried < bs) prev.narrow(0, row + carried, bs - carried).copy_(init.narrow(0, carried, bs - carried));
   }
   return prev;
@@ -164,6 +169,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     a.c_state = ptr<S>(c_state);
     a.hidden_gates = ptr<S>(hidden_gates);
     a.bias_hn = ptr<S>(bias_hn);
+    const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias);
     const auto w_hh_t = Backend::template recurrent_weight<Cell, S>(ptr<S>(w.w_hh), H_out, H, B, T);
     const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? T : 0);
     for (int64_t first = 0; first < T; first += chunk) {
@@ -173,7 +179,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
       const int64_t row_lo = s.offset[t_lo], row_hi = t_hi < T ? s.offset[t_hi] : s.rows;
       const int64_t reserve_lo = save_reserve ? row_lo : 0;  // reserve row of row_lo
       Tensor chunk_gates = reserve.narrow(0, reserve_lo, row_hi - row_lo).narrow(1, 0, G * H);
-      Backend::linear_out(chunk_gates, x.narrow(0, row_lo, row_hi - row_lo), w.w_ih, bias);
+      w_ih_t.apply_out(chunk_gates, x.narrow(0, row_lo, row_hi - row_lo));
       for (int64_t k = first; k < last; ++k) {
         const int64_t t = reverse ? T - 1 - k : k;
         const int64_t bs = s.batch[t], row = s.offset[t];
@@ -220,8 +226,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   const Tensor grad_out = grad_output.reshape({s.rows, H_out}).contiguous();
   const Tensor res = reserve.contiguous();
 
-  const Tensor h_prev = previous_states(out, hx.contiguous(), s, reverse);
-  const Tensor c_prev = Cell::kHasCell ? previous_states(res.narrow(1, 4 * H, H), cx.contiguous(), s, reverse) : Tensor();
+  const Tensor h_init = hx.contiguous(), c_init = Cell::kHasCell ? cx.contiguous() : Tensor();
   Tensor grad_h_state = grad_hy.contiguous().clone();
   Tensor grad_c_state = Cell::kHasCell ? grad_cy.contiguous().clone() : Tensor();
   Tensor grad_projected = project ? at::empty({s.rows, H_out}, opts) : Tensor();  // dL/dh before W_hr
@@ -238,7 +243,6 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   const int64_t chunk_rows = std::min(s.rows, chunk * B);
   Tensor grad_gates = at::empty({chunk_rows, G * H}, opts);
   Tensor grad_hidden_gates = Cell::kSeparateHiddenGates ? at::empty({chunk_rows, G * H}, opts) : grad_gates;
-  const Tensor w_ih_t = w.w_ih.t().contiguous();
   Tensor grad_input = at::empty({s.rows, I}, opts);
   Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh;
   // Adds one chunk's share of a gradient (the first chunk's share is the gradient so far).
@@ -253,11 +257,11 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
     StepBackward<S> a{};
     a.ld_reserve = R;
     a.ld_output = H_out;
-    a.ld_prev = Cell::kHasCell ? H : H_out;
     a.hidden = H;
     a.relu = relu;
     a.grad_c_state = ptr<S>(grad_c_state);
     a.grad_h_state = ptr<S>(grad_h_state);
+    const auto w_ih_step = Backend::template dense_weight<S>(w.w_ih, false, Tensor());
     const auto w_hh_step = Backend::template step_weight<S>(ptr<S>(w.w_hh), false, G * H, H_out, B, T);
     const auto w_hr_step = Backend::template step_weight<S>(ptr<S>(w.w_hr), false, H_out, H, B, project ? T : 0);
     for (int64_t first = 0; first < T; first += chunk) {
@@ -265,6 +269,11 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
       const int64_t last = std::min(T, first + chunk);
       const int64_t t_lo = reverse ? first : T - last, t_hi = reverse ? last : T - first;
       const int64_t row_lo = s.offset[t_lo], row_hi = t_hi < T ? s.offset[t_hi] : s.rows;
+      // The states each row of the chunk started from: GRU's pointwise step needs h_prev, LSTM's
+      // c_prev, and W_hh's gradient h_prev.
+      const Tensor h_prev = previous_states(out, h_init, s, reverse, t_lo, t_hi);
+      const Tensor c_prev = Cell::kHasCell ? previous_states(res.narrow(1, 4 * H, H), c_init, s, reverse, t_lo, t_hi) : Tensor();
+      a.ld_prev = Cell::kHasCell ? c_prev.stride(0) : h_prev.stride(0);
       for (int64_t k = first; k < last; ++k) {
         const int64_t t = reverse ? k : T - 1 - k;
         const int64_t bs = s.batch[t], row = s.offset[t];
@@ -283,8 +292,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
         }
         a.reserve = ptr<S>(res) + row * R;
         a.output = ptr<S>(out) + row * H_out;
-        a.h_prev = ptr<S>(h_prev) + row * H_out;
-        a.c_prev = Cell::kHasCell ? ptr<S>(c_prev) + row * H : nullptr;
+        a.h_prev = ptr<S>(h_prev) + (row - row_lo) * a.ld_prev;
+        a.c_prev = Cell::kHasCell ? ptr<S>(c_prev) + (row - row_lo) * a.ld_prev : nullptr;
         a.grad_gates = ptr<S>(grad_gates) + (row - row_lo) * G * H;
         a.grad_hidden_gates = ptr<S>(grad_hidden_gates) + (row - row_lo) * G * H;
         Backend::template backward_step<Cell, S>(a, bs);
@@ -294,9 +303,9 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
       const int64_t n = row_hi - row_lo;
       const Tensor dg = grad_gates.narrow(0, 0, n), dgh = grad_hidden_gates.narrow(0, 0, n);
       Tensor grad_input_rows = grad_input.narrow(0, row_lo, n);
-      Backend::linear_out(grad_input_rows, dg, w_ih_t, Tensor());
+      w_ih_step.apply_out(grad_input_rows, dg);
       auto [dw_ih, db_ih] = Backend::weight_grad(dg, x.narrow(0, row_lo, n), has_bias);
-      auto [dw_hh, db_hh] = Backend::weight_grad(dgh, h_prev.narrow(0, row_lo, n), has_bias);
+      auto [dw_hh, db_hh] = Backend::weight_grad(dgh, h_prev, has_bias);
       accumulate(grad_w_ih, dw_ih);
       accumulate(grad_w_hh, dw_hh);
       accumulate(grad_b_ih, db_ih);

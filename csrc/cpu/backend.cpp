@@ -13,7 +13,6 @@
 #endif
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -128,6 +127,18 @@ struct CpuStepWeight {
   void gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const;
 };
 
+// A weight for the GEMMs outside the time loop, out = x op(W) + bias, laid out in panels once per
+// call and applied to every chunk of rows; the result goes straight into `out` (which may be a
+// column range of a wider buffer, such as the gate columns of the reserve).
+template <typename S>
+struct CpuDenseWeight {
+  at::Tensor w, bias;  // w [n, k] when trans, else [k, n]; bias [n] or undefined
+  bool trans;
+  Panels<S> panels;
+
+  void apply_out(at::Tensor& out, const at::Tensor& x) const;
+};
+
 namespace {
 
 // Multiply-adds from which a GEMM goes to oneDNN rather than MKL (measured on AVX-512 AMD EPYC:
@@ -155,41 +166,24 @@ class SingleThreadedIfSmall {
   int previous_ = -1;
 };
 
-// oneDNN's inner product, through ATen's mkldnn::_linear_pointwise op: y = x w^T with w a
-// oneDNN tensor. Where MKL has no fast path for the CPU (e.g. AVX-512 on AMD) it is about
-// twice as fast on the mid-sized GEMMs of a recurrent step; null where torch lacks oneDNN.
-const c10::OperatorHandle* onednn_linear_op() {
-  static const std::optional<c10::OperatorHandle> op =
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  return op.has_value() && at::globalContext().userEnabledMkldnn() ? &*op : nullptr;
-}
-
-at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias = at::Tensor()) {
-  torch::jit::Stack stack{x, w, bias.defined() ? c10::IValue(bias) : c10::IValue(), c10::IValue(std::string("none")),
-                          c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
-  onednn_linear_op()->callBoxed(&stack);
-  return stack.back().toTensor();
-}
+// Whether torch has oneDNN (ATen's mkldnn ops) and it is enabled.
+bool have_onednn() { return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn(); }
 
 }  // namespace
 
 struct CpuBackend {
-  // oneDNN for the large float32 GEMMs where torch has it, else ATen (MKL).
-  static bool use_onednn(const at::Tensor& x, const at::Tensor& w) {
-    return x.scalar_type() == at::kFloat && x.size(0) > 0 && x.size(1) > 0 && w.size(0) > 0 &&
-           x.size(0) * x.size(1) * w.size(0) >= kOnednnMinWork && onednn_linear_op();
-  }
-
-  static void linear_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
-    if (use_onednn(x, w)) out.copy_(onednn_linear(x, w, bias));
-    else if (bias.defined()) at::addmm_out(out, bias, x, w.t());
-    else at::mm_out(out, x, w.t());
+  template <typename S>
+  static CpuDenseWeight<S> dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias) {
+    CpuDenseWeight<S> dw{w.contiguous(), bias.defined() ? bias.contiguous() : bias, trans};
+    const int64_t k = w.size(trans ? 1 : 0), n = w.size(trans ? 0 : 1);
+    if (has_kernels<S>() && k > 0 && n > 0) dw.panels = Panels<S>(ptr<S>(dw.w), trans, k, 1, n);
+    return dw;
   }
 
   // g^T x and g's column sums in one oneDNN inner-product backward pass on its own plain
   // layout (two copies in, no transposes), else ATen.
   static std::pair<at::Tensor, at::Tensor> weight_grad(const at::Tensor& g, const at::Tensor& x, bool bias) {
-    if (g.scalar_type() == at::kFloat && onednn_linear_op() && g.size(0) * g.size(1) * x.size(1) >= kOnednnMinWork) {
+    if (g.scalar_type() == at::kFloat && have_onednn() && g.size(0) * g.size(1) * x.size(1) >= kOnednnMinWork) {
       auto [grad_w, grad_b] = at::mkldnn_linear_backward_weights(g.contiguous().to_mkldnn(), x.contiguous().to_mkldnn(), at::empty({0}, g.options()), bias);
       return {grad_w, bias ? grad_b : at::Tensor()};
     }
@@ -321,6 +315,26 @@ struct CpuBackend {
     }
   }
 };
+
+template <typename S>
+void CpuDenseWeight<S>::apply_out(at::Tensor& out, const at::Tensor& x) const {
+  const int64_t m = x.size(0);
+  if (m == 0 || out.size(1) == 0) return;
+  if (!panels.defined()) {  // no inner dimension (input_size 0), or a type without kernels
+    const at::Tensor op_w = trans ? w.t() : w;
+    if (bias.defined()) at::addmm_out(out, bias, x, op_w);
+    else at::mm_out(out, x, op_w);
+    return;
+  }
+  TORCH_INTERNAL_ASSERT(x.is_contiguous() && out.stride(1) == 1);
+  const S* a = ptr<S>(x);
+  const S* b = ptr<S>(bias);
+  S* c = ptr<S>(out);
+  const int64_t k = panels.k(), ldc = out.stride(0);
+  for_each_panel_block(panels, m, [&](int64_t p, int64_t first, int64_t rows) {
+    panels.block(p, rows, a + first * k, k, S(0), c + first * ldc, ldc, b);
+  });
+}
 
 template <typename S>
 void CpuStepWeight<S>::gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {

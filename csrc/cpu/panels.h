@@ -72,10 +72,12 @@ class Panels {
     return std::clamp<int64_t>(units_ - unit(p, v), 0, kWidth);
   }
 
-  // Rows [0, rows) (rows <= block_rows()) of C for panel p's columns.
-  void block(int64_t p, int64_t rows, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {
-    if (vectors_ == 3) dispatch_rows<3>(p, rows, a, lda, beta, c, ldc);
-    else dispatch_rows<4>(p, rows, a, lda, beta, c, ldc);
+  // Rows [0, rows) (rows <= block_rows()) of C for panel p's columns; `bias` (length n, may be
+  // null) is added to every row.
+  void block(int64_t p, int64_t rows, const S* a, int64_t lda, S beta, S* c, int64_t ldc,
+             const S* bias = nullptr) const {
+    if (vectors_ == 3) dispatch_rows<3>(p, rows, a, lda, beta, c, ldc, bias);
+    else dispatch_rows<4>(p, rows, a, lda, beta, c, ldc, bias);
   }
 
   // Multiply-adds in one block of rows of one panel.
@@ -89,25 +91,35 @@ class Panels {
   }
 
   template <int NV, int R = block_rows_for<NV>()>
-  void dispatch_rows(int64_t p, int64_t rows, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {
+  void dispatch_rows(int64_t p, int64_t rows, const S* a, int64_t lda, S beta, S* c, int64_t ldc,
+                     const S* bias) const {
     if constexpr (R > 1) {
-      if (rows < R) return dispatch_rows<NV, R - 1>(p, rows, a, lda, beta, c, ldc);
+      if (rows < R) return dispatch_rows<NV, R - 1>(p, rows, a, lda, beta, c, ldc, bias);
     }
-    kernel<NV, R>(p, a, lda, beta, c, ldc);
+    kernel<NV, R>(p, a, lda, beta, c, ldc, bias);
   }
 
+  // Kept out of line: inlined into a caller's loop, GCC spills the accumulators to the stack.
   template <int NV, int R>
-  void kernel(int64_t p, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {
+  __attribute__((noinline)) void kernel(int64_t p, const S* a, int64_t lda, S beta, S* c, int64_t ldc,
+                                        const S* bias) const {
     std::array<int64_t, NV> col{}, lanes{};
     for (int v = 0; v < NV; ++v) col[v] = column(p, v), lanes[v] = valid_lanes(p, v);
+    V start[NV];  // what every row's accumulator starts from besides beta C: the bias, or 0
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      if (bias == nullptr || lanes[v] == 0) start[v] = V(S(0));
+      else if (lanes[v] == kWidth) start[v] = V::loadu(bias + col[v]);
+      else start[v] = V::loadu(bias + col[v], lanes[v]);
+    }
     V acc[R][NV];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
-        if (beta == S(0) || lanes[v] == 0) acc[r][v] = V(S(0));
-        else if (lanes[v] == kWidth) acc[r][v] = V::loadu(c + r * ldc + col[v]) * V(beta);
-        else acc[r][v] = V::loadu(c + r * ldc + col[v], lanes[v]) * V(beta);
+        if (beta == S(0) || lanes[v] == 0) acc[r][v] = start[v];
+        else if (lanes[v] == kWidth) acc[r][v] = at::vec::fmadd(V::loadu(c + r * ldc + col[v]), V(beta), start[v]);
+        else acc[r][v] = at::vec::fmadd(V::loadu(c + r * ldc + col[v], lanes[v]), V(beta), start[v]);
       }
     }
     const S* w = data_.data_ptr<S>() + p * k_ * NV * kWidth;

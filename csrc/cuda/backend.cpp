@@ -69,9 +69,21 @@ struct CudaBackend {
 
   static c10::cuda::CUDAGuard guard(const c10::Device& device) { return c10::cuda::CUDAGuard(device); }
 
-  static void linear_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
-    if (bias.defined()) at::addmm_out(out, bias, x, w.t());
-    else at::mm_out(out, x, w.t());
+  // out = x op(w) (+ bias) by cuBLAS through ATen.
+  struct DenseWeight {
+    at::Tensor w, bias;
+    bool trans;
+
+    void apply_out(at::Tensor& out, const at::Tensor& x) const {
+      const at::Tensor op_w = trans ? w.t() : w;
+      if (bias.defined()) at::addmm_out(out, bias, x, op_w);
+      else at::mm_out(out, x, op_w);
+    }
+  };
+
+  template <typename S>
+  static DenseWeight dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias) {
+    return {w, bias, trans};
   }
 
   static std::pair<at::Tensor, at::Tensor> weight_grad(const at::Tensor& g, const at::Tensor& x, bool bias) {
