@@ -4,11 +4,13 @@
 // (MKL on CPU, cuBLAS on CUDA) and the per-step pointwise pass:
 //   Backend::check_dtype(ScalarType)
 //   Backend::guard(Device) -> RAII object that makes the device current for the op
-//   Backend::dense_weight<S>(w, trans, bias) -> an object whose .apply_out(out, x) computes
-//       out = x op(w) (+ bias), op(w) = w^T if trans: the large GEMMs outside the time loop, one
-//       chunk of rows at a time (out may be a column range of a wider buffer; bias may be undefined)
+//   Backend::dense_weight<S>(w, trans, bias, rows) -> an object whose .apply_out(out, x) computes
+//       out = x op(w) (+ bias), op(w) = w^T if trans: the large GEMMs outside the time loop over
+//       `rows` rows in all, one chunk at a time (out may be a column range of a wider buffer; bias
+//       may be undefined)
 //   Backend::weight_grad(g, x, bias) -> {g^T x, column sums of g (if bias)}: a weight's gradient
-//   Backend::step_weight<S>(w, trans, k, n, max_rows, steps) -> an object whose
+//   Backend::scratch(Scratch role, sizes, options) -> a tensor for the duration of the op
+//   Backend::step_weight<S>(w, trans, k, n, max_rows, steps, role) -> an object whose
 //       .gemm(m, a, lda, beta, c, ldc) computes row-major C[m, n] = A[m, k] op(W) + beta C
 //       for a weight W used at every step (a backend may re-layout it once per call)
 //   Backend::recurrent_weight<Cell, S>(w_hh, h_out, hidden, max_rows, steps) -> the same for
@@ -111,6 +113,10 @@ inline Tensor previous_states(const Tensor& seq, const Tensor& init, const Steps
   return prev;
 }
 
+// Buffers an op needs only while it runs, by role; a backend may keep them from call to call
+// (Backend::scratch), so each role is used once at a time.
+enum class Scratch { kInputWeight, kRecurrentWeight, kProjectionWeight, kStateCopy, kGates, kHiddenGates, kCount };
+
 template <typename S>
 S* ptr(const Tensor& t) { return t.defined() ? static_cast<S*>(t.data_ptr()) : nullptr; }
 
@@ -150,7 +156,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
   const int64_t R = Cell::reserve_width(H, project);
   constexpr int64_t kChunkValues = int64_t(1) << 18;
   const int64_t chunk = save_reserve ? std::max<int64_t>(T, 1) : std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, B * R));
-  Tensor reserve = at::empty({save_reserve ? s.rows : std::min(s.rows, chunk * B), R}, opts);
+  Tensor reserve = save_reserve ? at::empty({s.rows, R}, opts) : Backend::scratch(Scratch::kGates, {std::min(s.rows, chunk * B), R}, opts);
 
   Tensor h_state = hx.contiguous().clone();
   Tensor c_state = Cell::kHasCell ? cx.contiguous().clone() : Tensor();
@@ -169,9 +175,9 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     a.c_state = ptr<S>(c_state);
     a.hidden_gates = ptr<S>(hidden_gates);
     a.bias_hn = ptr<S>(bias_hn);
-    const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias);
+    const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias, s.rows);
     const auto w_hh_t = Backend::template recurrent_weight<Cell, S>(ptr<S>(w.w_hh), H_out, H, B, T);
-    const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? T : 0);
+    const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? T : 0, Scratch::kProjectionWeight);
     for (int64_t first = 0; first < T; first += chunk) {
       // This chunk's time steps [t_lo, t_hi) and rows [row_lo, row_hi), in processing order.
       const int64_t last = std::min(T, first + chunk);
@@ -237,12 +243,12 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   // the input gradient and the weight and bias gradients are taken by large GEMMs before the
   // next chunk, so no [rows, G*H] buffer is ever needed.
   const int64_t T = s.count();
-  constexpr int64_t kChunkValues = int64_t(1) << 20, kChunkMinRows = 1024;
+  constexpr int64_t kChunkValues = int64_t(1) << 18, kChunkMinRows = 256;
   const int64_t chunk = std::max<int64_t>(kChunkValues / std::max<int64_t>(1, B * G * H),
                                           (kChunkMinRows + B - 1) / std::max<int64_t>(1, B));
   const int64_t chunk_rows = std::min(s.rows, chunk * B);
-  Tensor grad_gates = at::empty({chunk_rows, G * H}, opts);
-  Tensor grad_hidden_gates = Cell::kSeparateHiddenGates ? at::empty({chunk_rows, G * H}, opts) : grad_gates;
+  Tensor grad_gates = Backend::scratch(Scratch::kGates, {chunk_rows, G * H}, opts);
+  Tensor grad_hidden_gates = Cell::kSeparateHiddenGates ? Backend::scratch(Scratch::kHiddenGates, {chunk_rows, G * H}, opts) : grad_gates;
   Tensor grad_input = at::empty({s.rows, I}, opts);
   Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh;
   // Adds one chunk's share of a gradient (the first chunk's share is the gradient so far).
@@ -261,9 +267,9 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
     a.relu = relu;
     a.grad_c_state = ptr<S>(grad_c_state);
     a.grad_h_state = ptr<S>(grad_h_state);
-    const auto w_ih_step = Backend::template dense_weight<S>(w.w_ih, false, Tensor());
-    const auto w_hh_step = Backend::template step_weight<S>(ptr<S>(w.w_hh), false, G * H, H_out, B, T);
-    const auto w_hr_step = Backend::template step_weight<S>(ptr<S>(w.w_hr), false, H_out, H, B, project ? T : 0);
+    const auto w_ih_step = Backend::template dense_weight<S>(w.w_ih, false, Tensor(), s.rows);
+    const auto w_hh_step = Backend::template step_weight<S>(ptr<S>(w.w_hh), false, G * H, H_out, B, T, Scratch::kRecurrentWeight);
+    const auto w_hr_step = Backend::template step_weight<S>(ptr<S>(w.w_hr), false, H_out, H, B, project ? T : 0, Scratch::kProjectionWeight);
     for (int64_t first = 0; first < T; first += chunk) {
       // This chunk's time steps, in backward order, and the rows [row_lo, row_hi) they cover.
       const int64_t last = std::min(T, first + chunk);

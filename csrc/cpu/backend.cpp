@@ -172,11 +172,13 @@ bool have_onednn() { return at::hasMKLDNN() && at::globalContext().userEnabledMk
 }  // namespace
 
 struct CpuBackend {
+  // Panels pay for their layout pass from about a hundred rows; fewer go to MKL as they are.
   template <typename S>
-  static CpuDenseWeight<S> dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias) {
+  static CpuDenseWeight<S> dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias, int64_t rows) {
+    constexpr int64_t kMinPanelRows = 128;
     CpuDenseWeight<S> dw{w.contiguous(), bias.defined() ? bias.contiguous() : bias, trans};
     const int64_t k = w.size(trans ? 1 : 0), n = w.size(trans ? 0 : 1);
-    if (has_kernels<S>() && k > 0 && n > 0) dw.panels = Panels<S>(ptr<S>(dw.w), trans, k, 1, n);
+    if (has_kernels<S>() && k > 0 && n > 0 && rows >= kMinPanelRows) dw.panels = Panels<S>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
     return dw;
   }
 
@@ -232,9 +234,9 @@ struct CpuBackend {
   // reads them in place.
   template <typename S>
   static CpuStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t /*max_rows*/,
-                                      int64_t steps) {
+                                      int64_t steps, Scratch slot) {
     CpuStepWeight<S> sw{w, trans, k, n};
-    if (has_kernels<S>() && steps >= kMinPanelSteps && k > 0 && n > 0) sw.panels = Panels<S>(w, trans, k, 1, n);
+    if (has_kernels<S>() && steps >= kMinPanelSteps && k > 0 && n > 0) sw.panels = Panels<S>(w, trans, k, 1, n, slot);
     return sw;
   }
 
@@ -244,8 +246,8 @@ struct CpuBackend {
                                            int64_t steps) {
     CpuStepWeight<S> sw{w_hh, true, h_out, Cell::kGates * hidden};
     if (has_kernels<S>() && steps >= kMinPanelSteps && h_out > 0 && hidden > 0) {
-      sw.panels = Panels<S>(w_hh, true, h_out, Cell::kGates, hidden);
-      sw.h_prev = at::empty({max_rows, h_out}, at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value));
+      sw.panels = Panels<S>(w_hh, true, h_out, Cell::kGates, hidden, Scratch::kRecurrentWeight);
+      sw.h_prev = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value));
     }
     return sw;
   }
@@ -288,6 +290,10 @@ struct CpuBackend {
     });
   }
 
+  static at::Tensor scratch(Scratch slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return cpu_scratch(slot, sizes, options);
+  }
+
   struct NoGuard {};
   static NoGuard guard(const c10::Device&) { return {}; }
 
@@ -320,7 +326,7 @@ template <typename S>
 void CpuDenseWeight<S>::apply_out(at::Tensor& out, const at::Tensor& x) const {
   const int64_t m = x.size(0);
   if (m == 0 || out.size(1) == 0) return;
-  if (!panels.defined()) {  // no inner dimension (input_size 0), or a type without kernels
+  if (!panels.defined()) {
     const at::Tensor op_w = trans ? w.t() : w;
     if (bias.defined()) at::addmm_out(out, bias, x, op_w);
     else at::mm_out(out, x, op_w);

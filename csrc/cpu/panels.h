@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <array>
 
+#include "scratch.h"
+
 namespace fused_rnn {
 
 template <typename S>
@@ -29,30 +31,29 @@ class Panels {
   Panels() = default;
 
   // B = op(w): w is row-major [n, k] when `trans` (B = w^T, as W_hh in h W_hh^T), else [k, n].
-  Panels(const S* w, bool trans, int64_t k, int64_t gates, int64_t units)
+  // The layout goes into the backend's scratch buffer `slot`.
+  Panels(const S* w, bool trans, int64_t k, int64_t gates, int64_t units, Scratch slot)
       : k_(k), gates_(gates), units_(units), unit_vectors_(gates == 1 ? 4 : 1) {
     vectors_ = gates_ * unit_vectors_;
     const int64_t unit_block = unit_vectors_ * kWidth;
     count_ = (units_ + unit_block - 1) / unit_block;
     const int64_t n = gates_ * units_, panel_size = k_ * vectors_ * kWidth;
-    data_ = at::empty({count_ * panel_size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value));
-    S* out = data_.data_ptr<S>();
+    data_ = cpu_scratch(slot, {count_ * panel_size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value));
+    base_ = data_.data_ptr<S>();
+    const int64_t ld = vectors_ * kWidth;  // between consecutive k in a panel
     at::parallel_for(0, count_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        S* panel = out + p * panel_size;
+        S* panel = base_ + p * panel_size;
         for (int64_t v = 0; v < vectors_; ++v) {
           const int64_t col = column(p, v), lanes = valid_lanes(p, v);
-          for (int64_t lane = 0; lane < kWidth; ++lane) {
-            S* dst = panel + v * kWidth + lane;
-            if (lane >= lanes) {
-              for (int64_t i = 0; i < k_; ++i) dst[i * vectors_ * kWidth] = S(0);
-            } else if (trans) {
-              const S* src = w + (col + lane) * k_;
-              for (int64_t i = 0; i < k_; ++i) dst[i * vectors_ * kWidth] = src[i];
-            } else {
-              for (int64_t i = 0; i < k_; ++i) dst[i * vectors_ * kWidth] = w[i * n + col + lane];
-            }
+          S* dst = panel + v * kWidth;
+          if (lanes > 0 && trans) {  // rows col.. of w, transposed into the panel's columns
+            at::vec::transpose_mxn<S>(w + col * k_, k_, dst, ld, static_cast<int>(lanes), static_cast<int>(k_));
+          } else if (lanes > 0) {
+            for (int64_t i = 0; i < k_; ++i) std::copy_n(w + i * n + col, lanes, dst + i * ld);
           }
+          if (lanes < kWidth)
+            for (int64_t i = 0; i < k_; ++i) std::fill_n(dst + i * ld + lanes, kWidth - lanes, S(0));
         }
       }
     });
@@ -122,7 +123,7 @@ class Panels {
         else acc[r][v] = at::vec::fmadd(V::loadu(c + r * ldc + col[v], lanes[v]), V(beta), start[v]);
       }
     }
-    const S* w = data_.data_ptr<S>() + p * k_ * NV * kWidth;
+    const S* w = base_ + p * k_ * NV * kWidth;
     for (int64_t i = 0; i < k_; ++i, w += NV * kWidth) {
       V wv[NV];
 #pragma GCC unroll 4
@@ -145,6 +146,7 @@ class Panels {
   }
 
   at::Tensor data_;  // [count][k][vectors][kWidth]
+  S* base_ = nullptr;
   int64_t k_ = 0, gates_ = 1, units_ = 0, unit_vectors_ = 1, vectors_ = 0, count_ = 0;
 };
 

@@ -82,7 +82,7 @@ struct CudaBackend {
   };
 
   template <typename S>
-  static DenseWeight dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias) {
+  static DenseWeight dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias, int64_t /*rows*/) {
     return {w, bias, trans};
   }
 
@@ -116,17 +116,22 @@ struct CudaBackend {
     }
   }
 
+  // The caching allocator already reuses memory from call to call.
+  static at::Tensor scratch(Scratch, at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::empty(sizes, options);
+  }
+
   // cuBLAS reads W in place: nothing to prepare, whatever the batch or the number of steps.
   template <typename S>
   static CudaStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t /*max_rows*/,
-                                       int64_t /*steps*/) {
+                                       int64_t /*steps*/, Scratch /*slot*/) {
     return {w, trans, k, n};
   }
 
   template <class Cell, typename S>
   static CudaStepWeight<S> recurrent_weight(const S* w_hh, int64_t h_out, int64_t hidden, int64_t max_rows,
                                             int64_t steps) {
-    return step_weight<S>(w_hh, true, h_out, Cell::kGates * hidden, max_rows, steps);
+    return step_weight<S>(w_hh, true, h_out, Cell::kGates * hidden, max_rows, steps, Scratch::kRecurrentWeight);
   }
 
   // The recurrent GEMM on cuBLAS, then the pointwise kernel, on the same stream.
