@@ -19,7 +19,7 @@
 #if defined(__CUDACC__)
 #define FR_HD __host__ __device__ __forceinline__
 #else
-#define FR_HD inline
+#define FR_HD inline __attribute__((always_inline))
 #endif
 
 namespace fused_rnn {
@@ -59,6 +59,7 @@ struct StepForward {
   int64_t hidden;
   bool relu;             // RNN only
   bool project;          // LSTM only: h goes to the reserve; a GEMM then projects it
+  bool save;             // LSTM only: keep the activations in the reserve for the backward pass
 };
 
 // Pointers for one time step of the backward pass.
@@ -99,11 +100,13 @@ struct LstmCell {
     S* c_state = a.c_state + b * H + j;
     const V c = f * IO::load(c_state) + i * g;
     const V h = o * Act<V>::tanh(c);
-    IO::store(r, i);
-    IO::store(r + H, f);
-    IO::store(r + 2 * H, g);
-    IO::store(r + 3 * H, o);
-    IO::store(r + 4 * H, c);
+    if (a.save) {
+      IO::store(r, i);
+      IO::store(r + H, f);
+      IO::store(r + 2 * H, g);
+      IO::store(r + 3 * H, o);
+      IO::store(r + 4 * H, c);
+    }
     IO::store(c_state, c);
     if (a.project) {
       IO::store(r + 5 * H, h);

@@ -171,6 +171,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     a.hidden = H;
     a.relu = relu;
     a.project = project;
+    a.save = save_reserve;
     a.h_state = ptr<S>(h_state);
     a.c_state = ptr<S>(c_state);
     a.hidden_gates = ptr<S>(hidden_gates);
