@@ -239,8 +239,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   Tensor grad_projected = project ? at::empty({s.rows, H_out}, opts) : Tensor();  // dL/dh before W_hr
   Tensor grad_unprojected = project ? at::empty({B, H}, opts) : Tensor();
 
-  // The steps run backwards a chunk at a time: the gate gradients of a chunk (about 4 MB, and
-  // at least 1024 rows so that the GEMMs stay efficient) go into a reused buffer, from which
+  // The steps run backwards a chunk at a time: the gate gradients of a chunk (about 1 MB, and
+  // at least 256 rows so that the GEMMs stay efficient) go into a reused buffer, from which
   // the input gradient and the weight and bias gradients are taken by large GEMMs before the
   // next chunk, so no [rows, G*H] buffer is ever needed.
   const int64_t T = s.count();

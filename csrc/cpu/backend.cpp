@@ -1,7 +1,7 @@
-// CPU backend: the per-step GEMMs on panel-packed weights (panels.h), the recurrent one fused
-// with each cell's pointwise pass (vectorised with at::vec, spread with at::parallel_for); the
-// large GEMMs on oneDNN (through ATen's mkldnn ops) where they are large enough for its
-// per-call overhead, else on MKL.
+// CPU backend: the per-step GEMMs and the input projection / input gradient on panel-packed
+// weights (panels.h), the recurrent one fused with each cell's pointwise pass (vectorised with
+// at::vec, spread with at::parallel_for); weight gradients on oneDNN (through ATen's mkldnn ops)
+// where they are large enough for its per-call overhead, else on MKL.
 // setup.py adds -mavx512* or -mavx2 -mfma -mf16c as the building CPU allows: at::vec then
 // uses 512- or 256-bit vectors.
 #if defined(FUSED_RNN_AVX512)
@@ -141,8 +141,8 @@ struct CpuDenseWeight {
 
 namespace {
 
-// Multiply-adds from which a GEMM goes to oneDNN rather than MKL (measured on AVX-512 AMD EPYC:
-// below about a million, oneDNN's per-call overhead outweighs its speed).
+// Multiply-adds from which a weight gradient goes to oneDNN rather than MKL (measured on AVX-512
+// AMD EPYC: below about a million, oneDNN's per-call overhead outweighs its speed).
 constexpr int64_t kOnednnMinWork = int64_t(1) << 20;
 
 // Steps from which a per-step weight is laid out in panels (its one-off cost then pays).
