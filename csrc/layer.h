@@ -1,7 +1,6 @@
 // One recurrent layer, one direction, whole sequence — the loop shared by every cell type
-// and every backend. The large GEMMs before and after the time loop go through ATen ops;
-// inside the loop, where per-call overhead matters, the Backend supplies raw-pointer BLAS
-// (MKL on CPU, cuBLAS on CUDA) and the per-step pointwise pass:
+// and every backend. The Backend supplies the GEMMs (on CPU its own panel kernel, MKL or oneDNN;
+// on CUDA cuBLAS) and the per-step pointwise pass:
 //   Backend::check_dtype(ScalarType)
 //   Backend::guard(Device) -> RAII object that makes the device current for the op
 //   Backend::dense_weight<S>(w, trans, bias, rows) -> an object whose .apply_out(out, x) computes

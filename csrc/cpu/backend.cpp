@@ -333,22 +333,14 @@ void CpuDenseWeight<S>::apply_out(at::Tensor& out, const at::Tensor& x) const {
     return;
   }
   TORCH_INTERNAL_ASSERT(x.is_contiguous() && out.stride(1) == 1);
-  const S* a = ptr<S>(x);
-  const S* b = ptr<S>(bias);
-  S* c = ptr<S>(out);
-  const int64_t k = panels.k(), ldc = out.stride(0);
-  for_each_panel_block(panels, m, [&](int64_t p, int64_t first, int64_t rows) {
-    panels.block(p, rows, a + first * k, k, S(0), c + first * ldc, ldc, b);
-  });
+  panels.multiply(m, ptr<S>(x), panels.k(), S(0), ptr<S>(out), out.stride(0), ptr<S>(bias));
 }
 
 template <typename S>
 void CpuStepWeight<S>::gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {
   if (m == 0) return;
   if (!panels.defined()) return CpuBackend::gemm<S>(false, trans, m, n, k, S(1), a, lda, w, trans ? k : n, beta, c, ldc);
-  for_each_panel_block(panels, m, [&](int64_t p, int64_t first, int64_t rows) {
-    panels.block(p, rows, a + first * lda, lda, beta, c + first * ldc, ldc);
-  });
+  panels.multiply(m, a, lda, beta, c, ldc);
 }
 
 TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) { FUSED_RNN_REGISTER_BACKEND(m, CpuBackend); }

@@ -81,6 +81,9 @@ class Panels {
     else dispatch_rows<4>(p, rows, a, lda, beta, c, ldc, bias);
   }
 
+  // C[m, n] = A[m, k] B + beta C (+ bias), over every panel and block of rows.
+  void multiply(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc, const S* bias = nullptr) const;
+
   // Multiply-adds in one block of rows of one panel.
   int64_t block_work() const { return block_rows() * k_ * vectors_ * kWidth; }
 
@@ -163,6 +166,13 @@ void for_each_panel_block(const Panels<S>& b, int64_t m, const F& task) {
       const int64_t p = idx / row_blocks, first = (idx % row_blocks) * R;
       task(p, first, std::min(R, m - first));
     }
+  });
+}
+
+template <typename S>
+void Panels<S>::multiply(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc, const S* bias) const {
+  for_each_panel_block(*this, m, [&](int64_t p, int64_t first, int64_t rows) {
+    block(p, rows, a + first * lda, lda, beta, c + first * ldc, ldc, bias);
   });
 }
 

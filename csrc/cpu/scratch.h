@@ -21,10 +21,10 @@ inline at::Tensor cpu_scratch(Scratch slot, at::IntArrayRef sizes, const at::Ten
   at::Tensor& buffer = kept[static_cast<size_t>(slot)];
   if (!buffer.defined() || buffer.numel() < bytes) {
     buffer = at::Tensor();  // free the old one first
-    buffer = at::empty({std::max<int64_t>(bytes, 64)}, options.dtype(at::kByte));
+    buffer = at::empty({bytes}, options.dtype(at::kByte));
   }
   // A view of the kept bytes as the requested type and shape (it keeps them alive).
-  return buffer.narrow(0, 0, std::max<int64_t>(bytes, item)).view(options.dtype().toScalarType()).narrow(0, 0, numel).view(sizes);
+  return buffer.narrow(0, 0, bytes).view(options.dtype().toScalarType()).view(sizes);
 }
 
 }  // namespace fused_rnn
