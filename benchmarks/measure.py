@@ -213,7 +213,8 @@ def memory_measure(device):
                 "torch.cuda.memory_allocated() before it (peak stats reset first)")
     if _can_reset_rss_peak():
         return ("increase of the process's resident-set high-water mark (VmHWM, reset through "
-                "/proc/self/clear_refs) over VmRSS before one untimed call, after malloc_trim; "
+                "/proc/self/clear_refs) over VmRSS before one untimed call, after "
+                "fused_rnn.empty_cache() and malloc_trim; "
                 "approximate: includes allocator caching and page granularity")
     return "unavailable (needs a writable /proc/self/clear_refs)"
 
@@ -228,8 +229,11 @@ def _peak_memory_bytes(fn, device):
         return torch.cuda.max_memory_allocated(device) - before
     if not _can_reset_rss_peak():
         return None
+    # Memory kept from earlier calls would hide part of the peak: fused_rnn's cached blocks and
+    # scratch buffers are freed, and glibc's freed heap handed back.
+    fused_rnn.empty_cache()
     if _libc() is not None:
-        _libc().malloc_trim(0)  # hand freed heap back, so reuse of cached blocks does not hide the peak
+        _libc().malloc_trim(0)
     _CLEAR_REFS.write_text("5")
     before = _status_bytes("VmRSS")
     fn()

@@ -7,17 +7,30 @@
 //       out = x op(w) (+ bias), op(w) = w^T if trans: the large GEMMs outside the time loop over
 //       `rows` rows in all, one chunk at a time (out may be a column range of a wider buffer; bias
 //       may be undefined)
-//   Backend::weight_grad(g, x, bias) -> {g^T x, column sums of g (if bias)}: a weight's gradient
+//   Backend::weight_grad_out<S>(grad_w, g, x, accumulate): grad_w = g^T x, or += if accumulate
+//       (a weight's gradient, a chunk of rows at a time)
 //   Backend::scratch(Scratch role, sizes, options) -> a tensor for the duration of the op
+//   Backend::empty(sizes, options) -> an uninitialised tensor that the op returns or saves
 //   Backend::step_weight<S>(w, trans, k, n, max_rows, steps, role) -> an object whose
 //       .gemm(m, a, lda, beta, c, ldc) computes row-major C[m, n] = A[m, k] op(W) + beta C
-//       for a weight W used at every step (a backend may re-layout it once per call)
-//   Backend::recurrent_weight<Cell, S>(w_hh, h_out, hidden, max_rows, steps) -> the same for
-//       W_hh [gates*hidden, h_out] in h_prev W_hh^T, and
-//   Backend::recurrent_step<Cell, S>(w_hh, const StepForward<S>&, batch, gates, ld_gates, beta):
-//       gates = h_state W_hh^T + beta gates, then the cell's pointwise step (fused or not)
-//   Backend::forward_step<Cell, S>(const StepForward<S>&, int64_t batch)
-//   Backend::backward_step<Cell, S>(const StepBackward<S>&, int64_t batch)
+//       for a weight W used at every step (a backend may re-layout it once per call), and whose
+//       .row_groups says how many row groups the steps may be split into
+//   Backend::recurrent_weight<Cell, S>(w_hh, h_out, hidden, max_rows, steps, w_ih, bias) -> the
+//       same for W_hh [gates*hidden, h_out] in h_prev W_hh^T. Where w_ih is given, the backend may
+//       fold the input projection into it (its .folded_input > 0): each step's GEMM then computes
+//       [h_prev, x_t] [W_hh, W_ih]^T + bias, and the input projection is skipped. And
+//   Backend::for_each_row_group(const Steps&, t_lo, t_hi, groups, f): calls f(row_begin, row_end)
+//       for at most `groups` groups of rows that together cover [0, batch), each running the
+//       steps [t_lo, t_hi) on its rows. The recurrence never mixes rows, so the groups need no
+//       synchronisation between steps and may run concurrently. `groups` is the recurrent step
+//       weight's row_groups: how many it was laid out for (1: all rows at once, parallel inside
+//       each step).
+//   Backend::recurrent_step<Cell, S>(w_hh, const StepForward<S>&, row_begin, row_end, gates,
+//       ld_gates, beta, x_t): for the step's rows [row_begin, row_end), gates = h_state W_hh^T +
+//       beta gates (with the input folded in: [h_state, x_t] [W_hh, W_ih]^T + bias), then the
+//       cell's pointwise step (fused or not)
+//   Backend::backward_step<Cell, S>(const StepBackward<S>&, row_begin, row_end)
+// The Step structs point at row 0 of a step; the row range says which rows to compute.
 //
 // Sequences are processed as rows: an unpacked [T, B, I] input is T steps of B rows; a
 // packed [N, I] input is steps of batch_sizes[t] rows (sorted by decreasing length, as in
@@ -29,6 +42,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
+#include <functional>
 #include <vector>
 
 #include "cells.h"
@@ -114,7 +129,10 @@ inline Tensor previous_states(const Tensor& seq, const Tensor& init, const Steps
 
 // Buffers an op needs only while it runs, by role; a backend may keep them from call to call
 // (Backend::scratch), so each role is used once at a time.
-enum class Scratch { kInputWeight, kRecurrentWeight, kProjectionWeight, kStateCopy, kGates, kHiddenGates, kCount };
+enum class Scratch {
+  kInputWeight, kRecurrentWeight, kJoinedWeight, kProjectionWeight, kGradientPanels, kStateCopy, kGates, kHiddenGates,
+  kCount
+};
 
 template <typename S>
 S* ptr(const Tensor& t) { return t.defined() ? static_cast<S*>(t.data_ptr()) : nullptr; }
@@ -155,11 +173,11 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
   const int64_t R = Cell::reserve_width(H, project);
   constexpr int64_t kChunkValues = int64_t(1) << 18;
   const int64_t chunk = save_reserve ? std::max<int64_t>(T, 1) : std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, B * R));
-  Tensor reserve = save_reserve ? at::empty({s.rows, R}, opts) : Backend::scratch(Scratch::kGates, {std::min(s.rows, chunk * B), R}, opts);
+  Tensor reserve = save_reserve ? Backend::empty({s.rows, R}, opts) : Backend::scratch(Scratch::kGates, {std::min(s.rows, chunk * B), R}, opts);
 
   Tensor h_state = hx.contiguous().clone();
   Tensor c_state = Cell::kHasCell ? cx.contiguous().clone() : Tensor();
-  Tensor output = at::empty({s.rows, H_out}, opts);
+  Tensor output = Backend::empty({s.rows, H_out}, opts);
   Tensor hidden_gates = Cell::kSeparateHiddenGates ? at::empty({B, G * H}, opts) : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_rnn_forward", [&] {
@@ -175,8 +193,12 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     a.c_state = ptr<S>(c_state);
     a.hidden_gates = ptr<S>(hidden_gates);
     a.bias_hn = ptr<S>(bias_hn);
-    const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias, s.rows);
-    const auto w_hh_t = Backend::template recurrent_weight<Cell, S>(ptr<S>(w.w_hh), H_out, H, B, T);
+    // GRU's hidden gates need W_hh h alone, and a projected LSTM's step input is not its output.
+    const bool may_fold = !Cell::kSeparateHiddenGates && !project;
+    const auto w_hh_t = Backend::template recurrent_weight<Cell, S>(ptr<S>(w.w_hh), H_out, H, B, T,
+                                                                    may_fold ? w.w_ih : Tensor(), bias);
+    const bool folded = w_hh_t.folded_input > 0;
+    const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias, folded ? 0 : s.rows);
     const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? T : 0, Scratch::kProjectionWeight);
     for (int64_t first = 0; first < T; first += chunk) {
       // This chunk's time steps [t_lo, t_hi) and rows [row_lo, row_hi), in processing order.
@@ -185,24 +207,30 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
       const int64_t row_lo = s.offset[t_lo], row_hi = t_hi < T ? s.offset[t_hi] : s.rows;
       const int64_t reserve_lo = save_reserve ? row_lo : 0;  // reserve row of row_lo
       Tensor chunk_gates = reserve.narrow(0, reserve_lo, row_hi - row_lo).narrow(1, 0, G * H);
-      w_ih_t.apply_out(chunk_gates, x.narrow(0, row_lo, row_hi - row_lo));
-      for (int64_t k = first; k < last; ++k) {
-        const int64_t t = reverse ? T - 1 - k : k;
-        const int64_t bs = s.batch[t], row = s.offset[t];
-        if (bs == 0) continue;
-        a.reserve = ptr<S>(reserve) + (row - row_lo + reserve_lo) * R;
-        a.output = ptr<S>(output) + row * H_out;
-        // Recurrent GEMM, h_prev W_hh^T, straight into the gate rows (or GRU's hidden gates),
-        // then the pointwise step.
-        if (Cell::kSeparateHiddenGates)
-          Backend::template recurrent_step<Cell, S>(w_hh_t, a, bs, ptr<S>(hidden_gates), G * H, S(0));
-        else
-          Backend::template recurrent_step<Cell, S>(w_hh_t, a, bs, a.reserve, R, S(1));
-        if (project) {
-          w_hr_t.gemm(bs, a.reserve + 5 * H, R, S(0), a.output, H_out);
-          h_state.narrow(0, 0, bs).copy_(output.narrow(0, row, bs));
+      if (!folded) w_ih_t.apply_out(chunk_gates, x.narrow(0, row_lo, row_hi - row_lo));
+      Backend::for_each_row_group(s, t_lo, t_hi, w_hh_t.row_groups, [&](int64_t row_begin, int64_t row_end) {
+        StepForward<S> step = a;
+        for (int64_t k = first; k < last; ++k) {
+          const int64_t t = reverse ? T - 1 - k : k;
+          const int64_t end = std::min(s.batch[t], row_end), row = s.offset[t];
+          if (end <= row_begin) continue;
+          step.reserve = ptr<S>(reserve) + (row - row_lo + reserve_lo) * R;
+          step.output = ptr<S>(output) + row * H_out;
+          // Recurrent GEMM, h_prev W_hh^T, straight into the gate rows (or GRU's hidden gates),
+          // then the pointwise step.
+          if (Cell::kSeparateHiddenGates)
+            Backend::template recurrent_step<Cell, S>(w_hh_t, step, row_begin, end, ptr<S>(hidden_gates), G * H, S(0),
+                                                      nullptr);
+          else
+            Backend::template recurrent_step<Cell, S>(w_hh_t, step, row_begin, end, step.reserve, R, S(folded ? 0 : 1),
+                                                      ptr<S>(x) + row * I);
+          if (project) {
+            S* out_rows = step.output + row_begin * H_out;
+            w_hr_t.gemm(end - row_begin, step.reserve + row_begin * R + 5 * H, R, S(0), out_rows, H_out);
+            std::copy_n(out_rows, (end - row_begin) * H_out, step.h_state + row_begin * H_out);
+          }
         }
-      }
+      });
     }
   });
 
@@ -235,7 +263,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   const Tensor h_init = hx.contiguous(), c_init = Cell::kHasCell ? cx.contiguous() : Tensor();
   Tensor grad_h_state = grad_hy.contiguous().clone();
   Tensor grad_c_state = Cell::kHasCell ? grad_cy.contiguous().clone() : Tensor();
-  Tensor grad_projected = project ? at::empty({s.rows, H_out}, opts) : Tensor();  // dL/dh before W_hr
+  Tensor grad_projected = project ? Backend::empty({s.rows, H_out}, opts) : Tensor();  // dL/dh before W_hr
   Tensor grad_unprojected = project ? at::empty({B, H}, opts) : Tensor();
 
   // The steps run backwards a chunk at a time: the gate gradients of a chunk (about 1 MB, and
@@ -249,14 +277,10 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   const int64_t chunk_rows = std::min(s.rows, chunk * B);
   Tensor grad_gates = Backend::scratch(Scratch::kGates, {chunk_rows, G * H}, opts);
   Tensor grad_hidden_gates = Cell::kSeparateHiddenGates ? Backend::scratch(Scratch::kHiddenGates, {chunk_rows, G * H}, opts) : grad_gates;
-  Tensor grad_input = at::empty({s.rows, I}, opts);
-  Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh;
-  // Adds one chunk's share of a gradient (the first chunk's share is the gradient so far).
-  auto accumulate = [](Tensor& total, const Tensor& part) {
-    if (!part.defined()) return;
-    if (total.defined()) total.add_(part);
-    else total = part;
-  };
+  Tensor grad_input = Backend::empty({s.rows, I}, opts);
+  // Each chunk adds its share to the weight and bias gradients (the first one writes them).
+  Tensor grad_w_ih = Backend::empty(w.w_ih.sizes(), opts), grad_w_hh = Backend::empty(w.w_hh.sizes(), opts);
+  Tensor grad_b_ih = at::zeros({G * H}, opts), grad_b_hh = at::zeros({G * H}, opts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_rnn_backward", [&] {
     using S = scalar_t;
@@ -280,53 +304,64 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
       const Tensor h_prev = previous_states(out, h_init, s, reverse, t_lo, t_hi);
       const Tensor c_prev = Cell::kHasCell ? previous_states(res.narrow(1, 4 * H, H), c_init, s, reverse, t_lo, t_hi) : Tensor();
       a.ld_prev = Cell::kHasCell ? c_prev.stride(0) : h_prev.stride(0);
-      for (int64_t k = first; k < last; ++k) {
-        const int64_t t = reverse ? k : T - 1 - k;
-        const int64_t bs = s.batch[t], row = s.offset[t];
-        if (bs == 0) continue;
-        if (project) {
-          Tensor dy = grad_projected.narrow(0, row, bs);
-          at::add_out(dy, grad_out.narrow(0, row, bs), grad_h_state.narrow(0, 0, bs));
-          w_hr_step.gemm(bs, ptr<S>(dy), H_out, S(0), ptr<S>(grad_unprojected), H);
-          a.grad_h = ptr<S>(grad_unprojected);
-          a.ld_grad_h = H;
-          a.grad_h_rec = nullptr;
-        } else {
-          a.grad_h = ptr<S>(grad_out) + row * H_out;
-          a.ld_grad_h = H_out;
-          a.grad_h_rec = ptr<S>(grad_h_state);
+      Backend::for_each_row_group(s, t_lo, t_hi, w_hh_step.row_groups, [&](int64_t row_begin, int64_t row_end) {
+        StepBackward<S> step = a;
+        for (int64_t k = first; k < last; ++k) {
+          const int64_t t = reverse ? k : T - 1 - k;
+          const int64_t end = std::min(s.batch[t], row_end), row = s.offset[t], n = end - row_begin;
+          if (n <= 0) continue;
+          if (project) {
+            // dL/dy = dL/dy from above + from the next step, then back through W_hr.
+            S* dy = ptr<S>(grad_projected) + (row + row_begin) * H_out;
+            const S* from_above = ptr<S>(grad_out) + (row + row_begin) * H_out;
+            const S* from_next = ptr<S>(grad_h_state) + row_begin * H_out;
+            std::transform(from_above, from_above + n * H_out, from_next, dy, std::plus<S>());
+            w_hr_step.gemm(n, dy, H_out, S(0), ptr<S>(grad_unprojected) + row_begin * H, H);
+            step.grad_h = ptr<S>(grad_unprojected);
+            step.ld_grad_h = H;
+            step.grad_h_rec = nullptr;
+          } else {
+            step.grad_h = ptr<S>(grad_out) + row * H_out;
+            step.ld_grad_h = H_out;
+            step.grad_h_rec = ptr<S>(grad_h_state);
+          }
+          step.reserve = ptr<S>(res) + row * R;
+          step.output = ptr<S>(out) + row * H_out;
+          step.h_prev = ptr<S>(h_prev) + (row - row_lo) * a.ld_prev;
+          step.c_prev = Cell::kHasCell ? ptr<S>(c_prev) + (row - row_lo) * a.ld_prev : nullptr;
+          step.grad_gates = ptr<S>(grad_gates) + (row - row_lo) * G * H;
+          step.grad_hidden_gates = ptr<S>(grad_hidden_gates) + (row - row_lo) * G * H;
+          Backend::template backward_step<Cell, S>(step, row_begin, end);
+          // dL/dh_prev = dgates W_hh (GRU adds it to the direct part z * dh already there).
+          w_hh_step.gemm(n, step.grad_hidden_gates + row_begin * G * H, G * H, S(Cell::kSeparateHiddenGates ? 1 : 0),
+                         step.grad_h_state + row_begin * H_out, H_out);
         }
-        a.reserve = ptr<S>(res) + row * R;
-        a.output = ptr<S>(out) + row * H_out;
-        a.h_prev = ptr<S>(h_prev) + (row - row_lo) * a.ld_prev;
-        a.c_prev = Cell::kHasCell ? ptr<S>(c_prev) + (row - row_lo) * a.ld_prev : nullptr;
-        a.grad_gates = ptr<S>(grad_gates) + (row - row_lo) * G * H;
-        a.grad_hidden_gates = ptr<S>(grad_hidden_gates) + (row - row_lo) * G * H;
-        Backend::template backward_step<Cell, S>(a, bs);
-        // dL/dh_prev = dgates W_hh (GRU adds it to the direct part z * dh already there).
-        w_hh_step.gemm(bs, a.grad_hidden_gates, G * H, S(Cell::kSeparateHiddenGates ? 1 : 0), a.grad_h_state, H_out);
-      }
+      });
       const int64_t n = row_hi - row_lo;
       const Tensor dg = grad_gates.narrow(0, 0, n), dgh = grad_hidden_gates.narrow(0, 0, n);
       Tensor grad_input_rows = grad_input.narrow(0, row_lo, n);
       w_ih_step.apply_out(grad_input_rows, dg);
-      auto [dw_ih, db_ih] = Backend::weight_grad(dg, x.narrow(0, row_lo, n), has_bias);
-      auto [dw_hh, db_hh] = Backend::weight_grad(dgh, h_prev, has_bias);
-      accumulate(grad_w_ih, dw_ih);
-      accumulate(grad_w_hh, dw_hh);
-      accumulate(grad_b_ih, db_ih);
-      accumulate(grad_b_hh, db_hh);
+      Backend::template weight_grad_out<S>(grad_w_ih, dg, x.narrow(0, row_lo, n), first > 0);
+      Backend::template weight_grad_out<S>(grad_w_hh, dgh, h_prev, first > 0);
+      if (has_bias) {
+        const Tensor db = dg.sum(0);
+        grad_b_ih.add_(db);
+        grad_b_hh.add_(Cell::kSeparateHiddenGates ? dgh.sum(0) : db);
+      }
     }
   });
 
   const Tensor empty = at::empty({0}, opts);
   grad_input = grad_input.view(input.sizes());
-  if (!grad_w_ih.defined()) {  // no steps at all (an empty packed sequence)
-    grad_w_ih = at::zeros_like(w.w_ih), grad_w_hh = at::zeros_like(w.w_hh);
-    grad_b_ih = at::zeros({G * H}, opts), grad_b_hh = at::zeros({G * H}, opts);
-  }
+  if (T == 0) grad_w_ih.zero_(), grad_w_hh.zero_();  // an empty packed sequence
   if (!has_bias) grad_b_ih = empty, grad_b_hh = empty.clone();
-  Tensor grad_w_hr = project ? Backend::weight_grad(grad_projected, res.narrow(1, 5 * H, H), false).first : empty.clone();
+  Tensor grad_w_hr = empty.clone();
+  if (project) {
+    grad_w_hr = Backend::empty(w.w_hr.sizes(), opts);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_rnn_backward_w_hr", [&] {
+      Backend::template weight_grad_out<scalar_t>(grad_w_hr, grad_projected, res.narrow(1, 5 * H, H), false);
+    });
+  }
   Tensor grad_cx = Cell::kHasCell ? grad_c_state : empty.clone();
   return {grad_input, grad_h_state, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
 }

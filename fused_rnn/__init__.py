@@ -13,10 +13,18 @@ from .convert import to_fused, to_torch
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, RNNBase, RNNCellBase
 
 
+def empty_cache():
+    """Frees the CPU memory fused_rnn keeps between calls to avoid page faults: the cache of
+    blocks freed by earlier outputs and saved activations, and the calling thread's scratch
+    buffers (weights laid out for the kernels). Like torch.cuda.empty_cache(), it only returns
+    memory to the system; tensors in use are not affected."""
+    _C.empty_cache()
+
+
 def backends():
     """Which backends this build has compiled in, e.g. {"cpu": True, "cuda": False}."""
     return {"cpu": True, "cuda": bool(_C.with_cuda)}
 
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "RNNBase", "RNNCellBase",
-           "to_fused", "to_torch", "backends", "__version__"]
+           "to_fused", "to_torch", "backends", "empty_cache", "__version__"]

@@ -179,6 +179,34 @@ def test_layer_matches_nn_with_intra_op_threads(kind, dtype):
         torch.set_num_threads(threads)
 
 
+# From 8 rows per thread the CPU backend gives each thread its own rows for every step (no
+# synchronisation between steps); packed, the rows are grouped by their number of steps. Three
+# threads on 41 rows: groups of unequal size, each with a partial register block. LSTM projects
+# with three threads only: without projection its input projection is folded into the steps.
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("form", ["3d", "packed_unsorted"])
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_layer_matches_nn_with_rows_split_between_threads(kind, form, threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batch, steps = 41, 9
+        proj = {"proj_size": 7} if kind == "LSTM" and threads == 3 else {}
+        ref, ours = make_kind_pair(kind, INPUT_SIZE, 20, num_layers=2, bidirectional=True, dtype=torch.float64, **proj)
+        leaves = {"input": leaf(steps, batch, INPUT_SIZE)}
+        lengths = [steps] + [int(n) for n in torch.randint(1, steps + 1, (batch - 1,))]
+
+        def call(m):
+            x = leaves["input"]
+            if form == "packed_unsorted":
+                x = pack_padded_sequence(x, lengths, enforce_sorted=False)
+            return m(x)
+
+        assert_same_outputs_and_grads(ref, ours, leaves, call, torch.float64)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("form", ["3d", "packed_unsorted"])
 @pytest.mark.parametrize("steps,batch", [(1, 3), (1, 1), (3, 1)], ids=["T1", "T1-B1", "B1"])
 @pytest.mark.parametrize("kind", list(LAYER_KINDS))

@@ -1,7 +1,7 @@
 // CPU backend: the per-step GEMMs and the input projection / input gradient on panel-packed
 // weights (panels.h), the recurrent one fused with each cell's pointwise pass (vectorised with
-// at::vec, spread with at::parallel_for); weight gradients on oneDNN (through ATen's mkldnn ops)
-// where they are large enough for its per-call overhead, else on MKL.
+// at::vec, spread with at::parallel_for); weight gradients on the same panel kernel, a chunk of
+// rows at a time, accumulated in place.
 // setup.py adds -mavx512* or -mavx2 -mfma -mf16c as the building CPU allows: at::vec then
 // uses 512- or 256-bit vectors.
 #if defined(FUSED_RNN_AVX512)
@@ -18,8 +18,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
+#include <vector>
 #include <limits>
 #include <type_traits>
+
+#include <unistd.h>
 
 #include "../ops.h"
 #include "panels.h"
@@ -36,38 +40,72 @@ int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
 
 namespace fused_rnn {
 
+// Activations on float vectors with AVX-512 or AVX2, which the pointwise passes spend most of
+// their time in. e^x = 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 in [-ln2/2, ln2/2]
+// (ln 2 in two parts, so r is exact), e^r by a degree-5 polynomial (coefficients fitted to e^r on
+// that interval: relative error ~2.5e-7, about 2 ulp). x is first clamped to [-87.3, 88.7], where
+// e^x is a normal float: above, it gives ~3.3e38 rather than inf, which is all the activations
+// need, as they only divide by 1 + e^x. A NaN passes the clamp (min and max return their second
+// operand then). 1 / d: the hardware estimate refined by one Newton step (relative error ~1e-7)
+// instead of a division, several times its throughput.
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512 exp_clamped(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-87.3f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.008369148708879948f), r, _mm512_set1_ps(0.041917506605386734f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16666504740715027f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.49998870491981506f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0000001192092896f));
+  return _mm512_scalef_ps(p, n);  // p 2^n
+}
+inline __m512 reciprocal(__m512 d) {
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256 exp_clamped(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.7f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.008369148708879948f), r, _mm256_set1_ps(0.041917506605386734f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.16666504740715027f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.49998870491981506f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0000001192092896f));
+  // 2^n built in the exponent bits (n is in [-126, 128] after the clamp); a NaN gives garbage
+  // bits here, but p is NaN already.
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+inline __m256 reciprocal(__m256 d) {
+  const __m256 r = _mm256_rcp_ps(d);
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+}
+#endif
+
 template <typename S>
 struct Act<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
-  // float: at::vec's exp_u20 (error ~20 ulp, about 1e-6 relative) costs a fraction of Sleef's
-  // exp; it clamps its argument, so a NaN is put back.
-  static V exp(const V& x) {
-    if constexpr (std::is_same_v<S, float>) return V::blendv(x.exp_u20(), x, x.isnan());
-    else return x.exp();
-  }
-  // 1 / d for the d >= 1 of sigmoid and tanh. float: the hardware estimate refined by one
-  // Newton step (error ~1e-7 relative) instead of a division, several times its throughput.
-  static V reciprocal(const V& d) {
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<S, float>) {
-      const __m512 r = _mm512_rcp14_ps(d);
-      const V refined(_mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f))));
-      return V::blendv(refined, V(0.0f), d == V(std::numeric_limits<float>::infinity()));
-    }
-#elif defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<S, float>) {
-      const __m256 r = _mm256_rcp_ps(d);
-      const V refined(_mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f))));
-      return V::blendv(refined, V(0.0f), d == V(std::numeric_limits<float>::infinity()));
-    }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  static constexpr bool kFast = std::is_same_v<S, float>;
+#else
+  static constexpr bool kFast = false;
 #endif
-    return V(S(1)) / d;
+
+  static V sigmoid(const V& x) {
+    if constexpr (kFast) return V(reciprocal(V(1.0f) + V(exp_clamped(x.neg()))));
+    else return V(S(1)) / (V(S(1)) + x.neg().exp());
   }
-  static V sigmoid(const V& x) { return reciprocal(V(S(1)) + exp(x.neg())); }
-  // float: tanh(x) = 1 - 2 / (1 + e^{2x}) costs one exp, far less than Sleef's tanh; its error
-  // stays about 1e-6 absolute (relative near 0 it grows, as the parity tests allow).
+  // tanh(x) = 1 - 2 / (1 + e^{2x}): one exp, far less than Sleef's tanh; its error stays about
+  // 1e-7 absolute (relative near 0 it grows, as the parity tests allow).
   static V tanh(const V& x) {
-    if constexpr (std::is_same_v<S, float>) return V(1.0f) - V(2.0f) * reciprocal(V(1.0f) + exp(x + x));
+    if constexpr (kFast) return V(1.0f) - V(2.0f) * V(reciprocal(V(1.0f) + V(exp_clamped(x + x))));
     else return x.tanh();
   }
   static V relu(const V& x) { return at::vec::clamp_min(x, V(S(0))); }
@@ -89,17 +127,18 @@ struct ScalarIO {
   static void store(S* p, S v) { *p = v; }
 };
 
-// Runs `point(b, j, vectorised)` over every row b < batch and column chunk j < hidden.
+// Runs `point(b, j, vectorised)` over every row b in [row_begin, row_end) and column chunk
+// j < hidden.
 template <typename S, typename F>
-void for_each_chunk(int64_t batch, int64_t hidden, int64_t gates, const F& point) {
+void for_each_chunk(int64_t row_begin, int64_t row_end, int64_t hidden, int64_t gates, const F& point) {
   constexpr int64_t W = at::vec::Vectorized<S>::size();
   const int64_t full = hidden / W, chunks = full + (hidden % W ? 1 : 0);
   // Waking a second thread costs microseconds: only steps with thousands of gate values
   // are split (a chunk costs roughly `gates` vector activations).
   const int64_t grain = std::max<int64_t>(1, 8192 / (W * gates));
-  at::parallel_for(0, batch * chunks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (row_end - row_begin) * chunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / chunks, c = idx % chunks;
+      const int64_t b = row_begin + idx / chunks, c = idx % chunks;
       if (c < full) {
         point(b, c * W, true);
       } else {
@@ -122,7 +161,14 @@ struct CpuStepWeight {
   bool trans;
   int64_t k, n;
   Panels<S> panels;
-  at::Tensor h_prev;  // recurrent weights: a copy of the step's h_prev, which the fused step overwrites
+  // Recurrent weights: the GEMM's left operand of a step, [h_prev, x_t], copied since the fused
+  // step overwrites h_state while later panels still read it.
+  at::Tensor step_input;
+  int64_t row_groups = 1;
+  // Recurrent weights with the input projection folded in: the panels hold [W_hh, W_ih] (k =
+  // h_out + folded_input) and every step adds the bias.
+  int64_t folded_input = 0;
+  at::Tensor bias;
 
   void gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const;
 };
@@ -140,10 +186,6 @@ struct CpuDenseWeight {
 };
 
 namespace {
-
-// Multiply-adds from which a weight gradient goes to oneDNN rather than MKL (measured on AVX-512
-// AMD EPYC: below about a million, oneDNN's per-call overhead outweighs its speed).
-constexpr int64_t kOnednnMinWork = int64_t(1) << 20;
 
 // Steps from which a per-step weight is laid out in panels (its one-off cost then pays).
 constexpr int64_t kMinPanelSteps = 4;
@@ -166,8 +208,21 @@ class SingleThreadedIfSmall {
   int previous_ = -1;
 };
 
-// Whether torch has oneDNN (ATen's mkldnn ops) and it is enabled.
-bool have_onednn() { return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn(); }
+// Row groups for the steps of a weight laid out in panels: one per thread when every thread
+// gets at least kMinGroupRows rows and the whole weight fits in half a core's L2 cache. Each
+// thread then runs all the steps of its rows without waiting for the others, reading the whole
+// weight at every step. Else 1: all rows at once, each step split between the threads by blocks
+// of hidden units, so that each thread reads only its part of a larger weight.
+int64_t row_groups_for(int64_t max_rows, int64_t weight_bytes) {
+  constexpr int64_t kMinGroupRows = 8;
+  static const int64_t l2_bytes = [] {
+    const long bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return bytes > 0 ? static_cast<int64_t>(bytes) : int64_t(1) << 20;
+  }();
+  const int64_t threads = at::get_num_threads();
+  if (threads < 2 || max_rows < kMinGroupRows * threads || 2 * weight_bytes > l2_bytes) return 1;
+  return threads;
+}
 
 }  // namespace
 
@@ -182,14 +237,21 @@ struct CpuBackend {
     return dw;
   }
 
-  // g^T x and g's column sums in one oneDNN inner-product backward pass on its own plain
-  // layout (two copies in, no transposes), else ATen.
-  static std::pair<at::Tensor, at::Tensor> weight_grad(const at::Tensor& g, const at::Tensor& x, bool bias) {
-    if (g.scalar_type() == at::kFloat && have_onednn() && g.size(0) * g.size(1) * x.size(1) >= kOnednnMinWork) {
-      auto [grad_w, grad_b] = at::mkldnn_linear_backward_weights(g.contiguous().to_mkldnn(), x.contiguous().to_mkldnn(), at::empty({0}, g.options()), bias);
-      return {grad_w, bias ? grad_b : at::Tensor()};
+  // grad_w = g^T x, or += when accumulating: on the panel kernel with x laid out in panels (A = g
+  // read transposed, in place) straight into grad_w, else on MKL. No temporary of the result.
+  template <typename S>
+  static void weight_grad_out(at::Tensor& grad_w, const at::Tensor& g, const at::Tensor& x, bool accumulate) {
+    constexpr int64_t kMinPanelRows = 16;
+    const int64_t rows = x.size(0);
+    if (has_kernels<S>() && rows >= kMinPanelRows && x.is_contiguous() && g.stride(1) == 1 && grad_w.is_contiguous() &&
+        x.size(1) > 0) {
+      const Panels<S> x_panels(ptr<S>(x), false, rows, 1, x.size(1), Scratch::kGradientPanels);
+      x_panels.multiply(g.size(1), ptr<S>(g), 1, g.stride(0), S(accumulate ? 1 : 0), ptr<S>(grad_w), grad_w.stride(0));
+    } else if (accumulate) {
+      grad_w.addmm_(g.t(), x);
+    } else {
+      at::mm_out(grad_w, g.t(), x);
     }
-    return {at::mm(g.t(), x), bias ? g.sum(0) : at::Tensor()};
   }
 
   // The scalar types the CPU kernels are built for (check_dtype turns the others away).
@@ -233,52 +295,110 @@ struct CpuBackend {
   // Per-step weights are laid out in panels once when used for a few steps; a single step
   // reads them in place.
   template <typename S>
-  static CpuStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t /*max_rows*/,
+  static CpuStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t max_rows,
                                       int64_t steps, Scratch slot) {
     CpuStepWeight<S> sw{w, trans, k, n};
-    if (has_kernels<S>() && steps >= kMinPanelSteps && k > 0 && n > 0) sw.panels = Panels<S>(w, trans, k, 1, n, slot);
+    if (has_kernels<S>() && steps >= kMinPanelSteps && k > 0 && n > 0) {
+      sw.panels = Panels<S>(w, trans, k, 1, n, slot);
+      sw.row_groups = row_groups_for(max_rows, k * n * sizeof(S));
+    }
     return sw;
   }
 
   // W_hh [G*H, H_out] for the recurrent GEMM h_prev W_hh^T, its panels grouped by gate.
+  // With w_ih given and batches of at least kMinFoldRows rows, the input projection is folded
+  // into each step's GEMM: gates = [h_prev, x_t] [W_hh, W_ih]^T + bias. Each weight is then still
+  // read once per block of rows, but there is one GEMM per step instead of two passes, and the
+  // projected input never goes through memory. Fewer rows leave the weights' reads unshared
+  // between enough rows: there a GEMM over all steps' inputs at once is faster.
   template <class Cell, typename S>
   static CpuStepWeight<S> recurrent_weight(const S* w_hh, int64_t h_out, int64_t hidden, int64_t max_rows,
-                                           int64_t steps) {
-    CpuStepWeight<S> sw{w_hh, true, h_out, Cell::kGates * hidden};
-    if (has_kernels<S>() && steps >= kMinPanelSteps && h_out > 0 && hidden > 0) {
-      sw.panels = Panels<S>(w_hh, true, h_out, Cell::kGates, hidden, Scratch::kRecurrentWeight);
-      sw.h_prev = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value));
+                                           int64_t steps, const at::Tensor& w_ih, const at::Tensor& bias) {
+    constexpr int64_t kMinFoldRows = 16;
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
+    const int64_t n = Cell::kGates * hidden;
+    CpuStepWeight<S> sw{w_hh, true, h_out, n};
+    if (!has_kernels<S>() || steps < kMinPanelSteps || h_out <= 0 || hidden <= 0) return sw;
+    const S* w = w_hh;
+    if (w_ih.defined() && max_rows >= kMinFoldRows) {
+      const int64_t input = w_ih.size(1);
+      const at::Tensor joined = cpu_scratch(Scratch::kJoinedWeight, {n, h_out + input}, opts);
+      S* out = ptr<S>(joined);
+      const S* w_in = ptr<S>(w_ih);
+      for (int64_t r = 0; r < n; ++r) {
+        std::copy_n(w_hh + r * h_out, h_out, out + r * (h_out + input));
+        std::copy_n(w_in + r * input, input, out + r * (h_out + input) + h_out);
+      }
+      w = out;
+      sw.k = h_out + input;
+      sw.folded_input = input;
+      sw.bias = bias.defined() ? bias.contiguous() : at::zeros({n}, opts);
     }
+    sw.panels = Panels<S>(w, true, sw.k, Cell::kGates, hidden, Scratch::kRecurrentWeight);
+    sw.step_input = cpu_scratch(Scratch::kStateCopy, {max_rows, sw.k}, opts);
+    sw.row_groups = row_groups_for(max_rows, sw.k * n * sizeof(S));
     return sw;
+  }
+
+  // Up to `groups` row groups, one per thread, of about equal work: with packed input each row
+  // counts the steps of [t_lo, t_hi) it is in.
+  template <typename F>
+  static void for_each_row_group(const Steps& s, int64_t t_lo, int64_t t_hi, int64_t groups, const F& run) {
+    const int64_t rows = max_batch(s);
+    if (groups <= 1 || at::in_parallel_region()) return run(0, rows);
+    // steps_in[r]: the steps of the range that row r is in (batch sizes never increase).
+    std::vector<int64_t> steps_in(rows + 1, 0);
+    for (int64_t t = t_lo; t < t_hi; ++t) ++steps_in[0], --steps_in[s.batch[t]];
+    for (int64_t r = 1; r <= rows; ++r) steps_in[r] += steps_in[r - 1];
+    const int64_t total = std::accumulate(steps_in.begin(), steps_in.end() - 1, int64_t(0));
+    std::vector<int64_t> bounds{0};
+    for (int64_t r = 0, work = 0; r < rows; ++r) {
+      work += steps_in[r];
+      if (work * groups >= total * static_cast<int64_t>(bounds.size()) && r + 1 < rows) bounds.push_back(r + 1);
+    }
+    bounds.push_back(rows);
+    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) run(bounds[g], bounds[g + 1]);
+    });
   }
 
   // gates += h_prev W_hh^T (beta 1; GRU: gates = h_prev W_hh^T, beta 0), then the cell's pointwise
   // step; with panels, each thread runs both for its own block of hidden units in one pass.
   template <class Cell, typename S>
-  static void recurrent_step(const CpuStepWeight<S>& w_hh, const StepForward<S>& a, int64_t batch, S* gates,
-                             int64_t ld_gates, S beta) {
+  static void recurrent_step(const CpuStepWeight<S>& w_hh, const StepForward<S>& a, int64_t row_begin,
+                             int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* input) {
     if constexpr (!has_kernels<S>()) {
       check_dtype(c10::CppTypeToScalarType<S>::value);
     } else {
+      const int64_t rows = row_end - row_begin;
+      if (rows <= 0) return;
       if (!w_hh.panels.defined()) {
-        w_hh.gemm(batch, a.h_state, w_hh.k, beta, gates, ld_gates);
-        return forward_step<Cell, S>(a, batch);
+        w_hh.gemm(rows, a.h_state + row_begin * w_hh.k, w_hh.k, beta, gates + row_begin * ld_gates, ld_gates);
+        return forward_step<Cell, S>(a, row_begin, row_end);
       }
-      if (batch > 0) fused_step<Cell>(w_hh, a, batch, gates, ld_gates, beta);
+      fused_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input);
     }
   }
 
   template <class Cell, typename S>
-  static void fused_step(const CpuStepWeight<S>& w_hh, const StepForward<S>& a, int64_t batch, S* gates,
-                         int64_t ld_gates, S beta) {
-    // The pointwise step overwrites h_state (h_prev -> h_new) while other threads still read
-    // it for their GEMM: they read this copy instead.
-    S* h_prev = w_hh.h_prev.template data_ptr<S>();
-    std::memcpy(h_prev, a.h_state, batch * w_hh.k * sizeof(S));
+  static void fused_step(const CpuStepWeight<S>& w_hh, const StepForward<S>& a, int64_t row_begin,
+                         int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* input) {
+    const int64_t k = w_hh.k, input_size = w_hh.folded_input, h_out = k - input_size;
+    S* step_input = w_hh.step_input.template data_ptr<S>() + row_begin * k;
+    if (input_size == 0) {
+      std::memcpy(step_input, a.h_state + row_begin * h_out, (row_end - row_begin) * k * sizeof(S));
+    } else {
+      for (int64_t b = row_begin; b < row_end; ++b) {
+        std::copy_n(a.h_state + b * h_out, h_out, step_input + (b - row_begin) * k);
+        std::copy_n(input + b * input_size, input_size, step_input + (b - row_begin) * k + h_out);
+      }
+    }
+    const S* bias = input_size ? ptr<S>(w_hh.bias) : nullptr;
     const Panels<S>& panels = w_hh.panels;
     constexpr int64_t W = Panels<S>::kWidth;
-    for_each_panel_block(panels, batch, [&](int64_t p, int64_t first, int64_t rows) {
-      panels.block(p, rows, h_prev + first * w_hh.k, w_hh.k, beta, gates + first * ld_gates, ld_gates);
+    for_each_panel_block(panels, row_end - row_begin, [&](int64_t p, int64_t block_first, int64_t rows) {
+      const int64_t first = row_begin + block_first;
+      panels.block(p, rows, step_input + block_first * k, k, 1, beta, gates + first * ld_gates, ld_gates, bias);
       for (int64_t v = 0; v < panels.unit_vectors(); ++v) {
         const int64_t j = panels.unit(p, v), lanes = panels.valid_lanes(p, v);
         for (int64_t b = first; b < first + rows; ++b) {
@@ -294,13 +414,17 @@ struct CpuBackend {
     return cpu_scratch(slot, sizes, options);
   }
 
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return cpu_empty(sizes, options);
+  }
+
   struct NoGuard {};
   static NoGuard guard(const c10::Device&) { return {}; }
 
   template <class Cell, typename S>
-  static void forward_step(const StepForward<S>& a, int64_t batch) {
+  static void forward_step(const StepForward<S>& a, int64_t row_begin, int64_t row_end) {
     if constexpr (has_kernels<S>()) {
-      for_each_chunk<S>(batch, a.hidden, Cell::kGates, [&](int64_t b, int64_t j, bool vec) {
+      for_each_chunk<S>(row_begin, row_end, a.hidden, Cell::kGates, [&](int64_t b, int64_t j, bool vec) {
         if (vec) Cell::template forward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
         else Cell::template forward<S, ScalarIO<S>>(a, b, j);
       });
@@ -310,9 +434,9 @@ struct CpuBackend {
   }
 
   template <class Cell, typename S>
-  static void backward_step(const StepBackward<S>& a, int64_t batch) {
+  static void backward_step(const StepBackward<S>& a, int64_t row_begin, int64_t row_end) {
     if constexpr (has_kernels<S>()) {
-      for_each_chunk<S>(batch, a.hidden, Cell::kGates, [&](int64_t b, int64_t j, bool vec) {
+      for_each_chunk<S>(row_begin, row_end, a.hidden, Cell::kGates, [&](int64_t b, int64_t j, bool vec) {
         if (vec) Cell::template backward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
         else Cell::template backward<S, ScalarIO<S>>(a, b, j);
       });
@@ -333,14 +457,14 @@ void CpuDenseWeight<S>::apply_out(at::Tensor& out, const at::Tensor& x) const {
     return;
   }
   TORCH_INTERNAL_ASSERT(x.is_contiguous() && out.stride(1) == 1);
-  panels.multiply(m, ptr<S>(x), panels.k(), S(0), ptr<S>(out), out.stride(0), ptr<S>(bias));
+  panels.multiply(m, ptr<S>(x), panels.k(), 1, S(0), ptr<S>(out), out.stride(0), ptr<S>(bias));
 }
 
 template <typename S>
 void CpuStepWeight<S>::gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {
   if (m == 0) return;
   if (!panels.defined()) return CpuBackend::gemm<S>(false, trans, m, n, k, S(1), a, lda, w, trans ? k : n, beta, c, ldc);
-  panels.multiply(m, a, lda, beta, c, ldc);
+  panels.multiply(m, a, lda, 1, beta, c, ldc);
 }
 
 TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) { FUSED_RNN_REGISTER_BACKEND(m, CpuBackend); }

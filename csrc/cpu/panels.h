@@ -74,15 +74,17 @@ class Panels {
   }
 
   // Rows [0, rows) (rows <= block_rows()) of C for panel p's columns; `bias` (length n, may be
-  // null) is added to every row.
-  void block(int64_t p, int64_t rows, const S* a, int64_t lda, S beta, S* c, int64_t ldc,
+  // null) is added to every row. A's element (r, i) is a[r * lda + i * lda_k].
+  void block(int64_t p, int64_t rows, const S* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
              const S* bias = nullptr) const {
-    if (vectors_ == 3) dispatch_rows<3>(p, rows, a, lda, beta, c, ldc, bias);
-    else dispatch_rows<4>(p, rows, a, lda, beta, c, ldc, bias);
+    if (vectors_ == 3) dispatch_rows<3>(p, rows, a, lda, lda_k, beta, c, ldc, bias);
+    else dispatch_rows<4>(p, rows, a, lda, lda_k, beta, c, ldc, bias);
   }
 
-  // C[m, n] = A[m, k] B + beta C (+ bias), over every panel and block of rows.
-  void multiply(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc, const S* bias = nullptr) const;
+  // C[m, n] = A[m, k] B + beta C (+ bias), over every panel and block of rows; A's element (r, i)
+  // is a[r * lda + i * lda_k] (lda_k = 1: row-major; lda = 1: A is a transposed row-major matrix).
+  void multiply(int64_t m, const S* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
+                const S* bias = nullptr) const;
 
   // Multiply-adds in one block of rows of one panel.
   int64_t block_work() const { return block_rows() * k_ * vectors_ * kWidth; }
@@ -95,18 +97,18 @@ class Panels {
   }
 
   template <int NV, int R = block_rows_for<NV>()>
-  void dispatch_rows(int64_t p, int64_t rows, const S* a, int64_t lda, S beta, S* c, int64_t ldc,
+  void dispatch_rows(int64_t p, int64_t rows, const S* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
                      const S* bias) const {
     if constexpr (R > 1) {
-      if (rows < R) return dispatch_rows<NV, R - 1>(p, rows, a, lda, beta, c, ldc, bias);
+      if (rows < R) return dispatch_rows<NV, R - 1>(p, rows, a, lda, lda_k, beta, c, ldc, bias);
     }
-    kernel<NV, R>(p, a, lda, beta, c, ldc, bias);
+    kernel<NV, R>(p, a, lda, lda_k, beta, c, ldc, bias);
   }
 
   // Kept out of line: inlined into a caller's loop, GCC spills the accumulators to the stack.
   template <int NV, int R>
-  __attribute__((noinline)) void kernel(int64_t p, const S* a, int64_t lda, S beta, S* c, int64_t ldc,
-                                        const S* bias) const {
+  __attribute__((noinline)) void kernel(int64_t p, const S* a, int64_t lda, int64_t lda_k, S beta, S* c,
+                                        int64_t ldc, const S* bias) const {
     std::array<int64_t, NV> col{}, lanes{};
     for (int v = 0; v < NV; ++v) col[v] = column(p, v), lanes[v] = valid_lanes(p, v);
     V start[NV];  // what every row's accumulator starts from besides beta C: the bias, or 0
@@ -127,13 +129,13 @@ class Panels {
       }
     }
     const S* w = base_ + p * k_ * NV * kWidth;
-    for (int64_t i = 0; i < k_; ++i, w += NV * kWidth) {
+    for (int64_t i = 0; i < k_; ++i, w += NV * kWidth, a += lda_k) {
       V wv[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) wv[v] = V::loadu(w + v * kWidth);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const V x(a[r * lda + i]);
+        const V x(a[r * lda]);
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(x, wv[v], acc[r][v]);
       }
@@ -170,9 +172,10 @@ void for_each_panel_block(const Panels<S>& b, int64_t m, const F& task) {
 }
 
 template <typename S>
-void Panels<S>::multiply(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc, const S* bias) const {
+void Panels<S>::multiply(int64_t m, const S* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
+                         const S* bias) const {
   for_each_panel_block(*this, m, [&](int64_t p, int64_t first, int64_t rows) {
-    block(p, rows, a + first * lda, lda, beta, c + first * ldc, ldc, bias);
+    block(p, rows, a + first * lda, lda, lda_k, beta, c + first * ldc, ldc, bias);
   });
 }
 

@@ -1,30 +1,134 @@
-// Scratch buffers of the CPU backend, kept per thread from one call to the next. A fresh
-// buffer of a few megabytes costs a page fault per 4 KiB page on every call (glibc gives large
-// freed blocks back to the system), several microseconds each on a VM: for small layers, more
-// than the arithmetic. Buffers above kMaxKeptBytes are allocated per call instead.
+// Memory of the CPU backend that is kept from one call to the next. A fresh buffer of a few
+// megabytes costs a page fault per 4 KiB page on every call (glibc gives large freed blocks back
+// to the system), several microseconds each on a VM: for small layers, more than the arithmetic.
+//  - cpu_scratch: buffers used only while an op runs, one per role and thread.
+//  - cpu_empty: the large tensors an op returns (outputs, the reserve, input gradients), taken
+//    from a cache of blocks freed by earlier such tensors, up to a total size (env var
+//    FUSED_RNN_CPU_CACHE_MB, default 256).
+// fused_rnn.empty_cache() releases the cache and the calling thread's scratch buffers.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/CPUAllocator.h>
 
 #include <array>
+#include <cstdlib>
+#include <mutex>
+#include <vector>
 
 #include "../layer.h"
 
 namespace fused_rnn {
 
+inline std::array<at::Tensor, static_cast<size_t>(Scratch::kCount)>& kept_scratch() {
+  thread_local std::array<at::Tensor, static_cast<size_t>(Scratch::kCount)> kept;  // bytes
+  return kept;
+}
+
 inline at::Tensor cpu_scratch(Scratch slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
   constexpr int64_t kMaxKeptBytes = int64_t(32) << 20;
-  thread_local std::array<at::Tensor, static_cast<size_t>(Scratch::kCount)> kept;  // bytes
   const int64_t numel = c10::multiply_integers(sizes), item = options.dtype().itemsize();
   const int64_t bytes = numel * item;
   if (bytes > kMaxKeptBytes) return at::empty(sizes, options);
-  at::Tensor& buffer = kept[static_cast<size_t>(slot)];
+  at::Tensor& buffer = kept_scratch()[static_cast<size_t>(slot)];
   if (!buffer.defined() || buffer.numel() < bytes) {
     buffer = at::Tensor();  // free the old one first
     buffer = at::empty({bytes}, options.dtype(at::kByte));
   }
   // A view of the kept bytes as the requested type and shape (it keeps them alive).
   return buffer.narrow(0, 0, bytes).view(options.dtype().toScalarType()).view(sizes);
+}
+
+// Freed blocks kept for reuse; shared by all threads (a tensor may be freed on any thread).
+class BlockCache {
+ public:
+  static constexpr size_t kAlignment = 64;  // as c10's CPU allocator
+
+  // Never destroyed: tensors may still be freed into it while the process exits.
+  static BlockCache& instance() {
+    static BlockCache* cache = new BlockCache();
+    return *cache;
+  }
+
+  // A block of at least `bytes`: a cached one of at most twice that size, else a new one.
+  std::pair<void*, size_t> take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto best = blocks_.end();
+      for (auto it = blocks_.begin(); it != blocks_.end(); ++it)
+        if (it->second >= bytes && it->second <= 2 * bytes && (best == blocks_.end() || it->second < best->second))
+          best = it;
+      if (best != blocks_.end()) {
+        const auto block = *best;
+        blocks_.erase(best);
+        cached_bytes_ -= block.second;
+        return block;
+      }
+    }
+    void* data = nullptr;
+    if (posix_memalign(&data, kAlignment, bytes) != 0) TORCH_CHECK_WITH(OutOfMemoryError, false, "fused_rnn: failed to allocate ", bytes, " bytes");
+    return {data, bytes};
+  }
+
+  void give_back(void* data, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_bytes_ + bytes <= limit_) {
+        blocks_.emplace_back(data, bytes);
+        cached_bytes_ += bytes;
+        return;
+      }
+    }
+    std::free(data);
+  }
+
+  void release() {
+    std::vector<std::pair<void*, size_t>> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks.swap(blocks_);
+      cached_bytes_ = 0;
+    }
+    for (const auto& block : blocks) std::free(block.first);
+  }
+
+ private:
+  BlockCache() {
+    const char* env = std::getenv("FUSED_RNN_CPU_CACHE_MB");
+    limit_ = static_cast<size_t>(env ? std::max(0LL, std::atoll(env)) : 256) << 20;
+  }
+
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> blocks_;
+  size_t cached_bytes_ = 0, limit_ = 0;
+};
+
+struct CachedBlock {
+  void* data;
+  size_t bytes;
+  static void give_back(void* block) {
+    const CachedBlock* b = static_cast<CachedBlock*>(block);
+    BlockCache::instance().give_back(b->data, b->bytes);
+    delete b;
+  }
+};
+
+// An uninitialised contiguous tensor; from 1 MiB (glibc keeps smaller blocks in its heap) its
+// memory comes from the block cache and goes back to it when the tensor is freed. The storage
+// resizes like any other (through the CPU allocator).
+inline at::Tensor cpu_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  constexpr size_t kMinCachedBytes = size_t(1) << 20;
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (bytes < kMinCachedBytes) return at::empty(sizes, options);
+  const auto [data, size] = BlockCache::instance().take(bytes);
+  c10::DataPtr memory(data, new CachedBlock{data, size}, &CachedBlock::give_back, c10::Device(c10::kCPU));
+  c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, std::move(memory), c10::GetCPUAllocator(), true);
+  return at::empty({0}, options).set_(std::move(storage), 0, sizes, c10::contiguous_strides(sizes));
+}
+
+inline void release_cpu_memory() {
+  BlockCache::instance().release();
+  for (at::Tensor& buffer : kept_scratch()) buffer = at::Tensor();
 }
 
 }  // namespace fused_rnn

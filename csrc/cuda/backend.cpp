@@ -57,6 +57,8 @@ struct CudaStepWeight {
   const S* w;
   bool trans;
   int64_t k, n;
+  int64_t row_groups = 1;    // every step runs all its rows at once
+  int64_t folded_input = 0;  // the input projection stays one large GEMM
 
   void gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const;
 };
@@ -86,8 +88,10 @@ struct CudaBackend {
     return {w, bias, trans};
   }
 
-  static std::pair<at::Tensor, at::Tensor> weight_grad(const at::Tensor& g, const at::Tensor& x, bool bias) {
-    return {at::mm(g.t(), x), bias ? g.sum(0) : at::Tensor()};
+  template <typename S>
+  static void weight_grad_out(at::Tensor& grad_w, const at::Tensor& g, const at::Tensor& x, bool accumulate) {
+    if (accumulate) grad_w.addmm_(g.t(), x);
+    else at::mm_out(grad_w, g.t(), x);
   }
 
   // Row-major C[m, n] = alpha op(A) op(B) + beta C, as the column-major product C^T = op(B)^T op(A)^T
@@ -121,6 +125,10 @@ struct CudaBackend {
     return at::empty(sizes, options);
   }
 
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::empty(sizes, options);
+  }
+
   // cuBLAS reads W in place: nothing to prepare, whatever the batch or the number of steps.
   template <typename S>
   static CudaStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t /*max_rows*/,
@@ -130,26 +138,31 @@ struct CudaBackend {
 
   template <class Cell, typename S>
   static CudaStepWeight<S> recurrent_weight(const S* w_hh, int64_t h_out, int64_t hidden, int64_t max_rows,
-                                            int64_t steps) {
+                                            int64_t steps, const at::Tensor& /*w_ih*/, const at::Tensor& /*bias*/) {
     return step_weight<S>(w_hh, true, h_out, Cell::kGates * hidden, max_rows, steps, Scratch::kRecurrentWeight);
   }
 
-  // The recurrent GEMM on cuBLAS, then the pointwise kernel, on the same stream.
+  // A single group of all rows: each step is one GEMM and one kernel over its whole batch.
+  template <typename F>
+  static void for_each_row_group(const Steps& s, int64_t /*t_lo*/, int64_t /*t_hi*/, int64_t /*groups*/,
+                                 const F& run) {
+    run(0, max_batch(s));
+  }
+
+  // The recurrent GEMM on cuBLAS, then the pointwise kernel, on the same stream (rows start at 0:
+  // there is only one row group).
   template <class Cell, typename S>
-  static void recurrent_step(const CudaStepWeight<S>& w_hh, const StepForward<S>& step, int64_t batch, S* gates,
-                             int64_t ld_gates, S beta) {
-    w_hh.gemm(batch, step.h_state, w_hh.k, beta, gates, ld_gates);
-    forward_step<Cell, S>(step, batch);
+  static void recurrent_step(const CudaStepWeight<S>& w_hh, const StepForward<S>& step, int64_t row_begin,
+                             int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* /*input*/) {
+    TORCH_INTERNAL_ASSERT(row_begin == 0);
+    w_hh.gemm(row_end, step.h_state, w_hh.k, beta, gates, ld_gates);
+    C10_CUDA_CHECK(launch_forward_step<Cell>(as_cuda(step), row_end, at::cuda::getCurrentCUDAStream()));
   }
 
   template <class Cell, typename S>
-  static void forward_step(const StepForward<S>& step, int64_t batch) {
-    C10_CUDA_CHECK(launch_forward_step<Cell>(as_cuda(step), batch, at::cuda::getCurrentCUDAStream()));
-  }
-
-  template <class Cell, typename S>
-  static void backward_step(const StepBackward<S>& step, int64_t batch) {
-    C10_CUDA_CHECK(launch_backward_step<Cell>(as_cuda(step), batch, at::cuda::getCurrentCUDAStream()));
+  static void backward_step(const StepBackward<S>& step, int64_t row_begin, int64_t row_end) {
+    TORCH_INTERNAL_ASSERT(row_begin == 0);
+    C10_CUDA_CHECK(launch_backward_step<Cell>(as_cuda(step), row_end, at::cuda::getCurrentCUDAStream()));
   }
 };
 
