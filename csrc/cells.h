@@ -10,7 +10,7 @@
 // Reserve layouts (per row, H = hidden_size, gate order as torch.nn):
 //   LSTM: [ i f g o | c | h_unprojected (proj_size > 0 only) ]   activations after the pass
 //   GRU : [ r z n | W_hn h + b_hn ]
-//   RNN : [ pre-activation ]
+//   RNN : none (backward reads h from the output)
 #pragma once
 
 #include <cmath>
@@ -191,7 +191,7 @@ struct RnnCell {
   static constexpr int kGates = 1;
   static constexpr bool kHasCell = false;
   static constexpr bool kSeparateHiddenGates = false;
-  static int64_t reserve_width(int64_t hidden, bool) { return hidden; }
+  static int64_t reserve_width(int64_t, bool) { return 0; }
 
   template <typename V, typename IO, typename S>
   static FR_HD void forward(const StepForward<S>& a, int64_t b, int64_t j) {

@@ -130,7 +130,7 @@ inline Tensor previous_states(const Tensor& seq, const Tensor& init, const Steps
 // Buffers an op needs only while it runs, by role; a backend may keep them from call to call
 // (Backend::scratch), so each role is used once at a time.
 enum class Scratch {
-  kInputWeight, kRecurrentWeight, kJoinedWeight, kProjectionWeight, kGradientPanels, kStateCopy, kGates, kHiddenGates,
+  kInputWeight, kRecurrentWeight, kProjectionWeight, kGradientPanels, kStateCopy, kGates, kHiddenGates,
   kCount
 };
 
@@ -138,8 +138,8 @@ template <typename S>
 S* ptr(const Tensor& t) { return t.defined() ? static_cast<S*>(t.data_ptr()) : nullptr; }
 
 // Returns {output, h_n, c_n (LSTM only, else undefined), reserve}. Without `save_reserve`
-// (inference) the reserve comes back with 0 rows: the input projection is then computed a
-// chunk of time steps at a time into a small reused buffer instead of for the whole sequence.
+// (inference), and for cells whose backward reads none (RNN), the reserve comes back with 0 rows:
+// the gates are then computed a chunk of time steps at a time into a small reused buffer.
 template <class Cell, class Backend>
 std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tensor>& batch_sizes,
                                   const Tensor& hx, const Tensor& cx, const LayerWeights& w,
@@ -168,12 +168,14 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
   }
   if (Cell::kSeparateHiddenGates && !bias_hn.defined()) bias_hn = at::zeros({H}, opts);
 
-  // Steps per input-projection chunk: all of them when the reserve is kept, else enough for
-  // about a megabyte of gate values.
-  const int64_t R = Cell::reserve_width(H, project);
+  // The gate buffer: the reserve itself when it is kept (its rows start as the gate pre-activations
+  // and end as what backward reads), else a reused buffer for a chunk of steps at a time, enough
+  // for about a megabyte of gate values. RNN keeps no reserve: its backward reads only h.
+  const int64_t R = Cell::reserve_width(H, project), width = std::max<int64_t>(R, G * H);
+  const bool keep = save_reserve && R > 0;
   constexpr int64_t kChunkValues = int64_t(1) << 18;
-  const int64_t chunk = save_reserve ? std::max<int64_t>(T, 1) : std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, B * R));
-  Tensor reserve = save_reserve ? Backend::empty({s.rows, R}, opts) : Backend::scratch(Scratch::kGates, {std::min(s.rows, chunk * B), R}, opts);
+  const int64_t chunk = keep ? std::max<int64_t>(T, 1) : std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, B * width));
+  Tensor reserve = keep ? Backend::empty({s.rows, R}, opts) : Backend::scratch(Scratch::kGates, {std::min(s.rows, chunk * B), width}, opts);
 
   Tensor h_state = hx.contiguous().clone();
   Tensor c_state = Cell::kHasCell ? cx.contiguous().clone() : Tensor();
@@ -183,7 +185,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_rnn_forward", [&] {
     using S = scalar_t;
     StepForward<S> a{};
-    a.ld_reserve = R;
+    a.ld_reserve = width;
     a.ld_output = H_out;
     a.hidden = H;
     a.relu = relu;
@@ -205,7 +207,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
       const int64_t last = std::min(T, first + chunk);
       const int64_t t_lo = reverse ? T - last : first, t_hi = reverse ? T - first : last;
       const int64_t row_lo = s.offset[t_lo], row_hi = t_hi < T ? s.offset[t_hi] : s.rows;
-      const int64_t reserve_lo = save_reserve ? row_lo : 0;  // reserve row of row_lo
+      const int64_t reserve_lo = keep ? row_lo : 0;  // gate buffer row of row_lo
       Tensor chunk_gates = reserve.narrow(0, reserve_lo, row_hi - row_lo).narrow(1, 0, G * H);
       if (!folded) w_ih_t.apply_out(chunk_gates, x.narrow(0, row_lo, row_hi - row_lo));
       Backend::for_each_row_group(s, t_lo, t_hi, w_hh_t.row_groups, [&](int64_t row_begin, int64_t row_end) {
@@ -214,7 +216,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
           const int64_t t = reverse ? T - 1 - k : k;
           const int64_t end = std::min(s.batch[t], row_end), row = s.offset[t];
           if (end <= row_begin) continue;
-          step.reserve = ptr<S>(reserve) + (row - row_lo + reserve_lo) * R;
+          step.reserve = ptr<S>(reserve) + (row - row_lo + reserve_lo) * width;
           step.output = ptr<S>(output) + row * H_out;
           // Recurrent GEMM, h_prev W_hh^T, straight into the gate rows (or GRU's hidden gates),
           // then the pointwise step.
@@ -222,11 +224,11 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
             Backend::template recurrent_step<Cell, S>(w_hh_t, step, row_begin, end, ptr<S>(hidden_gates), G * H, S(0),
                                                       nullptr);
           else
-            Backend::template recurrent_step<Cell, S>(w_hh_t, step, row_begin, end, step.reserve, R, S(folded ? 0 : 1),
+            Backend::template recurrent_step<Cell, S>(w_hh_t, step, row_begin, end, step.reserve, width, S(folded ? 0 : 1),
                                                       ptr<S>(x) + row * I);
           if (project) {
             S* out_rows = step.output + row_begin * H_out;
-            w_hr_t.gemm(end - row_begin, step.reserve + row_begin * R + 5 * H, R, S(0), out_rows, H_out);
+            w_hr_t.gemm(end - row_begin, step.reserve + row_begin * width + 5 * H, width, S(0), out_rows, H_out);
             std::copy_n(out_rows, (end - row_begin) * H_out, step.h_state + row_begin * H_out);
           }
         }
@@ -235,7 +237,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
   });
 
   if (!s.packed) output = output.view({T, B, H_out});
-  if (!save_reserve) reserve = at::empty({0, R}, opts);
+  if (!keep) reserve = at::empty({0, R}, opts);
   return {output, h_state, c_state, reserve};
 }
 
@@ -266,12 +268,12 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   Tensor grad_projected = project ? Backend::empty({s.rows, H_out}, opts) : Tensor();  // dL/dh before W_hr
   Tensor grad_unprojected = project ? at::empty({B, H}, opts) : Tensor();
 
-  // The steps run backwards a chunk at a time: the gate gradients of a chunk (about 1 MB, and
+  // The steps run backwards a chunk at a time: the gate gradients of a chunk (about 512 KB, and
   // at least 256 rows so that the GEMMs stay efficient) go into a reused buffer, from which
   // the input gradient and the weight and bias gradients are taken by large GEMMs before the
   // next chunk, so no [rows, G*H] buffer is ever needed.
   const int64_t T = s.count();
-  constexpr int64_t kChunkValues = int64_t(1) << 18, kChunkMinRows = 256;
+  constexpr int64_t kChunkValues = int64_t(1) << 17, kChunkMinRows = 256;
   const int64_t chunk = std::max<int64_t>(kChunkValues / std::max<int64_t>(1, B * G * H),
                                           (kChunkMinRows + B - 1) / std::max<int64_t>(1, B));
   const int64_t chunk_rows = std::min(s.rows, chunk * B);

@@ -4,7 +4,8 @@
 // [T, B, I], or packed rows [N, I] when `batch_sizes` (CPU int64, as in PackedSequence)
 // is given; `reverse` runs time backwards. Outputs: output [T, B, H_out] or [N, H_out],
 // the final state(s) [B, ·], and `reserve`, the saved activations the backward op reads
-// (0 rows when save_reserve is false: inference, where nothing will differentiate).
+// (0 rows when save_reserve is false: inference, where nothing will differentiate; rnn_layer's
+// has 0 columns, as its backward reads only the output).
 #include <torch/extension.h>
 #include <torch/library.h>
 

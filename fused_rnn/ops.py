@@ -14,7 +14,7 @@ def _gates(mode):
 
 
 def _reserve_width(mode, hidden, project):
-    return {"lstm": (6 if project else 5), "gru": 4, "rnn": 1}[mode] * hidden
+    return {"lstm": (6 if project else 5), "gru": 4, "rnn": 0}[mode] * hidden
 
 
 def _fake_forward(mode, input, batch_sizes, hx, w_ih, w_hh, save_reserve, w_hr=None):
@@ -24,7 +24,8 @@ def _fake_forward(mode, input, batch_sizes, hx, w_ih, w_hh, save_reserve, w_hr=N
         rows, out_shape = input.shape[0], (input.shape[0], h_out)
     else:
         rows, out_shape = input.shape[0] * input.shape[1], (input.shape[0], input.shape[1], h_out)
-    reserve = input.new_empty((rows if save_reserve else 0, _reserve_width(mode, hidden, w_hr is not None)))
+    width = _reserve_width(mode, hidden, w_hr is not None)
+    reserve = input.new_empty((rows if save_reserve and width else 0, width))
     return input.new_empty(out_shape), hx.new_empty((hx.shape[0], h_out)), reserve
 
 

@@ -274,7 +274,7 @@ def test_reserve_is_kept_only_when_differentiating():
 
 # The CPU kernels' blocking: hidden sizes that are not a multiple of the SIMD width (72, and
 # LSTM's 40 projected to 24), a batch that leaves a partial block of rows (13), and enough
-# steps for the backward pass to run in more than one chunk (~2^20 gate values per chunk).
+# steps for the backward pass to run in more than one chunk (2^17 gate values, at least 256 rows).
 @pytest.mark.parametrize("form", ["3d", "packed_unsorted"])
 @pytest.mark.parametrize("kind", list(LAYER_KINDS))
 def test_layer_matches_nn_across_kernel_blocks_and_backward_chunks(kind, form):

@@ -319,22 +319,13 @@ struct CpuBackend {
     const int64_t n = Cell::kGates * hidden;
     CpuStepWeight<S> sw{w_hh, true, h_out, n};
     if (!has_kernels<S>() || steps < kMinPanelSteps || h_out <= 0 || hidden <= 0) return sw;
-    const S* w = w_hh;
     if (w_ih.defined() && max_rows >= kMinFoldRows) {
-      const int64_t input = w_ih.size(1);
-      const at::Tensor joined = cpu_scratch(Scratch::kJoinedWeight, {n, h_out + input}, opts);
-      S* out = ptr<S>(joined);
-      const S* w_in = ptr<S>(w_ih);
-      for (int64_t r = 0; r < n; ++r) {
-        std::copy_n(w_hh + r * h_out, h_out, out + r * (h_out + input));
-        std::copy_n(w_in + r * input, input, out + r * (h_out + input) + h_out);
-      }
-      w = out;
-      sw.k = h_out + input;
-      sw.folded_input = input;
+      sw.folded_input = w_ih.size(1);
+      sw.k = h_out + sw.folded_input;
       sw.bias = bias.defined() ? bias.contiguous() : at::zeros({n}, opts);
     }
-    sw.panels = Panels<S>(w, true, sw.k, Cell::kGates, hidden, Scratch::kRecurrentWeight);
+    sw.panels = Panels<S>(w_hh, true, sw.k, Cell::kGates, hidden, Scratch::kRecurrentWeight,
+                          sw.folded_input ? ptr<S>(w_ih) : nullptr, sw.folded_input);
     sw.step_input = cpu_scratch(Scratch::kStateCopy, {max_rows, sw.k}, opts);
     sw.row_groups = row_groups_for(max_rows, sw.k * n * sizeof(S));
     return sw;

@@ -31,8 +31,10 @@ class Panels {
   Panels() = default;
 
   // B = op(w): w is row-major [n, k] when `trans` (B = w^T, as W_hh in h W_hh^T), else [k, n].
-  // The layout goes into the backend's scratch buffer `slot`.
-  Panels(const S* w, bool trans, int64_t k, int64_t gates, int64_t units, Scratch slot)
+  // With `w_tail` (trans only), B^T = [w, w_tail] joined along k: w is [n, k - k_tail] and
+  // w_tail [n, k_tail]. The layout goes into the backend's scratch buffer `slot`.
+  Panels(const S* w, bool trans, int64_t k, int64_t gates, int64_t units, Scratch slot, const S* w_tail = nullptr,
+         int64_t k_tail = 0)
       : k_(k), gates_(gates), units_(units), unit_vectors_(gates == 1 ? 4 : 1) {
     vectors_ = gates_ * unit_vectors_;
     const int64_t unit_block = unit_vectors_ * kWidth;
@@ -47,8 +49,12 @@ class Panels {
         for (int64_t v = 0; v < vectors_; ++v) {
           const int64_t col = column(p, v), lanes = valid_lanes(p, v);
           S* dst = panel + v * kWidth;
-          if (lanes > 0 && trans) {  // rows col.. of w, transposed into the panel's columns
-            at::vec::transpose_mxn<S>(w + col * k_, k_, dst, ld, static_cast<int>(lanes), static_cast<int>(k_));
+          if (lanes > 0 && trans) {  // rows col.. of w (and w_tail), transposed into the panel's columns
+            const int64_t k_head = k_ - k_tail;
+            at::vec::transpose_mxn<S>(w + col * k_head, k_head, dst, ld, static_cast<int>(lanes), static_cast<int>(k_head));
+            if (k_tail > 0)
+              at::vec::transpose_mxn<S>(w_tail + col * k_tail, k_tail, dst + k_head * ld, ld, static_cast<int>(lanes),
+                                        static_cast<int>(k_tail));
           } else if (lanes > 0) {
             for (int64_t i = 0; i < k_; ++i) std::copy_n(w + i * n + col, lanes, dst + i * ld);
           }
