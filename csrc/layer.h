@@ -26,9 +26,10 @@
 //       weight's row_groups: how many it was laid out for (1: all rows at once, parallel inside
 //       each step).
 //   Backend::recurrent_step<Cell, S>(w_hh, const StepForward<S>&, row_begin, row_end, gates,
-//       ld_gates, beta, x_t): for the step's rows [row_begin, row_end), gates = h_state W_hh^T +
-//       beta gates (with the input folded in: [h_state, x_t] [W_hh, W_ih]^T + bias), then the
-//       cell's pointwise step (fused or not)
+//       ld_gates, beta, x_t, h_prev): for the step's rows [row_begin, row_end), gates = h_state
+//       W_hh^T + beta gates (with the input folded in: [h_state, x_t] [W_hh, W_ih]^T + bias), then
+//       the cell's pointwise step (fused or not). h_prev, if not null, holds the same values as
+//       h_state (rows of stride h_out) where the pointwise step does not overwrite them.
 //   Backend::backward_step<Cell, S>(const StepBackward<S>&, row_begin, row_end)
 // The Step structs point at row 0 of a step; the row range says which rows to compute.
 //
@@ -177,7 +178,8 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
   const int64_t chunk = keep ? std::max<int64_t>(T, 1) : std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, B * width));
   Tensor reserve = keep ? Backend::empty({s.rows, R}, opts) : Backend::scratch(Scratch::kGates, {std::min(s.rows, chunk * B), width}, opts);
 
-  Tensor h_state = hx.contiguous().clone();
+  const Tensor h_init = hx.contiguous();
+  Tensor h_state = h_init.clone();
   Tensor c_state = Cell::kHasCell ? cx.contiguous().clone() : Tensor();
   Tensor output = Backend::empty({s.rows, H_out}, opts);
   Tensor hidden_gates = Cell::kSeparateHiddenGates ? at::empty({B, G * H}, opts) : Tensor();
@@ -218,14 +220,20 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
           if (end <= row_begin) continue;
           step.reserve = ptr<S>(reserve) + (row - row_lo + reserve_lo) * width;
           step.output = ptr<S>(output) + row * H_out;
+          // h_prev in place for the GEMM: hx at the first step, else the previous step's output
+          // rows; none where some rows start from hx mid-sequence (packed, time reversed).
+          const int64_t before = reverse ? t + 1 : t - 1;
+          const S* h_prev = k == 0 ? ptr<S>(h_init)
+                            : s.batch[before] >= end ? ptr<S>(output) + s.offset[before] * H_out
+                                                     : nullptr;
           // Recurrent GEMM, h_prev W_hh^T, straight into the gate rows (or GRU's hidden gates),
           // then the pointwise step.
           if (Cell::kSeparateHiddenGates)
             Backend::template recurrent_step<Cell, S>(w_hh_t, step, row_begin, end, ptr<S>(hidden_gates), G * H, S(0),
-                                                      nullptr);
+                                                      nullptr, h_prev);
           else
             Backend::template recurrent_step<Cell, S>(w_hh_t, step, row_begin, end, step.reserve, width, S(folded ? 0 : 1),
-                                                      ptr<S>(x) + row * I);
+                                                      ptr<S>(x) + row * I, h_prev);
           if (project) {
             S* out_rows = step.output + row_begin * H_out;
             w_hr_t.gemm(end - row_begin, step.reserve + row_begin * width + 5 * H, width, S(0), out_rows, H_out);

@@ -179,6 +179,16 @@ def test_layer_matches_nn_with_intra_op_threads(kind, dtype):
         torch.set_num_threads(threads)
 
 
+def call_with_mixed_lengths(x, form):
+    """m -> m(x) for form "3d"; for "packed_unsorted", x packed unsorted with random lengths, one
+    of them the full length."""
+    steps, batch = x.shape[:2]
+    lengths = [steps] + [int(n) for n in torch.randint(1, steps + 1, (batch - 1,))]
+    if form == "packed_unsorted":
+        return lambda m: m(pack_padded_sequence(x, lengths, enforce_sorted=False))
+    return lambda m: m(x)
+
+
 # From 8 rows per thread the CPU backend gives each thread its own rows for every step (no
 # synchronisation between steps); packed, the rows are grouped by their number of steps. Three
 # threads on 41 rows: groups of unequal size, each with a partial register block. LSTM projects
@@ -194,14 +204,7 @@ def test_layer_matches_nn_with_rows_split_between_threads(kind, form, threads):
         proj = {"proj_size": 7} if kind == "LSTM" and threads == 3 else {}
         ref, ours = make_kind_pair(kind, INPUT_SIZE, 20, num_layers=2, bidirectional=True, dtype=torch.float64, **proj)
         leaves = {"input": leaf(steps, batch, INPUT_SIZE)}
-        lengths = [steps] + [int(n) for n in torch.randint(1, steps + 1, (batch - 1,))]
-
-        def call(m):
-            x = leaves["input"]
-            if form == "packed_unsorted":
-                x = pack_padded_sequence(x, lengths, enforce_sorted=False)
-            return m(x)
-
+        call = call_with_mixed_lengths(leaves["input"], form)
         assert_same_outputs_and_grads(ref, ours, leaves, call, torch.float64)
     finally:
         torch.set_num_threads(previous)
@@ -283,12 +286,4 @@ def test_layer_matches_nn_across_kernel_blocks_and_backward_chunks(kind, form):
     steps = 2 ** 20 // (batch * GATES[kind] * hidden) + 17
     ref, ours = make_kind_pair(kind, 5, hidden, bidirectional=True, dtype=torch.float64, **proj)
     leaves = {"input": leaf(steps, batch, 5)}
-    lengths = [steps] + [int(n) for n in torch.randint(1, steps + 1, (batch - 1,))]
-
-    def call(m):
-        x = leaves["input"]
-        if form == "packed_unsorted":
-            x = pack_padded_sequence(x, lengths, enforce_sorted=False)
-        return m(x)
-
-    assert_same_outputs_and_grads(ref, ours, leaves, call, torch.float64)
+    assert_same_outputs_and_grads(ref, ours, leaves, call_with_mixed_lengths(leaves["input"], form), torch.float64)

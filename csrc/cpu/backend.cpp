@@ -40,72 +40,54 @@ int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
 
 namespace fused_rnn {
 
-// Activations on float vectors with AVX-512 or AVX2, which the pointwise passes spend most of
-// their time in. e^x = 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 in [-ln2/2, ln2/2]
-// (ln 2 in two parts, so r is exact), e^r by a degree-5 polynomial (coefficients fitted to e^r on
-// that interval: relative error ~2.5e-7, about 2 ulp). x is first clamped to [-87.3, 88.7], where
-// e^x is a normal float: above, it gives ~3.3e38 rather than inf, which is all the activations
-// need, as they only divide by 1 + e^x. A NaN passes the clamp (min and max return their second
-// operand then). 1 / d: the hardware estimate refined by one Newton step (relative error ~1e-7)
-// instead of a division, several times its throughput.
+// Activations on float vectors, which the pointwise passes spend most of their time in.
+// e^x = 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 in two parts,
+// so r is exact), e^r by a degree-5 polynomial (coefficients fitted to e^r on that interval:
+// relative error ~2.5e-7, about 2 ulp), 2^n built in the exponent bits. x is first clamped to
+// [-87.3, 88.7], where e^x is a normal float: above, it gives ~3.3e38 rather than inf, which is
+// all the activations need, as they only divide by 1 + e^x.
+inline at::vec::Vectorized<float> exp_clamped(const at::vec::Vectorized<float>& x_in) {
+  using V = at::vec::Vectorized<float>;
+  using I = at::vec::Vectorized<int32_t>;
+  const V x = at::vec::clamp(x_in, V(-87.3f), V(88.7f));  // a NaN passes (min/max return it)
+  const V n = (x * V(1.44269504f)).round();
+  const V r = at::vec::fmadd(n, V(-1.428606765330187e-06f), at::vec::fmadd(n, V(-0.693145751953125f), x));
+  V p = at::vec::fmadd(V(0.008369148708879948f), r, V(0.041917506605386734f));
+  p = at::vec::fmadd(p, r, V(0.16666504740715027f));
+  p = at::vec::fmadd(p, r, V(0.49998870491981506f));
+  p = at::vec::fmadd(p, r, V(1.0f));
+  p = at::vec::fmadd(p, r, V(1.0000001192092896f));
+  const I two_n = (at::vec::convert_to_int_of_same_size(n) + I(127)) << I(23);
+  return p * at::vec::cast<float>(two_n);
+}
+
+// 1 / d for the d >= 1 of sigmoid and tanh: the hardware estimate refined by one Newton step
+// (relative error ~1e-7) instead of a division, several times its throughput.
+inline at::vec::Vectorized<float> reciprocal(const at::vec::Vectorized<float>& d) {
+  using V = at::vec::Vectorized<float>;
 #if defined(CPU_CAPABILITY_AVX512)
-inline __m512 exp_clamped(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-87.3f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.008369148708879948f), r, _mm512_set1_ps(0.041917506605386734f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16666504740715027f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.49998870491981506f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0000001192092896f));
-  return _mm512_scalef_ps(p, n);  // p 2^n
-}
-inline __m512 reciprocal(__m512 d) {
-  const __m512 r = _mm512_rcp14_ps(d);
-  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
-}
+  const V r(_mm512_rcp14_ps(d));
 #elif defined(CPU_CAPABILITY_AVX2)
-inline __m256 exp_clamped(__m256 x) {
-  x = _mm256_min_ps(_mm256_set1_ps(88.7f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.008369148708879948f), r, _mm256_set1_ps(0.041917506605386734f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.16666504740715027f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.49998870491981506f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0000001192092896f));
-  // 2^n built in the exponent bits (n is in [-126, 128] after the clamp); a NaN gives garbage
-  // bits here, but p is NaN already.
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
-}
-inline __m256 reciprocal(__m256 d) {
-  const __m256 r = _mm256_rcp_ps(d);
-  return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
-}
+  const V r(_mm256_rcp_ps(d));
+#else
+  return V(1.0f) / d;
 #endif
+  return r * at::vec::fmadd(d.neg(), r, V(2.0f));
+}
 
 template <typename S>
 struct Act<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   static constexpr bool kFast = std::is_same_v<S, float>;
-#else
-  static constexpr bool kFast = false;
-#endif
 
   static V sigmoid(const V& x) {
-    if constexpr (kFast) return V(reciprocal(V(1.0f) + V(exp_clamped(x.neg()))));
+    if constexpr (kFast) return reciprocal(V(1.0f) + exp_clamped(x.neg()));
     else return V(S(1)) / (V(S(1)) + x.neg().exp());
   }
   // tanh(x) = 1 - 2 / (1 + e^{2x}): one exp, far less than Sleef's tanh; its error stays about
   // 1e-7 absolute (relative near 0 it grows, as the parity tests allow).
   static V tanh(const V& x) {
-    if constexpr (kFast) return V(1.0f) - V(2.0f) * V(reciprocal(V(1.0f) + V(exp_clamped(x + x))));
+    if constexpr (kFast) return V(1.0f) - V(2.0f) * reciprocal(V(1.0f) + exp_clamped(x + x));
     else return x.tanh();
   }
   static V relu(const V& x) { return at::vec::clamp_min(x, V(S(0))); }
@@ -161,9 +143,9 @@ struct CpuStepWeight {
   bool trans;
   int64_t k, n;
   Panels<S> panels;
-  // Recurrent weights: the GEMM's left operand of a step, [h_prev, x_t], copied since the fused
-  // step overwrites h_state while later panels still read it.
-  at::Tensor step_input;
+  // Recurrent weights: room for a copy of h_prev where it cannot be read in place (the fused step
+  // overwrites h_state while the GEMM of later panels still reads h_prev).
+  at::Tensor h_prev_copy;
   int64_t row_groups = 1;
   // Recurrent weights with the input projection folded in: the panels hold [W_hh, W_ih] (k =
   // h_out + folded_input) and every step adds the bias.
@@ -326,7 +308,7 @@ struct CpuBackend {
     }
     sw.panels = Panels<S>(w_hh, true, sw.k, Cell::kGates, hidden, Scratch::kRecurrentWeight,
                           sw.folded_input ? ptr<S>(w_ih) : nullptr, sw.folded_input);
-    sw.step_input = cpu_scratch(Scratch::kStateCopy, {max_rows, sw.k}, opts);
+    sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
     sw.row_groups = row_groups_for(max_rows, sw.k * n * sizeof(S));
     return sw;
   }
@@ -357,7 +339,8 @@ struct CpuBackend {
   // step; with panels, each thread runs both for its own block of hidden units in one pass.
   template <class Cell, typename S>
   static void recurrent_step(const CpuStepWeight<S>& w_hh, const StepForward<S>& a, int64_t row_begin,
-                             int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* input) {
+                             int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* input,
+                             const S* h_prev) {
     if constexpr (!has_kernels<S>()) {
       check_dtype(c10::CppTypeToScalarType<S>::value);
     } else {
@@ -367,29 +350,31 @@ struct CpuBackend {
         w_hh.gemm(rows, a.h_state + row_begin * w_hh.k, w_hh.k, beta, gates + row_begin * ld_gates, ld_gates);
         return forward_step<Cell, S>(a, row_begin, row_end);
       }
-      fused_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input);
+      fused_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input, h_prev);
     }
   }
 
   template <class Cell, typename S>
   static void fused_step(const CpuStepWeight<S>& w_hh, const StepForward<S>& a, int64_t row_begin,
-                         int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* input) {
-    const int64_t k = w_hh.k, input_size = w_hh.folded_input, h_out = k - input_size;
-    S* step_input = w_hh.step_input.template data_ptr<S>() + row_begin * k;
-    if (input_size == 0) {
-      std::memcpy(step_input, a.h_state + row_begin * h_out, (row_end - row_begin) * k * sizeof(S));
+                         int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* input, const S* h_prev) {
+    const int64_t input_size = w_hh.folded_input, h_out = w_hh.k - input_size;
+    // The GEMM reads h_prev in place where the caller has it, else a copy of h_state's rows.
+    const S* h_rows = nullptr;
+    if (h_prev != nullptr) {
+      h_rows = h_prev + row_begin * h_out;
     } else {
-      for (int64_t b = row_begin; b < row_end; ++b) {
-        std::copy_n(a.h_state + b * h_out, h_out, step_input + (b - row_begin) * k);
-        std::copy_n(input + b * input_size, input_size, step_input + (b - row_begin) * k + h_out);
-      }
+      S* copy = w_hh.h_prev_copy.template data_ptr<S>() + row_begin * h_out;
+      std::memcpy(copy, a.h_state + row_begin * h_out, (row_end - row_begin) * h_out * sizeof(S));
+      h_rows = copy;
     }
     const S* bias = input_size ? ptr<S>(w_hh.bias) : nullptr;
     const Panels<S>& panels = w_hh.panels;
     constexpr int64_t W = Panels<S>::kWidth;
     for_each_panel_block(panels, row_end - row_begin, [&](int64_t p, int64_t block_first, int64_t rows) {
       const int64_t first = row_begin + block_first;
-      panels.block(p, rows, step_input + block_first * k, k, 1, beta, gates + first * ld_gates, ld_gates, bias);
+      const S* x_rows = input_size ? input + first * input_size : nullptr;
+      panels.block(p, rows, h_rows + block_first * h_out, h_out, 1, beta, gates + first * ld_gates, ld_gates, bias,
+                   x_rows, input_size);
       for (int64_t v = 0; v < panels.unit_vectors(); ++v) {
         const int64_t j = panels.unit(p, v), lanes = panels.valid_lanes(p, v);
         for (int64_t b = first; b < first + rows; ++b) {

@@ -35,7 +35,7 @@ class Panels {
   // w_tail [n, k_tail]. The layout goes into the backend's scratch buffer `slot`.
   Panels(const S* w, bool trans, int64_t k, int64_t gates, int64_t units, Scratch slot, const S* w_tail = nullptr,
          int64_t k_tail = 0)
-      : k_(k), gates_(gates), units_(units), unit_vectors_(gates == 1 ? 4 : 1) {
+      : k_(k), k_tail_(k_tail), gates_(gates), units_(units), unit_vectors_(gates == 1 ? 4 : 1) {
     vectors_ = gates_ * unit_vectors_;
     const int64_t unit_block = unit_vectors_ * kWidth;
     count_ = (units_ + unit_block - 1) / unit_block;
@@ -80,11 +80,12 @@ class Panels {
   }
 
   // Rows [0, rows) (rows <= block_rows()) of C for panel p's columns; `bias` (length n, may be
-  // null) is added to every row. A's element (r, i) is a[r * lda + i * lda_k].
+  // null) is added to every row. A's element (r, i) is a[r * lda + i * lda_k]; for panels laid
+  // out with a w_tail, A is joined the same way: its last k_tail columns are a_tail[r * lda_tail + i].
   void block(int64_t p, int64_t rows, const S* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
-             const S* bias = nullptr) const {
-    if (vectors_ == 3) dispatch_rows<3>(p, rows, a, lda, lda_k, beta, c, ldc, bias);
-    else dispatch_rows<4>(p, rows, a, lda, lda_k, beta, c, ldc, bias);
+             const S* bias = nullptr, const S* a_tail = nullptr, int64_t lda_tail = 0) const {
+    if (vectors_ == 3) dispatch_rows<3>(p, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail);
+    else dispatch_rows<4>(p, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail);
   }
 
   // C[m, n] = A[m, k] B + beta C (+ bias), over every panel and block of rows; A's element (r, i)
@@ -104,17 +105,34 @@ class Panels {
 
   template <int NV, int R = block_rows_for<NV>()>
   void dispatch_rows(int64_t p, int64_t rows, const S* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
-                     const S* bias) const {
+                     const S* bias, const S* a_tail, int64_t lda_tail) const {
     if constexpr (R > 1) {
-      if (rows < R) return dispatch_rows<NV, R - 1>(p, rows, a, lda, lda_k, beta, c, ldc, bias);
+      if (rows < R) return dispatch_rows<NV, R - 1>(p, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail);
     }
-    kernel<NV, R>(p, a, lda, lda_k, beta, c, ldc, bias);
+    kernel<NV, R>(p, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail);
+  }
+
+  // acc[r][v] += sum over `count` values of k of A(r, i) times the panel's vector v at that k.
+  template <int NV, int R>
+  static inline __attribute__((always_inline)) void multiply_add(V (&acc)[R][NV], const S*& w, const S* a,
+                                                                 int64_t lda, int64_t lda_k, int64_t count) {
+    for (int64_t i = 0; i < count; ++i, w += NV * kWidth, a += lda_k) {
+      V wv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) wv[v] = V::loadu(w + v * kWidth);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const V x(a[r * lda]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(x, wv[v], acc[r][v]);
+      }
+    }
   }
 
   // Kept out of line: inlined into a caller's loop, GCC spills the accumulators to the stack.
   template <int NV, int R>
   __attribute__((noinline)) void kernel(int64_t p, const S* a, int64_t lda, int64_t lda_k, S beta, S* c,
-                                        int64_t ldc, const S* bias) const {
+                                        int64_t ldc, const S* bias, const S* a_tail, int64_t lda_tail) const {
     std::array<int64_t, NV> col{}, lanes{};
     for (int v = 0; v < NV; ++v) col[v] = column(p, v), lanes[v] = valid_lanes(p, v);
     V start[NV];  // what every row's accumulator starts from besides beta C: the bias, or 0
@@ -135,17 +153,8 @@ class Panels {
       }
     }
     const S* w = base_ + p * k_ * NV * kWidth;
-    for (int64_t i = 0; i < k_; ++i, w += NV * kWidth, a += lda_k) {
-      V wv[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) wv[v] = V::loadu(w + v * kWidth);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const V x(a[r * lda]);
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(x, wv[v], acc[r][v]);
-      }
-    }
+    multiply_add<NV, R>(acc, w, a, lda, lda_k, k_ - k_tail_);
+    if (k_tail_ > 0) multiply_add<NV, R>(acc, w, a_tail, lda_tail, 1, k_tail_);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
@@ -158,7 +167,7 @@ class Panels {
 
   at::Tensor data_;  // [count][k][vectors][kWidth]
   S* base_ = nullptr;
-  int64_t k_ = 0, gates_ = 1, units_ = 0, unit_vectors_ = 1, vectors_ = 0, count_ = 0;
+  int64_t k_ = 0, k_tail_ = 0, gates_ = 1, units_ = 0, unit_vectors_ = 1, vectors_ = 0, count_ = 0;
 };
 
 // Runs `task(p, first_row, rows)` over every (panel, block of rows) of an m-row product, in
@@ -180,6 +189,7 @@ void for_each_panel_block(const Panels<S>& b, int64_t m, const F& task) {
 template <typename S>
 void Panels<S>::multiply(int64_t m, const S* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
                          const S* bias) const {
+  TORCH_INTERNAL_ASSERT(k_tail_ == 0, "Panels::multiply reads A from one matrix");
   for_each_panel_block(*this, m, [&](int64_t p, int64_t first, int64_t rows) {
     block(p, rows, a + first * lda, lda, lda_k, beta, c + first * ldc, ldc, bias);
   });

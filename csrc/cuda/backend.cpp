@@ -153,7 +153,8 @@ struct CudaBackend {
   // there is only one row group).
   template <class Cell, typename S>
   static void recurrent_step(const CudaStepWeight<S>& w_hh, const StepForward<S>& step, int64_t row_begin,
-                             int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* /*input*/) {
+                             int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* /*input*/,
+                             const S* /*h_prev*/) {
     TORCH_INTERNAL_ASSERT(row_begin == 0);
     w_hh.gemm(row_end, step.h_state, w_hh.k, beta, gates, ld_gates);
     C10_CUDA_CHECK(launch_forward_step<Cell>(as_cuda(step), row_end, at::cuda::getCurrentCUDAStream()));
