@@ -289,8 +289,11 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   Tensor grad_hidden_gates = Cell::kSeparateHiddenGates ? Backend::scratch(Scratch::kHiddenGates, {chunk_rows, G * H}, opts) : grad_gates;
   Tensor grad_input = Backend::empty({s.rows, I}, opts);
   // Each chunk adds its share to the weight and bias gradients (the first one writes them).
+  const Tensor empty = at::empty({0}, opts);
   Tensor grad_w_ih = Backend::empty(w.w_ih.sizes(), opts), grad_w_hh = Backend::empty(w.w_hh.sizes(), opts);
-  Tensor grad_b_ih = at::zeros({G * H}, opts), grad_b_hh = at::zeros({G * H}, opts);
+  Tensor grad_b_ih = has_bias ? at::zeros({G * H}, opts) : empty;
+  Tensor grad_b_hh = has_bias ? at::zeros({G * H}, opts) : empty.clone();
+  Tensor grad_w_hr = project ? Backend::empty(w.w_hr.sizes(), opts) : empty.clone();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_rnn_backward", [&] {
     using S = scalar_t;
@@ -359,19 +362,11 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
         grad_b_hh.add_(Cell::kSeparateHiddenGates ? dgh.sum(0) : db);
       }
     }
+    if (project) Backend::template weight_grad_out<S>(grad_w_hr, grad_projected, res.narrow(1, 5 * H, H), false);
   });
 
-  const Tensor empty = at::empty({0}, opts);
   grad_input = grad_input.view(input.sizes());
   if (T == 0) grad_w_ih.zero_(), grad_w_hh.zero_();  // an empty packed sequence
-  if (!has_bias) grad_b_ih = empty, grad_b_hh = empty.clone();
-  Tensor grad_w_hr = empty.clone();
-  if (project) {
-    grad_w_hr = Backend::empty(w.w_hr.sizes(), opts);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_rnn_backward_w_hr", [&] {
-      Backend::template weight_grad_out<scalar_t>(grad_w_hr, grad_projected, res.narrow(1, 5 * H, H), false);
-    });
-  }
   Tensor grad_cx = Cell::kHasCell ? grad_c_state : empty.clone();
   return {grad_input, grad_h_state, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
 }

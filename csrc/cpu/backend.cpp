@@ -335,8 +335,9 @@ struct CpuBackend {
     });
   }
 
-  // gates += h_prev W_hh^T (beta 1; GRU: gates = h_prev W_hh^T, beta 0), then the cell's pointwise
-  // step; with panels, each thread runs both for its own block of hidden units in one pass.
+  // gates = h_prev W_hh^T + beta gates (beta 1 onto the projected input; beta 0 for GRU's hidden
+  // gates, and with the input folded in, where the GEMM adds x_t W_ih^T + bias itself), then the
+  // cell's pointwise step; with panels, each thread runs both for its block of hidden units in one pass.
   template <class Cell, typename S>
   static void recurrent_step(const CpuStepWeight<S>& w_hh, const StepForward<S>& a, int64_t row_begin,
                              int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* input,
