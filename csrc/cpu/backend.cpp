@@ -297,9 +297,10 @@ struct CpuBackend {
   // into each step's GEMM: gates = [h_prev, x_t] [W_hh, W_ih]^T + bias. Each weight is then still
   // read once per block of rows, but there is one GEMM per step instead of two passes, and the
   // projected input never goes through memory. Fewer rows leave the weights' reads unshared
-  // between enough rows, and a joined weight beyond a quarter of L2 makes every step stream
-  // twice the weights through the cache (RNN B64 H256 inference 3-7% slower folded): there a GEMM
-  // over all steps' inputs at once is faster.
+  // between enough rows: there a GEMM over all steps' inputs at once is faster. So is it for RNN
+  // once the joined weight outgrows a quarter of L2, where a step is one thin GEMM and no gate
+  // pass to save (measured: B64 H256 and H512 inference 3-7% faster unfolded; LSTM B64 H256
+  // inference 2-3% faster folded).
   template <class Cell, typename S>
   static CpuStepWeight<S> recurrent_weight(const S* w_hh, int64_t h_out, int64_t hidden, int64_t max_rows,
                                            int64_t steps, const at::Tensor& w_ih, const at::Tensor& bias) {
@@ -308,8 +309,8 @@ struct CpuBackend {
     const int64_t n = Cell::kGates * hidden;
     CpuStepWeight<S> sw{w_hh, true, h_out, n};
     if (!has_kernels<S>() || steps < kMinPanelSteps || h_out <= 0 || hidden <= 0) return sw;
-    const bool fold = w_ih.defined() && max_rows >= kMinFoldRows &&
-                      4 * (h_out + w_ih.size(1)) * n * static_cast<int64_t>(sizeof(S)) <= l2_cache_bytes();
+    const int64_t joined_bytes = (h_out + (w_ih.defined() ? w_ih.size(1) : 0)) * n * static_cast<int64_t>(sizeof(S));
+    const bool fold = w_ih.defined() && max_rows >= kMinFoldRows && (Cell::kGates > 1 || 4 * joined_bytes <= l2_cache_bytes());
     if (fold) {
       sw.folded_input = w_ih.size(1);
       sw.k = h_out + sw.folded_input;
