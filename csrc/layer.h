@@ -31,6 +31,8 @@
 //       the cell's pointwise step (fused or not). h_prev, if not null, holds the same values as
 //       h_state (rows of stride h_out) where the pointwise step does not overwrite them.
 //   Backend::backward_step<Cell, S>(const StepBackward<S>&, row_begin, row_end)
+//   Backend::copy<S>(dst, src, n) and Backend::add<S>(dst, a, b, n): dst = src and dst = a + b
+//       over n values of the op's device memory (in order with the backend's other work)
 // The Step structs point at row 0 of a step; the row range says which rows to compute.
 //
 // Sequences are processed as rows: an unpacked [T, B, I] input is T steps of B rows; a
@@ -44,7 +46,6 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
-#include <functional>
 #include <vector>
 
 #include "cells.h"
@@ -237,7 +238,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
           if (project) {
             S* out_rows = step.output + row_begin * H_out;
             w_hr_t.gemm(end - row_begin, step.reserve + row_begin * width + 5 * H, width, S(0), out_rows, H_out);
-            std::copy_n(out_rows, (end - row_begin) * H_out, step.h_state + row_begin * H_out);
+            Backend::template copy<S>(step.h_state + row_begin * H_out, out_rows, (end - row_begin) * H_out);
           }
         }
       });
@@ -328,7 +329,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
             S* dy = ptr<S>(grad_projected) + (row + row_begin) * H_out;
             const S* from_above = ptr<S>(grad_out) + (row + row_begin) * H_out;
             const S* from_next = ptr<S>(grad_h_state) + row_begin * H_out;
-            std::transform(from_above, from_above + n * H_out, from_next, dy, std::plus<S>());
+            Backend::template add<S>(dy, from_above, from_next, n * H_out);
             w_hr_step.gemm(n, dy, H_out, S(0), ptr<S>(grad_unprojected) + row_begin * H, H);
             step.grad_h = ptr<S>(grad_unprojected);
             step.ld_grad_h = H;

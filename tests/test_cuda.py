@@ -125,6 +125,18 @@ def test_long_sequence_matches_nn(kind, dtype):
                         tol)
 
 
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_long_sequence_inference_matches_nn(kind):
+    """T = 4096 under no_grad: the gates of a few hundred steps at a time go through one reused
+    buffer (several chunks here), and a projected LSTM copies each projected h into the state."""
+    proj = {"proj_size": PROJ_SIZE} if kind == "LSTM" else {}
+    reference, fused = make_modules(kind, torch.float32, hidden_size=16, bidirectional=True, **proj)
+    x = torch.randn(4096, BATCH, INPUT_SIZE, device=CUDA)
+    with torch.no_grad():
+        for k, (actual, expected) in enumerate(zip(output_tensors(fused(x)), output_tensors(reference(x)))):
+            assert_close(actual, expected, 1e-4, f"output[{k}]")
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_step_larger_than_one_grid_matches_nn(kind):
     """batch * hidden = 2^25 elements per step, beyond the 2^24 threads of the largest launch:

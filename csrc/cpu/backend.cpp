@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <vector>
 #include <limits>
@@ -396,6 +397,12 @@ struct CpuBackend {
       }
     });
   }
+
+  template <typename S>
+  static void copy(S* dst, const S* src, int64_t n) { std::copy_n(src, n, dst); }
+
+  template <typename S>
+  static void add(S* dst, const S* a, const S* b, int64_t n) { std::transform(a, a + n, b, dst, std::plus<S>()); }
 
   static at::Tensor scratch(Scratch slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
     return cpu_scratch(slot, sizes, options);

@@ -120,6 +120,23 @@ struct CudaBackend {
     }
   }
 
+  // Device-to-device, on the current stream (after the GEMM that wrote src).
+  template <typename S>
+  static void copy(S* dst, const S* src, int64_t n) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(S), cudaMemcpyDeviceToDevice, at::cuda::getCurrentCUDAStream()));
+  }
+
+  // An ATen add on views of the three ranges (the current device and stream; nothing allocated).
+  template <typename S>
+  static void add(S* dst, const S* a, const S* b, int64_t n) {
+    const auto options = at::TensorOptions()
+                             .dtype(c10::CppTypeToScalarType<S>::value)
+                             .device(at::kCUDA, c10::cuda::current_device());
+    auto view = [&](const S* p) { return at::from_blob(const_cast<S*>(p), {n}, options); };
+    at::Tensor out = view(dst);
+    at::add_out(out, view(a), view(b));
+  }
+
   // The caching allocator already reuses memory from call to call.
   static at::Tensor scratch(Scratch, at::IntArrayRef sizes, const at::TensorOptions& options) {
     return at::empty(sizes, options);
