@@ -57,6 +57,9 @@ struct CudaStepWeight {
   const S* w;
   bool trans;
   int64_t k, n;
+  // The current stream's cuBLAS handle, looked up once per op rather than at every step (the
+  // lookup also re-applies the stream, workspace and math mode, which do not change within an op).
+  cublasHandle_t handle;
   int64_t row_groups = 1;    // every step runs all its rows at once
   int64_t folded_input = 0;  // the input projection stays one large GEMM
 
@@ -97,15 +100,14 @@ struct CudaBackend {
   // Row-major C[m, n] = alpha op(A) op(B) + beta C, as the column-major product C^T = op(B)^T op(A)^T
   // on the same memory. With beta == 0, cuBLAS does not read C, which may then hold garbage.
   template <typename S>
-  static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, S alpha, const S* a, int64_t lda,
-                   const S* b, int64_t ldb, S beta, S* c, int64_t ldc) {
+  static void gemm(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, S alpha,
+                   const S* a, int64_t lda, const S* b, int64_t ldb, S beta, S* c, int64_t ldc) {
     if (m == 0 || n == 0) return;
     TORCH_CHECK(std::max({m, n, k, lda, ldb, ldc}) <= std::numeric_limits<int>::max(),
                 "fused_rnn: a per-step GEMM of [", m, ", ", k, "] x [", k, ", ", n, "] exceeds cuBLAS's int sizes");
     const int mi = m, ni = n, ki = k, ld_a = lda, ld_b = ldb, ld_c = ldc;
     const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    const cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
     if constexpr (std::is_same_v<S, float>) {
       TORCH_CUDABLAS_CHECK(cublasSgemm(handle, op_b, op_a, ni, mi, ki, &alpha, b, ld_b, a, ld_a, &beta, c, ld_c));
     } else if constexpr (std::is_same_v<S, double>) {
@@ -150,7 +152,7 @@ struct CudaBackend {
   template <typename S>
   static CudaStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t /*max_rows*/,
                                        int64_t /*steps*/, Scratch /*slot*/) {
-    return {w, trans, k, n};
+    return {w, trans, k, n, at::cuda::getCurrentCUDABlasHandle()};
   }
 
   template <class Cell, typename S>
@@ -186,7 +188,7 @@ struct CudaBackend {
 
 template <typename S>
 void CudaStepWeight<S>::gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {
-  CudaBackend::gemm<S>(false, trans, m, n, k, S(1), a, lda, w, trans ? k : n, beta, c, ldc);
+  CudaBackend::gemm<S>(handle, false, trans, m, n, k, S(1), a, lda, w, trans ? k : n, beta, c, ldc);
 }
 
 TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) { FUSED_RNN_REGISTER_BACKEND(m, CudaBackend); }
