@@ -170,14 +170,10 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
   }
   if (Cell::kSeparateHiddenGates && !bias_hn.defined()) bias_hn = at::zeros({H}, opts);
 
-  // The gate buffer: the reserve itself when it is kept (its rows start as the gate pre-activations
-  // and end as what backward reads), else a reused buffer for a chunk of steps at a time, enough
-  // for about a megabyte of gate values. RNN keeps no reserve: its backward reads only h.
+  // RNN keeps no reserve: its backward reads only h.
   const int64_t R = Cell::reserve_width(H, project), width = std::max<int64_t>(R, G * H);
   const bool keep = save_reserve && R > 0;
-  constexpr int64_t kChunkValues = int64_t(1) << 18;
-  const int64_t chunk = keep ? std::max<int64_t>(T, 1) : std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, B * width));
-  Tensor reserve = keep ? Backend::empty({s.rows, R}, opts) : Backend::scratch(Scratch::kGates, {std::min(s.rows, chunk * B), width}, opts);
+  Tensor reserve;
 
   const Tensor h_init = hx.contiguous();
   Tensor h_state = h_init.clone();
@@ -203,6 +199,17 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     const auto w_hh_t = Backend::template recurrent_weight<Cell, S>(ptr<S>(w.w_hh), H_out, H, B, T,
                                                                     may_fold ? w.w_ih : Tensor(), bias);
     const bool folded = w_hh_t.folded_input > 0;
+    // The gate buffer: the reserve itself when it is kept (its rows start as the gate
+    // pre-activations and end as what backward reads). Else, with the input folded in, a step's
+    // gates come from its own GEMM alone: every step reuses the same rows, which stay in cache.
+    // Else a reused buffer takes the projected input of a chunk of steps at a time, about a
+    // megabyte of gate values.
+    constexpr int64_t kChunkValues = int64_t(1) << 18;
+    const bool reuse_rows = folded && !keep;
+    const int64_t chunk = keep || reuse_rows ? std::max<int64_t>(T, 1)
+                                             : std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, B * width));
+    reserve = keep ? Backend::empty({s.rows, R}, opts)
+                   : Backend::scratch(Scratch::kGates, {reuse_rows ? B : std::min(s.rows, chunk * B), width}, opts);
     const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias, folded ? 0 : s.rows);
     const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? T : 0, Scratch::kProjectionWeight);
     for (int64_t first = 0; first < T; first += chunk) {
@@ -211,15 +218,17 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
       const int64_t t_lo = reverse ? T - last : first, t_hi = reverse ? T - first : last;
       const int64_t row_lo = s.offset[t_lo], row_hi = t_hi < T ? s.offset[t_hi] : s.rows;
       const int64_t reserve_lo = keep ? row_lo : 0;  // gate buffer row of row_lo
-      Tensor chunk_gates = reserve.narrow(0, reserve_lo, row_hi - row_lo).narrow(1, 0, G * H);
-      if (!folded) w_ih_t.apply_out(chunk_gates, x.narrow(0, row_lo, row_hi - row_lo));
+      if (!folded) {
+        Tensor chunk_gates = reserve.narrow(0, reserve_lo, row_hi - row_lo).narrow(1, 0, G * H);
+        w_ih_t.apply_out(chunk_gates, x.narrow(0, row_lo, row_hi - row_lo));
+      }
       Backend::for_each_row_group(s, t_lo, t_hi, w_hh_t.row_groups, [&](int64_t row_begin, int64_t row_end) {
         StepForward<S> step = a;
         for (int64_t k = first; k < last; ++k) {
           const int64_t t = reverse ? T - 1 - k : k;
           const int64_t end = std::min(s.batch[t], row_end), row = s.offset[t];
           if (end <= row_begin) continue;
-          step.reserve = ptr<S>(reserve) + (row - row_lo + reserve_lo) * width;
+          step.reserve = ptr<S>(reserve) + (reuse_rows ? 0 : (row - row_lo + reserve_lo) * width);
           step.output = ptr<S>(output) + row * H_out;
           // h_prev in place for the GEMM: hx at the first step, else the previous step's output
           // rows; none where some rows start from hx mid-sequence (packed, time reversed).

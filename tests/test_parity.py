@@ -247,16 +247,19 @@ def test_expanded_and_partial_upstream_gradients(kind):
         assert_close_nested(grads[1], grads[0], torch.float64)
 
 
-# Inference (no_grad) keeps no activations and projects the input a chunk of steps at a time:
-# batch 64 x hidden 64 gives chunks of a few steps, so 30 steps cross several chunk borders.
+# Inference (no_grad) keeps no activations. With batches of 16 and more, LSTM and (small) RNN
+# fold the input projection into every step's GEMM and each step reuses the same gate rows;
+# else (GRU, batch 8) the input is projected a chunk of steps at a time, about 2^18 gate values:
+# 520 steps of batch 8 x hidden 64 cross chunk borders for every cell.
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 @pytest.mark.parametrize("form", ["padded", "packed_unsorted"])
-def test_inference_without_reserve_matches_torch_nn(kind, form):
+@pytest.mark.parametrize("steps,batch", [(30, 64), (520, 8)], ids=["B64", "B8-chunked"])
+def test_inference_without_reserve_matches_torch_nn(kind, form, steps, batch):
     ref, ours = make_kind_pair(kind, 8, 64, num_layers=2, bidirectional=True, dtype=torch.float32)
-    x = torch.randn(30, 64, 8)
+    x = torch.randn(steps, batch, 8)
     if form == "packed_unsorted":
-        lengths = torch.randint(1, 31, (64,))
-        lengths[5] = 30
+        lengths = torch.randint(1, steps + 1, (batch,))
+        lengths[batch // 2] = steps
         x = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
     with torch.no_grad():
         expected, actual = ref(x), ours(x)
