@@ -33,6 +33,8 @@
 //   Backend::backward_step<Cell, S>(const StepBackward<S>&, row_begin, row_end)
 //   Backend::copy<S>(dst, src, n) and Backend::add<S>(dst, a, b, n): dst = src and dst = a + b
 //       over n values of the op's device memory (in order with the backend's other work)
+//   Backend::kForwardChunkValues, kBackwardChunkValues: about how many gate values the reused
+//       buffers of inference (unfolded input) and of the backward pass hold, a chunk of steps at a time
 // The Step structs point at row 0 of a step; the row range says which rows to compute.
 //
 // Sequences are processed as rows: an unpacked [T, B, I] input is T steps of B rows; a
@@ -202,12 +204,11 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     // The gate buffer: the reserve itself when it is kept (its rows start as the gate
     // pre-activations and end as what backward reads). Else, with the input folded in, a step's
     // gates come from its own GEMM alone: every step reuses the same rows, which stay in cache.
-    // Else a reused buffer takes the projected input of a chunk of steps at a time, about a
-    // megabyte of gate values.
-    constexpr int64_t kChunkValues = int64_t(1) << 18;
+    // Else a reused buffer takes the projected input of a chunk of steps at a time, about
+    // Backend::kForwardChunkValues gate values.
     const bool reuse_rows = folded && !keep;
     const int64_t chunk = keep || reuse_rows ? std::max<int64_t>(T, 1)
-                                             : std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, B * width));
+                                             : std::max<int64_t>(1, Backend::kForwardChunkValues / std::max<int64_t>(1, B * width));
     reserve = keep ? Backend::empty({s.rows, R}, opts)
                    : Backend::scratch(Scratch::kGates, {reuse_rows ? B : std::min(s.rows, chunk * B), width}, opts);
     const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias, folded ? 0 : s.rows);
@@ -286,13 +287,13 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   Tensor grad_projected = project ? Backend::empty({s.rows, H_out}, opts) : Tensor();  // dL/dh before W_hr
   Tensor grad_unprojected = project ? at::empty({B, H}, opts) : Tensor();
 
-  // The steps run backwards a chunk at a time: the gate gradients of a chunk (about 512 KB, and
-  // at least 256 rows so that the GEMMs stay efficient) go into a reused buffer, from which
-  // the input gradient and the weight and bias gradients are taken by large GEMMs before the
-  // next chunk, so no [rows, G*H] buffer is ever needed.
+  // The steps run backwards a chunk at a time: the gate gradients of a chunk (about
+  // Backend::kBackwardChunkValues values, and at least 256 rows so that the GEMMs stay efficient)
+  // go into a reused buffer, from which the input gradient and the weight and bias gradients are
+  // taken by large GEMMs before the next chunk, so no [rows, G*H] buffer is needed.
   const int64_t T = s.count();
-  constexpr int64_t kChunkValues = int64_t(1) << 17, kChunkMinRows = 256;
-  const int64_t chunk = std::max<int64_t>(kChunkValues / std::max<int64_t>(1, B * G * H),
+  constexpr int64_t kChunkMinRows = 256;
+  const int64_t chunk = std::max<int64_t>(Backend::kBackwardChunkValues / std::max<int64_t>(1, B * G * H),
                                           (kChunkMinRows + B - 1) / std::max<int64_t>(1, B));
   const int64_t chunk_rows = std::min(s.rows, chunk * B);
   Tensor grad_gates = Backend::scratch(Scratch::kGates, {chunk_rows, G * H}, opts);

@@ -127,14 +127,27 @@ def test_long_sequence_matches_nn(kind, dtype):
 
 @pytest.mark.parametrize("kind", list(LAYER_KINDS))
 def test_long_sequence_inference_matches_nn(kind):
-    """T = 4096 under no_grad: the gates of a few hundred steps at a time go through one reused
-    buffer (several chunks here), and a projected LSTM copies each projected h into the state."""
+    """T = 4100 under no_grad, batch 64 x hidden 64: the projected input goes through one reused
+    buffer of 2^24 gate values, a chunk of 682 to 4096 steps at a time (2 to 7 chunks here), and a
+    projected LSTM copies each projected h into the state."""
     proj = {"proj_size": PROJ_SIZE} if kind == "LSTM" else {}
-    reference, fused = make_modules(kind, torch.float32, hidden_size=16, bidirectional=True, **proj)
-    x = torch.randn(4096, BATCH, INPUT_SIZE, device=CUDA)
+    reference, fused = make_modules(kind, torch.float32, hidden_size=64, bidirectional=True, **proj)
+    x = torch.randn(4100, 64, INPUT_SIZE, device=CUDA)
     with torch.no_grad():
         for k, (actual, expected) in enumerate(zip(output_tensors(fused(x)), output_tensors(reference(x)))):
             assert_close(actual, expected, 1e-4, f"output[{k}]")
+
+
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_backward_across_chunks_matches_nn(kind):
+    """Batch 64 x hidden 64, 1400 steps: the backward pass takes the gate gradients of at most
+    2^24 values (1024 steps of LSTM, 1365 of GRU) at a time, so LSTM and GRU cross a chunk border
+    and add each chunk's weight gradients to the last."""
+    reference, fused = make_modules(kind, torch.float64, hidden_size=64)
+    leaves = layer_leaves(kind, fused, "3d", True, torch.float64, steps=1400, batch=64, device=CUDA)
+    call = layer_call(kind, "3d")
+    assert_same_results(named_outputs_and_grads(fused, leaves, call), named_outputs_and_grads(reference, leaves, call),
+                        1e-9)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])

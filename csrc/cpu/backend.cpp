@@ -215,6 +215,10 @@ int64_t row_groups_for(int64_t max_rows, int64_t weight_bytes) {
 }  // namespace
 
 struct CpuBackend {
+  // Gate buffers of about 1 MiB (forward) and 512 KiB (backward): a chunk stays in L2.
+  static constexpr int64_t kForwardChunkValues = int64_t(1) << 18;
+  static constexpr int64_t kBackwardChunkValues = int64_t(1) << 17;
+
   // Panels pay for their layout pass from about a hundred rows; fewer go to MKL as they are.
   template <typename S>
   static CpuDenseWeight<S> dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias, int64_t rows) {

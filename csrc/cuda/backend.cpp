@@ -67,6 +67,13 @@ struct CudaStepWeight {
 };
 
 struct CudaBackend {
+  // Chunks of up to 16M gate values (64 MiB in float32): most sequences are one chunk, so the
+  // input projection, input gradient and weight gradients are each one GEMM over all steps
+  // (cuBLAS wants large ones), and half-precision weight gradients are not summed chunk by chunk
+  // in the half type.
+  static constexpr int64_t kForwardChunkValues = int64_t(1) << 24;
+  static constexpr int64_t kBackwardChunkValues = int64_t(1) << 24;
+
   static void check_dtype(at::ScalarType t) {
     TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
                 "fused_rnn on CUDA supports float32, float64, float16 and bfloat16 tensors, got ", t);
