@@ -257,10 +257,20 @@ def graph_module(kind):
     return make_modules(kind, torch.float32, **kwargs)[1]
 
 
+@pytest.mark.parametrize("form", ["3d", "packed_unsorted"])
 @pytest.mark.parametrize("kind", list(LAYER_KINDS))
-def test_forward_captured_in_a_cuda_graph_replays_like_eager(kind):
+def test_forward_captured_in_a_cuda_graph_replays_like_eager(kind, form):
+    """Packed: the sequence is packed outside the graph (packing copies its sort order to the
+    GPU) and its lengths are fixed at capture; the module's sorting of the states, the per-step
+    gathers and the unsorting of h_n are captured with the layers."""
     module = graph_module(kind)
-    static_input = torch.randn(STEPS, BATCH, INPUT_SIZE, device=CUDA)
+
+    def make_input():
+        x = torch.randn(STEPS, BATCH, INPUT_SIZE, device=CUDA)
+        return pack_padded_sequence(x, PACKED_LENGTHS[form], enforce_sorted=False) if form != "3d" else x
+
+    static_input = make_input()
+    static_data = static_input.data if form != "3d" else static_input
     with torch.no_grad():
         # Warm up on a side stream, as capture requires (cuBLAS handle, workspace, allocator).
         side = torch.cuda.Stream()
@@ -273,8 +283,8 @@ def test_forward_captured_in_a_cuda_graph_replays_like_eager(kind):
         with torch.cuda.graph(graph):
             static_output = output_tensors(module(static_input))
         for _ in range(3):
-            fresh = torch.randn_like(static_input)
-            static_input.copy_(fresh)
+            fresh = make_input()
+            static_data.copy_(fresh.data if form != "3d" else fresh)
             graph.replay()
             for k, (replayed, eager) in enumerate(zip(static_output, output_tensors(module(fresh)))):
                 assert_close(replayed, eager, TOLERANCE[torch.float32], f"output[{k}]")
