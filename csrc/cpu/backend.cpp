@@ -191,11 +191,7 @@ class SingleThreadedIfSmall {
   int previous_ = -1;
 };
 
-// Row groups for the steps of a weight laid out in panels: one per thread when every thread
-// gets at least kMinGroupRows rows and the whole weight fits in half a core's L2 cache. Each
-// thread then runs all the steps of its rows without waiting for the others, reading the whole
-// weight at every step. Else 1: all rows at once, each step split between the threads by blocks
-// of hidden units, so that each thread reads only its part of a larger weight.
+// The size of one core's L2 cache (1 MiB where the system does not say).
 int64_t l2_cache_bytes() {
   static const int64_t bytes = [] {
     const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
@@ -204,6 +200,11 @@ int64_t l2_cache_bytes() {
   return bytes;
 }
 
+// Row groups for the steps of a weight laid out in panels: one per thread when every thread
+// gets at least kMinGroupRows rows and the whole weight fits in half a core's L2 cache. Each
+// thread then runs all the steps of its rows without waiting for the others, reading the whole
+// weight at every step. Else 1: all rows at once, each step split between the threads by blocks
+// of hidden units, so that each thread reads only its part of a larger weight.
 int64_t row_groups_for(int64_t max_rows, int64_t weight_bytes) {
   constexpr int64_t kMinGroupRows = 8;
   const int64_t l2_bytes = l2_cache_bytes();
@@ -215,7 +216,7 @@ int64_t row_groups_for(int64_t max_rows, int64_t weight_bytes) {
 }  // namespace
 
 struct CpuBackend {
-  // Gate buffers of about 1 MiB (forward) and 512 KiB (backward): a chunk stays in L2.
+  // Gate buffers of about 1 MiB (forward) and 512 KiB (backward) in float32, sized to stay in cache.
   static constexpr int64_t kForwardChunkValues = int64_t(1) << 18;
   static constexpr int64_t kBackwardChunkValues = int64_t(1) << 17;
 
