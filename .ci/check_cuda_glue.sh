@@ -19,12 +19,13 @@ if [ ! -f "$cuda_include/cuda_runtime_api.h" ]; then
   exit 0
 fi
 
-# torch's and Python's include directories and the C++ standard its extensions are built with.
+# torch's and Python's include directories (as system headers: their warnings are not ours) and
+# the C++ standard torch's extensions are built with.
 mapfile -t torch_flags < <(python - <<'PY'
 import inspect, re, sysconfig
 import torch.utils.cpp_extension as ext
 for path in ext.include_paths() + [sysconfig.get_paths()["include"]]:
-    print("-I" + path)
+    print("-isystem" + path)
 standards = re.findall(r"-std=c\+\+(\d+)", inspect.getsource(ext))
 print("-std=c++" + (max(standards, key=int) if standards else "17"))
 PY
