@@ -1,6 +1,6 @@
 // One recurrent layer, one direction, whole sequence — the loop shared by every cell type
-// and every backend. The Backend supplies the GEMMs (on CPU its own panel kernel, MKL or oneDNN;
-// on CUDA cuBLAS) and the per-step pointwise pass:
+// and every backend. The Backend supplies the GEMMs (on CPU its own panel kernel or MKL; on
+// CUDA cuBLAS) and the per-step pointwise pass:
 //   Backend::check_dtype(ScalarType)
 //   Backend::guard(Device) -> RAII object that makes the device current for the op
 //   Backend::dense_weight<S>(w, trans, bias, rows) -> an object whose .apply_out(out, x) computes

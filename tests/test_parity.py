@@ -252,17 +252,13 @@ def test_expanded_and_partial_upstream_gradients(kind):
 # else (GRU, batch 8) the input is projected a chunk of steps at a time, about 2^18 gate values:
 # 520 steps of batch 8 x hidden 64 cross chunk borders for every cell.
 @pytest.mark.parametrize("kind", LAYER_KINDS)
-@pytest.mark.parametrize("form", ["padded", "packed_unsorted"])
+@pytest.mark.parametrize("form", ["3d", "packed_unsorted"])
 @pytest.mark.parametrize("steps,batch", [(30, 64), (520, 8)], ids=["B64", "B8-chunked"])
 def test_inference_without_reserve_matches_torch_nn(kind, form, steps, batch):
     ref, ours = make_kind_pair(kind, 8, 64, num_layers=2, bidirectional=True, dtype=torch.float32)
-    x = torch.randn(steps, batch, 8)
-    if form == "packed_unsorted":
-        lengths = torch.randint(1, steps + 1, (batch,))
-        lengths[batch // 2] = steps
-        x = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    call = call_with_mixed_lengths(torch.randn(steps, batch, 8), form)
     with torch.no_grad():
-        expected, actual = ref(x), ours(x)
+        expected, actual = call(ref), call(ours)
     assert_close_nested(actual, expected, torch.float32)
 
 

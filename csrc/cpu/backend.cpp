@@ -315,8 +315,8 @@ struct CpuBackend {
     const int64_t n = Cell::kGates * hidden;
     CpuStepWeight<S> sw{w_hh, true, h_out, n};
     if (!has_kernels<S>() || steps < kMinPanelSteps || h_out <= 0 || hidden <= 0) return sw;
-    const int64_t joined_bytes = (h_out + (w_ih.defined() ? w_ih.size(1) : 0)) * n * static_cast<int64_t>(sizeof(S));
-    const bool fold = w_ih.defined() && max_rows >= kMinFoldRows && (Cell::kGates > 1 || 4 * joined_bytes <= l2_cache_bytes());
+    const bool fold = w_ih.defined() && max_rows >= kMinFoldRows &&
+                      (Cell::kGates > 1 || 4 * (h_out + w_ih.size(1)) * n * static_cast<int64_t>(sizeof(S)) <= l2_cache_bytes());
     if (fold) {
       sw.folded_input = w_ih.size(1);
       sw.k = h_out + sw.folded_input;
