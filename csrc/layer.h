@@ -30,7 +30,10 @@
 //       W_hh^T + beta gates (with the input folded in: [h_state, x_t] [W_hh, W_ih]^T + bias), then
 //       the cell's pointwise step (fused or not). h_prev, if not null, holds the same values as
 //       h_state (rows of stride h_out) where the pointwise step does not overwrite them.
-//   Backend::backward_step<Cell, S>(const StepBackward<S>&, row_begin, row_end)
+//   Backend::backward_step<Cell, S>(w_hh, grad_gates_after, after_end, const StepBackward<S>&,
+//       row_begin, row_end): where grad_gates_after is not null, first grad_h_state (+)=
+//       grad_gates_after W_hh over rows [row_begin, after_end) (the step after's W_hh-side gate
+//       gradients; += for GRU), then the cell's backward pointwise step over [row_begin, row_end)
 //   Backend::copy<S>(dst, src, n) and Backend::add<S>(dst, a, b, n): dst = src and dst = a + b
 //       over n values of the op's device memory (in order with the backend's other work)
 //   Backend::kForwardChunkValues, kBackwardChunkValues: about how many gate values the reused
@@ -330,6 +333,16 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
       a.ld_prev = Cell::kHasCell ? c_prev.stride(0) : h_prev.stride(0);
       Backend::for_each_row_group(s, t_lo, t_hi, w_hh_step.row_groups, [&](int64_t row_begin, int64_t row_end) {
         StepBackward<S> step = a;
+        // dL/dh_prev = dgates W_hh (GRU adds it to the direct part z * dh already there). Without
+        // a projection each step's product is left pending and done by the next step's
+        // backward_step, in the same pass as its pointwise step; the chunk's last one is done
+        // here, before the next chunk reuses the gate gradient buffer.
+        const S* pending = nullptr;  // the gate gradients of the step before, rows [row_begin, pending_end)
+        int64_t pending_end = 0;
+        auto through_w_hh = [&](const S* grad_gates_rows, int64_t rows_end) {
+          w_hh_step.gemm(rows_end - row_begin, grad_gates_rows + row_begin * G * H, G * H,
+                         S(Cell::kSeparateHiddenGates ? 1 : 0), a.grad_h_state + row_begin * H_out, H_out);
+        };
         for (int64_t k = first; k < last; ++k) {
           const int64_t t = reverse ? k : T - 1 - k;
           const int64_t end = std::min(s.batch[t], row_end), row = s.offset[t], n = end - row_begin;
@@ -355,11 +368,15 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
           step.c_prev = Cell::kHasCell ? ptr<S>(c_prev) + (row - row_lo) * a.ld_prev : nullptr;
           step.grad_gates = ptr<S>(grad_gates) + (row - row_lo) * G * H;
           step.grad_hidden_gates = ptr<S>(grad_hidden_gates) + (row - row_lo) * G * H;
-          Backend::template backward_step<Cell, S>(step, row_begin, end);
-          // dL/dh_prev = dgates W_hh (GRU adds it to the direct part z * dh already there).
-          w_hh_step.gemm(n, step.grad_hidden_gates + row_begin * G * H, G * H, S(Cell::kSeparateHiddenGates ? 1 : 0),
-                         step.grad_h_state + row_begin * H_out, H_out);
+          Backend::template backward_step<Cell, S>(w_hh_step, pending, pending_end, step, row_begin, end);
+          pending = step.grad_hidden_gates;
+          pending_end = end;
+          if (project) {  // the next step's dL/dy needs dL/dh_prev first
+            through_w_hh(pending, pending_end);
+            pending = nullptr;
+          }
         }
+        if (pending != nullptr) through_w_hh(pending, pending_end);
       });
       const int64_t n = row_hi - row_lo;
       const Tensor dg = grad_gates.narrow(0, 0, n), dgh = grad_hidden_gates.narrow(0, 0, n);

@@ -131,6 +131,20 @@ void for_each_chunk(int64_t row_begin, int64_t row_end, int64_t hidden, int64_t 
   });
 }
 
+// Runs `point(b, j, vectorised)` over rows [row_begin, row_end) and the hidden units of panel p
+// (those whose gates its GEMM block has just computed).
+template <typename S, typename F>
+void for_each_panel_unit(const Panels<S>& panels, int64_t p, int64_t row_begin, int64_t row_end, const F& point) {
+  for (int64_t v = 0; v < panels.unit_vectors(); ++v) {
+    const int64_t j = panels.unit(p, v), lanes = panels.valid_lanes(p, v);
+    for (int64_t b = row_begin; b < row_end; ++b) {
+      if (lanes == Panels<S>::kWidth) point(b, j, true);
+      else
+        for (int64_t l = 0; l < lanes; ++l) point(b, j + l, false);
+    }
+  }
+}
+
 }  // namespace
 
 struct CpuBackend;
@@ -386,20 +400,15 @@ struct CpuBackend {
     }
     const S* bias = input_size ? ptr<S>(w_hh.bias) : nullptr;
     const Panels<S>& panels = w_hh.panels;
-    constexpr int64_t W = Panels<S>::kWidth;
     for_each_panel_block(panels, row_end - row_begin, [&](int64_t p, int64_t block_first, int64_t rows) {
       const int64_t first = row_begin + block_first;
       const S* x_rows = input_size ? input + first * input_size : nullptr;
       panels.block(p, rows, h_rows + block_first * h_out, h_out, 1, beta, gates + first * ld_gates, ld_gates, bias,
                    x_rows, input_size);
-      for (int64_t v = 0; v < panels.unit_vectors(); ++v) {
-        const int64_t j = panels.unit(p, v), lanes = panels.valid_lanes(p, v);
-        for (int64_t b = first; b < first + rows; ++b) {
-          if (lanes == W) Cell::template forward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
-          else
-            for (int64_t l = 0; l < lanes; ++l) Cell::template forward<S, ScalarIO<S>>(a, b, j + l);
-        }
-      }
+      for_each_panel_unit(panels, p, first, first + rows, [&](int64_t b, int64_t j, bool vec) {
+        if (vec) Cell::template forward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
+        else Cell::template forward<S, ScalarIO<S>>(a, b, j);
+      });
     });
   }
 
@@ -432,15 +441,38 @@ struct CpuBackend {
     }
   }
 
+  // grad_h_state (+)= grad_gates_after W_hh over rows [row_begin, after_end) where grad_gates_after
+  // is given, then the cell's backward pointwise step over [row_begin, row_end). With panels, each
+  // thread runs both for its block of hidden units in one pass: a unit's dL/dh is all its pointwise
+  // step needs from the GEMM.
   template <class Cell, typename S>
-  static void backward_step(const StepBackward<S>& a, int64_t row_begin, int64_t row_end) {
-    if constexpr (has_kernels<S>()) {
-      for_each_chunk<S>(row_begin, row_end, a.hidden, Cell::kGates, [&](int64_t b, int64_t j, bool vec) {
+  static void backward_step(const CpuStepWeight<S>& w_hh, const S* grad_gates_after, int64_t after_end,
+                            const StepBackward<S>& a, int64_t row_begin, int64_t row_end) {
+    if constexpr (!has_kernels<S>()) {
+      check_dtype(c10::CppTypeToScalarType<S>::value);
+    } else {
+      const S beta(Cell::kSeparateHiddenGates ? 1 : 0);  // GRU adds to the direct part z * dh
+      const int64_t ld_grad = w_hh.k, h_out = w_hh.n;
+      auto point = [&](int64_t b, int64_t j, bool vec) {
         if (vec) Cell::template backward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
         else Cell::template backward<S, ScalarIO<S>>(a, b, j);
+      };
+      if (grad_gates_after != nullptr && !w_hh.panels.defined()) {
+        w_hh.gemm(after_end - row_begin, grad_gates_after + row_begin * ld_grad, ld_grad, beta,
+                  a.grad_h_state + row_begin * h_out, h_out);
+        grad_gates_after = nullptr;
+      }
+      if (grad_gates_after == nullptr) return for_each_chunk<S>(row_begin, row_end, a.hidden, Cell::kGates, point);
+      const Panels<S>& panels = w_hh.panels;
+      const int64_t rows_end = std::max(row_end, after_end);
+      for_each_panel_block(panels, rows_end - row_begin, [&](int64_t p, int64_t block_first, int64_t rows) {
+        const int64_t first = row_begin + block_first;
+        const int64_t gemm_rows = std::clamp<int64_t>(after_end - first, 0, rows);
+        if (gemm_rows > 0)
+          panels.block(p, gemm_rows, grad_gates_after + first * ld_grad, ld_grad, 1, beta, a.grad_h_state + first * h_out,
+                       h_out);
+        for_each_panel_unit(panels, p, first, std::min(first + rows, row_end), point);
       });
-    } else {
-      check_dtype(c10::CppTypeToScalarType<S>::value);
     }
   }
 };
