@@ -14,6 +14,7 @@
 #include <array>
 #include <cstdlib>
 #include <mutex>
+#include <pthread.h>
 #include <vector>
 
 #include "../layer.h"
@@ -96,6 +97,11 @@ class BlockCache {
   BlockCache() {
     const char* env = std::getenv("FUSED_RNN_CPU_CACHE_MB");
     limit_ = static_cast<size_t>(env ? std::max(0LL, std::atoll(env)) : 256) << 20;
+    // fork() copies the mutex as it is: locked, if another thread was freeing a tensor just then,
+    // and no thread in the child would ever unlock it. The forking thread takes it first and both
+    // processes release it after, so the child starts with a free lock and a consistent list.
+    pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                   [] { instance().mutex_.unlock(); });
   }
 
   std::mutex mutex_;
