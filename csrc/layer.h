@@ -144,6 +144,21 @@ enum class Scratch {
 template <typename S>
 S* ptr(const Tensor& t) { return t.defined() ? static_cast<S*>(t.data_ptr()) : nullptr; }
 
+// beta of the backward's recurrent GEMM into grad_h_state: GRU adds dgates W_hh to the direct part
+// z * dh its pointwise step left there; the other cells' GEMM writes dL/dh_prev afresh.
+template <class Cell, typename S>
+S grad_h_prev_beta() { return S(Cell::kSeparateHiddenGates ? 1 : 0); }
+
+// dL/dh_prev = dgates W_hh over rows [row_begin, row_end) of one step: `grad_gates` (the step's
+// W_hh-side gate gradients, at its row 0) times W_hh into grad_h_state. `w_hh` is the backward's
+// step weight of W_hh, k = gates * hidden and n = h_out.
+template <class Cell, class StepWeight, typename S>
+void grad_h_prev_from_gates(const StepWeight& w_hh, const S* grad_gates, S* grad_h_state, int64_t row_begin,
+                            int64_t row_end) {
+  w_hh.gemm(row_end - row_begin, grad_gates + row_begin * w_hh.k, w_hh.k, grad_h_prev_beta<Cell, S>(),
+            grad_h_state + row_begin * w_hh.n, w_hh.n);
+}
+
 // Returns {output, h_n, c_n (LSTM only, else undefined), reserve}. Without `save_reserve`
 // (inference), and for cells whose backward reads none (RNN), the reserve comes back with 0 rows:
 // the gates are then computed a chunk of time steps at a time into a small reused buffer.
@@ -333,16 +348,11 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
       a.ld_prev = Cell::kHasCell ? c_prev.stride(0) : h_prev.stride(0);
       Backend::for_each_row_group(s, t_lo, t_hi, w_hh_step.row_groups, [&](int64_t row_begin, int64_t row_end) {
         StepBackward<S> step = a;
-        // dL/dh_prev = dgates W_hh (GRU adds it to the direct part z * dh already there). Without
-        // a projection each step's product is left pending and done by the next step's
-        // backward_step, in the same pass as its pointwise step; the chunk's last one is done
-        // here, before the next chunk reuses the gate gradient buffer.
+        // dL/dh_prev = dgates W_hh: without a projection each step's product is left pending and
+        // done by the next step's backward_step, in the same pass as its pointwise step; the
+        // chunk's last one is done here, before the next chunk reuses the gate gradient buffer.
         const S* pending = nullptr;  // the gate gradients of the step before, rows [row_begin, pending_end)
         int64_t pending_end = 0;
-        auto through_w_hh = [&](const S* grad_gates_rows, int64_t rows_end) {
-          w_hh_step.gemm(rows_end - row_begin, grad_gates_rows + row_begin * G * H, G * H,
-                         S(Cell::kSeparateHiddenGates ? 1 : 0), a.grad_h_state + row_begin * H_out, H_out);
-        };
         for (int64_t k = first; k < last; ++k) {
           const int64_t t = reverse ? k : T - 1 - k;
           const int64_t end = std::min(s.batch[t], row_end), row = s.offset[t], n = end - row_begin;
@@ -372,11 +382,11 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
           pending = step.grad_hidden_gates;
           pending_end = end;
           if (project) {  // the next step's dL/dy needs dL/dh_prev first
-            through_w_hh(pending, pending_end);
+            grad_h_prev_from_gates<Cell>(w_hh_step, pending, a.grad_h_state, row_begin, pending_end);
             pending = nullptr;
           }
         }
-        if (pending != nullptr) through_w_hh(pending, pending_end);
+        if (pending != nullptr) grad_h_prev_from_gates<Cell>(w_hh_step, pending, a.grad_h_state, row_begin, pending_end);
       });
       const int64_t n = row_hi - row_lo;
       const Tensor dg = grad_gates.narrow(0, 0, n), dgh = grad_hidden_gates.narrow(0, 0, n);

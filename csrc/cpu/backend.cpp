@@ -451,18 +451,16 @@ struct CpuBackend {
     if constexpr (!has_kernels<S>()) {
       check_dtype(c10::CppTypeToScalarType<S>::value);
     } else {
-      const S beta(Cell::kSeparateHiddenGates ? 1 : 0);  // GRU adds to the direct part z * dh
-      const int64_t ld_grad = w_hh.k, h_out = w_hh.n;
       auto point = [&](int64_t b, int64_t j, bool vec) {
         if (vec) Cell::template backward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
         else Cell::template backward<S, ScalarIO<S>>(a, b, j);
       };
-      if (grad_gates_after != nullptr && !w_hh.panels.defined()) {
-        w_hh.gemm(after_end - row_begin, grad_gates_after + row_begin * ld_grad, ld_grad, beta,
-                  a.grad_h_state + row_begin * h_out, h_out);
-        grad_gates_after = nullptr;
+      if (grad_gates_after == nullptr || !w_hh.panels.defined()) {
+        if (grad_gates_after != nullptr) grad_h_prev_from_gates<Cell>(w_hh, grad_gates_after, a.grad_h_state, row_begin, after_end);
+        return for_each_chunk<S>(row_begin, row_end, a.hidden, Cell::kGates, point);
       }
-      if (grad_gates_after == nullptr) return for_each_chunk<S>(row_begin, row_end, a.hidden, Cell::kGates, point);
+      const S beta = grad_h_prev_beta<Cell, S>();
+      const int64_t ld_grad = w_hh.k, h_out = w_hh.n;
       const Panels<S>& panels = w_hh.panels;
       const int64_t rows_end = std::max(row_end, after_end);
       for_each_panel_block(panels, rows_end - row_begin, [&](int64_t p, int64_t block_first, int64_t rows) {

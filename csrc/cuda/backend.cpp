@@ -190,8 +190,7 @@ struct CudaBackend {
   static void backward_step(const CudaStepWeight<S>& w_hh, const S* grad_gates_after, int64_t after_end,
                             const StepBackward<S>& step, int64_t row_begin, int64_t row_end) {
     TORCH_INTERNAL_ASSERT(row_begin == 0);
-    if (grad_gates_after != nullptr)
-      w_hh.gemm(after_end, grad_gates_after, w_hh.k, S(Cell::kSeparateHiddenGates ? 1 : 0), step.grad_h_state, w_hh.n);
+    if (grad_gates_after != nullptr) grad_h_prev_from_gates<Cell>(w_hh, grad_gates_after, step.grad_h_state, 0, after_end);
     C10_CUDA_CHECK(launch_backward_step<Cell>(as_cuda(step), row_end, at::cuda::getCurrentCUDAStream()));
   }
 };
