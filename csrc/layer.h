@@ -2,6 +2,9 @@
 // and every backend. The Backend supplies the GEMMs (on CPU its own panel kernel or MKL; on
 // CUDA cuBLAS) and the per-step pointwise pass:
 //   Backend::check_dtype(ScalarType)
+//   Backend::compute_type(ScalarType) -> the type a layer of that storage type computes in (CPU:
+//       float32 for float16 and bfloat16; the op converts on the way in and rounds its results),
+//       and Backend::kHalfKernels: whether it has kernels for float16 and bfloat16 itself
 //   Backend::guard(Device) -> RAII object that makes the device current for the op
 //   Backend::dense_weight<S>(w, trans, bias, rows) -> an object whose .apply_out(out, x) computes
 //       out = x op(w) (+ bias), op(w) = w^T if trans: the large GEMMs outside the time loop over
@@ -159,6 +162,27 @@ void grad_h_prev_from_gates(const StepWeight& w_hh, const S* grad_gates, S* grad
             grad_h_state + row_begin * w_hh.n, w_hh.n);
 }
 
+// Calls f(S()) for the scalar type S of `type`, among those the backend has kernels for.
+template <class Backend, class F>
+void dispatch_kernel_type(at::ScalarType type, const F& f) {
+  if constexpr (Backend::kHalfKernels)
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "fused_rnn", [&] { f(scalar_t()); });
+  else
+    AT_DISPATCH_FLOATING_TYPES(type, "fused_rnn", [&] { f(scalar_t()); });
+}
+
+inline Tensor to_type(const Tensor& t, at::ScalarType type) { return t.defined() ? t.to(type) : t; }
+
+inline LayerWeights to_type(const LayerWeights& w, at::ScalarType type) {
+  return {to_type(w.w_ih, type), to_type(w.w_hh, type), to_type(w.b_ih, type), to_type(w.b_hh, type),
+          to_type(w.w_hr, type)};
+}
+
+inline std::vector<Tensor> to_type(std::vector<Tensor> ts, at::ScalarType type) {
+  for (Tensor& t : ts) t = to_type(t, type);
+  return ts;
+}
+
 // Returns {output, h_n, c_n (LSTM only, else undefined), reserve}. Without `save_reserve`
 // (inference), and for cells whose backward reads none (RNN), the reserve comes back with 0 rows:
 // the gates are then computed a chunk of time steps at a time into a small reused buffer.
@@ -166,7 +190,14 @@ template <class Cell, class Backend>
 std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tensor>& batch_sizes,
                                   const Tensor& hx, const Tensor& cx, const LayerWeights& w,
                                   bool reverse, bool relu, bool save_reserve) {
-  Backend::check_dtype(input_.scalar_type());
+  // A storage type computed in a wider one: the state is carried between steps unrounded, and
+  // only the results (reserve included) are rounded to the storage type.
+  const at::ScalarType storage = input_.scalar_type(), compute = Backend::compute_type(storage);
+  if (compute != storage)
+    return to_type(layer_forward<Cell, Backend>(to_type(input_, compute), batch_sizes, to_type(hx, compute),
+                                                to_type(cx, compute), to_type(w, compute), reverse, relu, save_reserve),
+                   storage);
+  Backend::check_dtype(storage);
   const auto device_guard = Backend::guard(input_.device());
   const Steps s = make_steps(input_, batch_sizes);
   const int64_t T = s.count(), I = w.w_ih.size(1), G = Cell::kGates, H = w.w_ih.size(0) / G;
@@ -201,8 +232,8 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
   Tensor output = Backend::empty({s.rows, H_out}, opts);
   Tensor hidden_gates = Cell::kSeparateHiddenGates ? at::empty({B, G * H}, opts) : Tensor();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_rnn_forward", [&] {
-    using S = scalar_t;
+  dispatch_kernel_type<Backend>(x.scalar_type(), [&](auto zero) {
+    using S = decltype(zero);
     StepForward<S> a{};
     a.ld_reserve = width;
     a.ld_output = H_out;
@@ -286,7 +317,15 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
                                    const Tensor& hx, const Tensor& cx, const LayerWeights& w,
                                    const Tensor& output, const Tensor& reserve, bool has_bias,
                                    bool reverse, bool relu) {
-  Backend::check_dtype(input.scalar_type());
+  const at::ScalarType storage = input.scalar_type(), compute = Backend::compute_type(storage);
+  if (compute != storage)
+    return to_type(layer_backward<Cell, Backend>(to_type(grad_output, compute), to_type(grad_hy, compute),
+                                                 to_type(grad_cy, compute), to_type(input, compute), batch_sizes,
+                                                 to_type(hx, compute), to_type(cx, compute), to_type(w, compute),
+                                                 to_type(output, compute), to_type(reserve, compute), has_bias,
+                                                 reverse, relu),
+                   storage);
+  Backend::check_dtype(storage);
   const auto device_guard = Backend::guard(input.device());
   const Steps s = make_steps(input, batch_sizes);
   const int64_t I = w.w_ih.size(1), G = Cell::kGates, H = w.w_ih.size(0) / G;
@@ -324,8 +363,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   Tensor grad_b_hh = has_bias ? at::zeros({G * H}, opts) : empty.clone();
   Tensor grad_w_hr = project ? Backend::empty(w.w_hr.sizes(), opts) : empty.clone();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_rnn_backward", [&] {
-    using S = scalar_t;
+  dispatch_kernel_type<Backend>(x.scalar_type(), [&](auto zero) {
+    using S = decltype(zero);
     StepBackward<S> a{};
     a.ld_reserve = R;
     a.ld_output = H_out;

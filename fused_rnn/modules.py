@@ -34,6 +34,38 @@ def _autocasting():
     return torch.is_autocast_enabled("cuda")
 
 
+# Inside torch.autocast("cpu"), the dtype each torch.nn layer runs in depends on the layer and on
+# the input's dtype (torch 2.13): LSTM (oneDNN) casts float32 input to the region's dtype and runs
+# the other half type in float32; RNN and RNNCell (autocast linear ops) cast every floating input
+# to the region's dtype; GRU, LSTMCell and GRUCell run in the region's dtype only when the input
+# already is in it, else in float32. fused_rnn's layers follow the same table.
+_CPU_AUTOCAST_FROM_FLOAT32 = {"LSTM": True, "RNN": True, "GRU": False, "RNNCell": True, "LSTMCell": False,
+                              "GRUCell": False}
+_CPU_AUTOCAST_FROM_OTHER_HALF = {"LSTM": False, "RNN": True, "GRU": False, "RNNCell": True, "LSTMCell": False,
+                                 "GRUCell": False}
+
+
+def _cpu_autocasting(input):
+    """Whether a CPU autocast region casts this input (not float64 or non-floating input)."""
+    return (input.device.type == "cpu" and torch.is_autocast_enabled("cpu") and input.is_floating_point()
+            and input.dtype != torch.float64)
+
+
+def _cpu_autocast_dtype(name, input):
+    """The dtype layer `name` runs `input` in inside a CPU autocast region, None where none casts it."""
+    if not _cpu_autocasting(input):
+        return None
+    region = torch.get_autocast_dtype("cpu")
+    if input.dtype == region:
+        return region
+    table = _CPU_AUTOCAST_FROM_FLOAT32 if input.dtype == torch.float32 else _CPU_AUTOCAST_FROM_OTHER_HALF
+    return region if table[name] else torch.float32
+
+
+def _cast(tensors, dtype):
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def _check_hidden_dtype(hidden, dtype):
     if _autocasting():  # the ops' autocast casts every floating input
         return
@@ -145,9 +177,11 @@ class RNNBase(nn.Module):
 
     def check_input(self, input, batch_sizes):
         weight = self.weight_ih_l0
-        if input.dtype != weight.dtype and not _autocasting():
-            raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
-                             f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
+        if input.dtype != weight.dtype and not _autocasting() and not _cpu_autocasting(input):
+            # Inside a CPU autocast region (float64 input) torch.nn fails later, in a GEMM.
+            error = RuntimeError if torch.is_autocast_enabled(input.device.type) else ValueError
+            raise error(f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+                        f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
         expected_dim = 2 if batch_sizes is not None else 3
         if input.dim() != expected_dim:
             raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
@@ -183,9 +217,9 @@ class RNNBase(nn.Module):
         directions = 2 if self.bidirectional else 1
         return torch.zeros(self.num_layers * directions, batch, size, dtype=input.dtype, device=input.device)
 
-    def _run(self, input, batch_sizes, h0, c0):
+    def _run(self, input, batch_sizes, h0, c0, dtype=None):
         """The stack: layers × directions, dropout between layers. `input` is time-major
-        [T, B, I] or packed rows [N, I]."""
+        [T, B, I] or packed rows [N, I]; the weights are cast to `dtype` if given."""
         directions = 2 if self.bidirectional else 1
         weights = self._flat_weights
         per_direction = len(weights) // (self.num_layers * directions)
@@ -196,6 +230,8 @@ class RNNBase(nn.Module):
             for direction in range(directions):
                 k = layer * directions + direction
                 w = weights[k * per_direction:(k + 1) * per_direction]
+                if dtype is not None:
+                    w = _cast(w, dtype)
                 w_ih, w_hh = w[0], w[1]
                 b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
                 w_hr = w[-1] if self.proj_size > 0 else None
@@ -239,6 +275,9 @@ class RNNBase(nn.Module):
                 if not is_batched:
                     hx = tuple(h.unsqueeze(1) for h in hidden) if lstm else hx.unsqueeze(1)
             max_batch = input.size(0) if self.batch_first else input.size(1)
+        run_dtype = _cpu_autocast_dtype(name, input)
+        if run_dtype is not None:
+            input = input.to(run_dtype)
 
         if hx is None:
             h0 = self._zero_state(input, max_batch, out_size)
@@ -247,6 +286,8 @@ class RNNBase(nn.Module):
             h0, c0 = self.permute_hidden(hx[0], sorted_indices), self.permute_hidden(hx[1], sorted_indices)
         else:
             h0, c0 = self.permute_hidden(hx, sorted_indices), None
+        if run_dtype is not None:
+            h0, c0 = _cast((h0, c0), run_dtype)
 
         self.check_input(input, batch_sizes)
         expected = self.get_expected_hidden_size(input, batch_sizes)
@@ -261,7 +302,7 @@ class RNNBase(nn.Module):
 
         if batch_sizes is None and self.batch_first:
             input = input.transpose(0, 1)
-        output, h_n, c_n = self._run(input, batch_sizes, h0, c0)
+        output, h_n, c_n = self._run(input, batch_sizes, h0, c0, run_dtype)
 
         if batch_sizes is not None:
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -348,6 +389,10 @@ class RNNCellBase(nn.Module):
     def _step(self, mode, input, hidden):
         """Validates like ATen's cell ops and runs one fused step: (input [B, I], hidden states
         [B, H]) -> new states."""
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
+        run_dtype = _cpu_autocast_dtype({"LSTM": "LSTMCell", "GRU": "GRUCell"}.get(mode, "RNNCell"), input)
+        if run_dtype is not None:
+            input, hidden, weights = input.to(run_dtype), _cast(hidden, run_dtype), _cast(weights, run_dtype)
         if input.size(1) != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
         for k, h in enumerate(hidden):
@@ -356,12 +401,11 @@ class RNNCellBase(nn.Module):
             if h.size(1) != self.hidden_size:
                 raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {h.size(1)}, "
                                    f"expected {self.hidden_size}")
-        if input.dtype != self.weight_ih.dtype and not _autocasting():
+        if input.dtype != weights[0].dtype and not _autocasting():
             raise RuntimeError(f"Expected input of dtype {self.weight_ih.dtype} (the parameters' dtype), "
                                f"got {input.dtype}")
         _check_hidden_dtype(hidden, input.dtype)
         _check_devices(input, hidden, self.weight_ih)
-        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
         _, h, c = run_layer(mode, input.unsqueeze(0), None, hidden[0], hidden[1] if len(hidden) > 1 else None,
                             weights, False)
         return h, c

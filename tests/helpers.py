@@ -174,6 +174,42 @@ def assert_same_outputs_and_grads(ref, ours, leaves, call, dtype, module_params=
     return our_out, ref_out
 
 
+# Per dtype, for assert_same_results: elementwise
+# |actual - expected| <= tol * (max(1, max |expected|) + |expected|). The absolute part follows the
+# whole tensor's magnitude because a gradient is a sum whose rounding error does, however small one
+# of its elements.
+SCALED_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def named_outputs_and_grads(module, leaves, call):
+    """The output tensors of `call(module, leaves)` and the gradients of a float64 weighted_loss
+    (so that half-precision outputs lose nothing in the loss) with respect to each leaf and each
+    parameter, by name."""
+    return outputs_and_grads(lambda: call(module, leaves), leaves_and_params(module, leaves),
+                             loss_dtype=torch.float64)
+
+
+def assert_close_scaled(actual, expected, tol, what):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_same_results(actual, expected, tol, same_dtypes=True):
+    """Compares two named_outputs_and_grads results (values within SCALED_TOLERANCE-style `tol`,
+    and dtypes unless same_dtypes is False)."""
+    (outputs_a, grads_a), (outputs_e, grads_e) = actual, expected
+    assert len(outputs_a) == len(outputs_e) and list(grads_a) == list(grads_e)
+    for k, (a, e) in enumerate(zip(outputs_a, outputs_e)):
+        assert not same_dtypes or a.dtype == e.dtype, f"output[{k}]: dtype {a.dtype} != {e.dtype}"
+        assert_close_scaled(a, e, tol, f"output[{k}]")
+    for name in grads_e:
+        assert not same_dtypes or grads_a[name].dtype == grads_e[name].dtype, \
+            f"grad of {name}: dtype {grads_a[name].dtype} != {grads_e[name].dtype}"
+        assert_close_scaled(grads_a[name], grads_e[name], tol, f"grad of {name}")
+
+
 def assert_twins_agree(reference, fused, call, leaves, **tolerance):
     """`call(module)` gives the same output tensors and the same gradients (with respect to the
     list `leaves` and to every parameter) for the torch.nn module and its fused twin."""

@@ -14,8 +14,11 @@ import fused_rnn.autocast  # noqa: F401  (registers the ops' autocast rules)
 from helpers import (BATCH, INPUT_FORMS, INPUT_SIZE, LAYER_GRID_ARGS, LAYER_KINDS, OP_KIND_IDS, OP_KINDS,
                      OPCHECK_CASE_ARGS, OPCHECK_CASE_IDS, OPCHECK_CASES, PACKED_LENGTHS, PROJ_SIZE, STEPS,
                      assert_backward_op_opcheck_passes, assert_layer_op_gradcheck_passes,
-                     assert_layer_op_opcheck_passes, layer_call, layer_grid, layer_leaves, leaf, leaves_and_params,
-                     make_kind_pair, module_gradcheck, output_tensors, outputs_and_grads)
+                     assert_layer_op_opcheck_passes, assert_same_results, layer_call, layer_grid, layer_leaves, leaf,
+                     leaves_and_params, make_kind_pair, module_gradcheck, named_outputs_and_grads, output_tensors,
+                     outputs_and_grads)
+from helpers import SCALED_TOLERANCE as TOLERANCE
+from helpers import assert_close_scaled as assert_close
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (or a CPU-only torch)"),
@@ -24,10 +27,6 @@ pytestmark = [
 
 CUDA = torch.device("cuda")
 HIDDEN = 10
-# Per dtype: elementwise |actual - expected| <= tol * (max(1, max |expected|) + |expected|).
-# The absolute part follows the whole tensor's magnitude because a gradient is a sum whose
-# rounding error does, however small one of its elements.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 # Autocast (float16) against the same module in float32.
 AUTOCAST_TOLERANCE = 2e-2
 
@@ -46,32 +45,6 @@ def _no_tf32():
 def make_modules(kind, dtype, input_size=INPUT_SIZE, hidden_size=HIDDEN, device=CUDA, **kwargs):
     """(torch.nn module, fused_rnn module) of one kind on `device`, with the same weights (make_kind_pair)."""
     return make_kind_pair(kind, input_size, hidden_size, **kwargs, device=device, dtype=dtype)
-
-
-def named_outputs_and_grads(module, leaves, call):
-    """The output tensors of `call(module, leaves)` and the gradients of a float64 weighted_loss
-    (so that half-precision outputs lose nothing in the loss) with respect to each leaf and each
-    parameter, by name."""
-    return outputs_and_grads(lambda: call(module, leaves), leaves_and_params(module, leaves),
-                             loss_dtype=torch.float64)
-
-
-def assert_close(actual, expected, tol, what):
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=tol, msg=lambda m: f"{what}: {m}")
-
-
-def assert_same_results(actual, expected, tol, same_dtypes=True):
-    """Compares two named_outputs_and_grads results."""
-    (outputs_a, grads_a), (outputs_e, grads_e) = actual, expected
-    assert len(outputs_a) == len(outputs_e) and list(grads_a) == list(grads_e)
-    for k, (a, e) in enumerate(zip(outputs_a, outputs_e)):
-        assert not same_dtypes or a.dtype == e.dtype, f"output[{k}]: dtype {a.dtype} != {e.dtype}"
-        assert_close(a, e, tol, f"output[{k}]")
-    for name in grads_e:
-        assert_close(grads_a[name], grads_e[name], tol, f"grad of {name}")
 
 
 def leaves_on(device, leaves):

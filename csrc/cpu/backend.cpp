@@ -240,7 +240,7 @@ struct CpuBackend {
     constexpr int64_t kMinPanelRows = 128;
     CpuDenseWeight<S> dw{w.contiguous(), bias.defined() ? bias.contiguous() : bias, trans};
     const int64_t k = w.size(trans ? 1 : 0), n = w.size(trans ? 0 : 1);
-    if (has_kernels<S>() && k > 0 && n > 0 && rows >= kMinPanelRows) dw.panels = Panels<S>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
+    if (k > 0 && n > 0 && rows >= kMinPanelRows) dw.panels = Panels<S>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
     return dw;
   }
 
@@ -250,7 +250,7 @@ struct CpuBackend {
   static void weight_grad_out(at::Tensor& grad_w, const at::Tensor& g, const at::Tensor& x, bool accumulate) {
     constexpr int64_t kMinPanelRows = 16;
     const int64_t rows = x.size(0);
-    if (has_kernels<S>() && rows >= kMinPanelRows && x.is_contiguous() && g.stride(1) == 1 && grad_w.is_contiguous() &&
+    if (rows >= kMinPanelRows && x.is_contiguous() && g.stride(1) == 1 && grad_w.is_contiguous() &&
         x.size(1) > 0) {
       const Panels<S> x_panels(ptr<S>(x), false, rows, 1, x.size(1), Scratch::kGradientPanels);
       x_panels.multiply(g.size(1), ptr<S>(g), 1, g.stride(0), S(accumulate ? 1 : 0), ptr<S>(grad_w), grad_w.stride(0));
@@ -261,13 +261,16 @@ struct CpuBackend {
     }
   }
 
-  // The scalar types the CPU kernels are built for (check_dtype turns the others away).
-  template <typename S>
-  static constexpr bool has_kernels() { return std::is_same_v<S, float> || std::is_same_v<S, double>; }
-
   static void check_dtype(at::ScalarType t) {
-    TORCH_CHECK(t == at::kFloat || t == at::kDouble,
-                "fused_rnn on CPU supports float32 and float64 tensors, got ", t);
+    TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+                "fused_rnn on CPU supports float32, float64, float16 and bfloat16 tensors, got ", t);
+  }
+
+  // The kernels are built for float and double; float16 and bfloat16 layers run in float32, their
+  // tensors converted on the way in and the results rounded on the way out.
+  static constexpr bool kHalfKernels = false;
+  static at::ScalarType compute_type(at::ScalarType t) {
+    return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;
   }
 
   // Row-major C[m, n] = alpha op(A) op(B) + beta C, as the column-major product C^T = op(B)^T op(A)^T.
@@ -305,7 +308,7 @@ struct CpuBackend {
   static CpuStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t max_rows,
                                       int64_t steps, Scratch slot) {
     CpuStepWeight<S> sw{w, trans, k, n};
-    if (has_kernels<S>() && steps >= kMinPanelSteps && k > 0 && n > 0) {
+    if (steps >= kMinPanelSteps && k > 0 && n > 0) {
       sw.panels = Panels<S>(w, trans, k, 1, n, slot);
       sw.row_groups = row_groups_for(max_rows, k * n * sizeof(S));
     }
@@ -328,7 +331,7 @@ struct CpuBackend {
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
     const int64_t n = Cell::kGates * hidden;
     CpuStepWeight<S> sw{w_hh, true, h_out, n};
-    if (!has_kernels<S>() || steps < kMinPanelSteps || h_out <= 0 || hidden <= 0) return sw;
+    if (steps < kMinPanelSteps || h_out <= 0 || hidden <= 0) return sw;
     const bool fold = w_ih.defined() && max_rows >= kMinFoldRows &&
                       (Cell::kGates > 1 || 4 * (h_out + w_ih.size(1)) * n * static_cast<int64_t>(sizeof(S)) <= l2_cache_bytes());
     if (fold) {
@@ -372,17 +375,13 @@ struct CpuBackend {
   static void recurrent_step(const CpuStepWeight<S>& w_hh, const StepForward<S>& a, int64_t row_begin,
                              int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* input,
                              const S* h_prev) {
-    if constexpr (!has_kernels<S>()) {
-      check_dtype(c10::CppTypeToScalarType<S>::value);
-    } else {
-      const int64_t rows = row_end - row_begin;
-      if (rows <= 0) return;
-      if (!w_hh.panels.defined()) {
-        w_hh.gemm(rows, a.h_state + row_begin * w_hh.k, w_hh.k, beta, gates + row_begin * ld_gates, ld_gates);
-        return forward_step<Cell, S>(a, row_begin, row_end);
-      }
-      fused_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input, h_prev);
+    const int64_t rows = row_end - row_begin;
+    if (rows <= 0) return;
+    if (!w_hh.panels.defined()) {
+      w_hh.gemm(rows, a.h_state + row_begin * w_hh.k, w_hh.k, beta, gates + row_begin * ld_gates, ld_gates);
+      return forward_step<Cell, S>(a, row_begin, row_end);
     }
+    fused_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input, h_prev);
   }
 
   template <class Cell, typename S>
@@ -431,14 +430,10 @@ struct CpuBackend {
 
   template <class Cell, typename S>
   static void forward_step(const StepForward<S>& a, int64_t row_begin, int64_t row_end) {
-    if constexpr (has_kernels<S>()) {
-      for_each_chunk<S>(row_begin, row_end, a.hidden, Cell::kGates, [&](int64_t b, int64_t j, bool vec) {
-        if (vec) Cell::template forward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
-        else Cell::template forward<S, ScalarIO<S>>(a, b, j);
-      });
-    } else {
-      check_dtype(c10::CppTypeToScalarType<S>::value);
-    }
+    for_each_chunk<S>(row_begin, row_end, a.hidden, Cell::kGates, [&](int64_t b, int64_t j, bool vec) {
+      if (vec) Cell::template forward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
+      else Cell::template forward<S, ScalarIO<S>>(a, b, j);
+    });
   }
 
   // grad_h_state (+)= grad_gates_after W_hh over rows [row_begin, after_end) where grad_gates_after
@@ -448,30 +443,26 @@ struct CpuBackend {
   template <class Cell, typename S>
   static void backward_step(const CpuStepWeight<S>& w_hh, const S* grad_gates_after, int64_t after_end,
                             const StepBackward<S>& a, int64_t row_begin, int64_t row_end) {
-    if constexpr (!has_kernels<S>()) {
-      check_dtype(c10::CppTypeToScalarType<S>::value);
-    } else {
-      auto point = [&](int64_t b, int64_t j, bool vec) {
-        if (vec) Cell::template backward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
-        else Cell::template backward<S, ScalarIO<S>>(a, b, j);
-      };
-      if (grad_gates_after == nullptr || !w_hh.panels.defined()) {
-        if (grad_gates_after != nullptr) grad_h_prev_from_gates<Cell>(w_hh, grad_gates_after, a.grad_h_state, row_begin, after_end);
-        return for_each_chunk<S>(row_begin, row_end, a.hidden, Cell::kGates, point);
-      }
-      const S beta = grad_h_prev_beta<Cell, S>();
-      const int64_t ld_grad = w_hh.k, h_out = w_hh.n;
-      const Panels<S>& panels = w_hh.panels;
-      const int64_t rows_end = std::max(row_end, after_end);
-      for_each_panel_block(panels, rows_end - row_begin, [&](int64_t p, int64_t block_first, int64_t rows) {
-        const int64_t first = row_begin + block_first;
-        const int64_t gemm_rows = std::clamp<int64_t>(after_end - first, 0, rows);
-        if (gemm_rows > 0)
-          panels.block(p, gemm_rows, grad_gates_after + first * ld_grad, ld_grad, 1, beta, a.grad_h_state + first * h_out,
-                       h_out);
-        for_each_panel_unit(panels, p, first, std::min(first + rows, row_end), point);
-      });
+    auto point = [&](int64_t b, int64_t j, bool vec) {
+      if (vec) Cell::template backward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
+      else Cell::template backward<S, ScalarIO<S>>(a, b, j);
+    };
+    if (grad_gates_after == nullptr || !w_hh.panels.defined()) {
+      if (grad_gates_after != nullptr) grad_h_prev_from_gates<Cell>(w_hh, grad_gates_after, a.grad_h_state, row_begin, after_end);
+      return for_each_chunk<S>(row_begin, row_end, a.hidden, Cell::kGates, point);
     }
+    const S beta = grad_h_prev_beta<Cell, S>();
+    const int64_t ld_grad = w_hh.k, h_out = w_hh.n;
+    const Panels<S>& panels = w_hh.panels;
+    const int64_t rows_end = std::max(row_end, after_end);
+    for_each_panel_block(panels, rows_end - row_begin, [&](int64_t p, int64_t block_first, int64_t rows) {
+      const int64_t first = row_begin + block_first;
+      const int64_t gemm_rows = std::clamp<int64_t>(after_end - first, 0, rows);
+      if (gemm_rows > 0)
+        panels.block(p, gemm_rows, grad_gates_after + first * ld_grad, ld_grad, 1, beta, a.grad_h_state + first * h_out,
+                     h_out);
+      for_each_panel_unit(panels, p, first, std::min(first + rows, row_end), point);
+    });
   }
 };
 

@@ -79,6 +79,10 @@ struct CudaBackend {
                 "fused_rnn on CUDA supports float32, float64, float16 and bfloat16 tensors, got ", t);
   }
 
+  // Every type computes natively (half types with float accumulation and float pointwise math).
+  static constexpr bool kHalfKernels = true;
+  static at::ScalarType compute_type(at::ScalarType t) { return t; }
+
   static c10::cuda::CUDAGuard guard(const c10::Device& device) { return c10::cuda::CUDAGuard(device); }
 
   // out = x op(w) (+ bias) by cuBLAS through ATen.

@@ -1,0 +1,192 @@
+"""float16 and bfloat16 on CPU, and CPU autocast. fused_rnn runs half-precision layers in float32
+(state carried between steps unrounded, results rounded to the storage type); torch.nn runs them
+through oneDNN or per-step ATen ops that round every intermediate. So: close to torch.nn in the same
+dtype, at least as accurate as it against float64, same dtypes out, and inside torch.autocast("cpu")
+the same dtypes as torch.nn layer by layer."""
+import copy
+
+import pytest
+import torch
+
+from helpers import (CELL_KINDS, INPUT_SIZE, LAYER_GRID_ARGS, LAYER_KINDS, OPCHECK_CASE_ARGS, OPCHECK_CASE_IDS,
+                     OPCHECK_CASES, PROJ_SIZE, SCALED_TOLERANCE, assert_backward_op_opcheck_passes,
+                     assert_layer_op_opcheck_passes, assert_same_results, layer_call, layer_grid, layer_leaves,
+                     make_kind_pair, named_outputs_and_grads, output_tensors)
+
+pytestmark = pytest.mark.usefixtures("torch_test_state")
+
+HALF_TYPES = [torch.float16, torch.bfloat16]
+HALF_IDS = ["float16", "bfloat16"]
+HIDDEN = 10
+
+GRID = list(layer_grid(LAYER_KINDS, [2], [False, True], [False], [True, False], [False, True], [True],
+                       ["3d", "unbatched", "packed_unsorted"]))
+
+
+def cell_leaves(module, dtype, batch=3):
+    """Leaves (input, h0[, c0]) for a cell module and call(module, leaves) running it with them."""
+    leaves = {"input": torch.randn(batch, module.input_size, dtype=dtype).requires_grad_(),
+              "h0": torch.randn(batch, module.hidden_size, dtype=dtype).requires_grad_()}
+    if type(module).__name__ == "LSTMCell":
+        leaves["c0"] = torch.randn(batch, module.hidden_size, dtype=dtype).requires_grad_()
+        return leaves, lambda m, ls: m(ls["input"], (ls["h0"], ls["c0"]))
+    return leaves, lambda m, ls: m(ls["input"], ls["h0"])
+
+
+# ---- against torch.nn in the same dtype ----------------------------------------------------------
+
+# bfloat16 relu is left out: pre-activations near 0 round to opposite signs in the two, so single
+# gradients differ by a whole step (0 against full); test_at_least_as_accurate_as_nn covers it.
+HALF_GRID = [pytest.param(*case.values, dtype, id=f"{case.id}-{name}") for case in GRID
+             for dtype, name in zip(HALF_TYPES, HALF_IDS) if not (case.values[0] == "RNN_RELU" and dtype == torch.bfloat16)]
+
+
+@pytest.mark.parametrize(LAYER_GRID_ARGS + ",dtype", HALF_GRID)
+def test_layer_matches_nn(kind, num_layers, bidirectional, batch_first, bias, proj, with_h0, form, dtype):
+    kwargs = dict(num_layers=num_layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional, dtype=dtype)
+    if proj:
+        kwargs["proj_size"] = PROJ_SIZE
+    reference, fused = make_kind_pair(kind, INPUT_SIZE, HIDDEN, **kwargs)
+    leaves, call = layer_leaves(kind, fused, form, with_h0, dtype), layer_call(kind, form)
+    assert_same_results(named_outputs_and_grads(fused, leaves, call), named_outputs_and_grads(reference, leaves, call),
+                        SCALED_TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=HALF_IDS)
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_cell_matches_nn(kind, dtype):
+    reference, fused = make_kind_pair(kind, INPUT_SIZE, HIDDEN, dtype=dtype)
+    leaves, call = cell_leaves(fused, dtype)
+    assert_same_results(named_outputs_and_grads(fused, leaves, call), named_outputs_and_grads(reference, leaves, call),
+                        SCALED_TOLERANCE[dtype])
+
+
+# ---- accuracy against float64 --------------------------------------------------------------------
+
+def relative_errors(result, exact):
+    """max |a - e| / max(1, max |e|) over the outputs, and over the gradients, of two
+    named_outputs_and_grads results."""
+    def error(a, e):
+        return ((a.double() - e).abs().max() / max(1.0, e.abs().max().item())).item()
+
+    (outputs, grads), (exact_outputs, exact_grads) = result, exact
+    return (max(error(a, e) for a, e in zip(outputs, exact_outputs)),
+            max(error(grads[name], exact_grads[name]) for name in exact_grads))
+
+
+ACCURACY_CASES = ([(kind, form) for kind in LAYER_KINDS for form in ("3d", "packed_unsorted")] +
+                  [(kind, "cell") for kind in CELL_KINDS])
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=HALF_IDS)
+@pytest.mark.parametrize("kind, form", ACCURACY_CASES)
+def test_at_least_as_accurate_as_nn(kind, form, dtype):
+    """Outputs and gradients of 40 steps (2 layers, both directions) or one cell step, against
+    float64 runs of the same half-precision weights and inputs: fused_rnn's error is no larger than
+    torch.nn's (1.5x margin: on single elements the two round differently)."""
+    layer = form != "cell"
+    kwargs = dict(num_layers=2, bidirectional=True) if layer else {}
+    reference, fused = make_kind_pair(kind, 16, 32, **kwargs, dtype=dtype)
+    exact = copy.deepcopy(reference).double()
+    if layer:
+        leaves, call = layer_leaves(kind, fused, form, True, dtype, steps=40), layer_call(kind, form)
+    else:
+        leaves, call = cell_leaves(fused, dtype)
+    exact_leaves = {name: t.detach().double().requires_grad_() for name, t in leaves.items()}
+    exact_result = named_outputs_and_grads(exact, exact_leaves, call)
+    ours = relative_errors(named_outputs_and_grads(fused, leaves, call), exact_result)
+    theirs = relative_errors(named_outputs_and_grads(reference, leaves, call), exact_result)
+    for what, our_error, their_error in zip(("outputs", "gradients"), ours, theirs):
+        assert our_error <= 1.5 * their_error, f"{what}: error {our_error:.2e}, torch.nn's {their_error:.2e}"
+
+
+def test_state_is_not_rounded_between_steps():
+    """A bfloat16 LSTM whose state moves by less than bfloat16's resolution each step: computed in
+    float32, the small steps add up; rounded to bfloat16 at each step, they would vanish. Inputs
+    are 0 and W_hh is 0, so c_t = c_{t-1} + i*g with a constant i*g ~ 1e-3 while |c| ~ 1."""
+    from fused_rnn import LSTM
+    lstm = LSTM(1, 1, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        lstm.weight_ih_l0.zero_(), lstm.weight_hh_l0.zero_(), lstm.bias_hh_l0.zero_()
+        # gates (i, f, g, o): i = sigmoid(-5) ~ 0.0067, f = sigmoid(30) = 1, g = tanh(0.2) ~ 0.197, o ~ 1
+        lstm.bias_ih_l0.copy_(torch.tensor([-5.0, 30.0, 0.2, 30.0]))
+    steps = 200
+    c0 = torch.ones(1, 1, 1, dtype=torch.bfloat16)
+    _, (_, c_n) = lstm(torch.zeros(steps, 1, 1, dtype=torch.bfloat16), (torch.zeros_like(c0), c0))
+    i = torch.sigmoid(torch.tensor(-5.0, dtype=torch.bfloat16).float())
+    g = torch.tanh(torch.tensor(0.2, dtype=torch.bfloat16).float())
+    expected = 1.0 + steps * (i * g).item()
+    assert abs(c_n.item() - expected) <= 0.01 * expected, (c_n.item(), expected)
+
+
+# ---- the raw ops ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=HALF_IDS)
+@pytest.mark.parametrize(OPCHECK_CASE_ARGS, OPCHECK_CASES[:6], ids=OPCHECK_CASE_IDS[:6])
+def test_forward_op_opcheck(kind, packed, reverse, bias, proj, dtype):
+    assert_layer_op_opcheck_passes(kind, packed, reverse, bias, proj, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=HALF_IDS)
+@pytest.mark.parametrize(OPCHECK_CASE_ARGS, OPCHECK_CASES[:6], ids=OPCHECK_CASE_IDS[:6])
+def test_backward_op_opcheck(kind, packed, reverse, bias, proj, dtype):
+    assert_backward_op_opcheck_passes(kind, packed, reverse, bias, proj, dtype=dtype)
+
+
+# ---- CPU autocast --------------------------------------------------------------------------------
+
+AUTOCAST_KINDS = ["LSTM", "GRU", "RNN_TANH", "LSTMCell", "GRUCell", "RNNCell_TANH"]
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("region_dtype", HALF_TYPES, ids=HALF_IDS)
+@pytest.mark.parametrize("kind", AUTOCAST_KINDS)
+def test_autocast_matches_nn(kind, region_dtype, input_dtype):
+    """float32 modules inside torch.autocast("cpu"): the same output and gradient dtypes as
+    torch.nn's, layer by layer (each runs in the region's dtype or in float32, see modules.py), and
+    close values."""
+    layer = kind in LAYER_KINDS
+    reference, fused = make_kind_pair(kind, INPUT_SIZE, HIDDEN, **(dict(num_layers=2) if layer else {}))
+    if layer:
+        leaves, call = layer_leaves(kind, fused, "3d", True, input_dtype), layer_call(kind, "3d")
+    else:
+        leaves, call = cell_leaves(fused, input_dtype)
+    mixed_half_types = input_dtype not in (torch.float32, region_dtype)
+    with torch.autocast("cpu", dtype=region_dtype):
+        ours = named_outputs_and_grads(fused, leaves, call)
+        if kind == "LSTM" and region_dtype == torch.float16 and input_dtype != torch.float16:
+            # torch.nn fails here (oneDNN has no float16 LSTM); fused_rnn runs as in a bfloat16 region.
+            expected = torch.float16 if input_dtype == torch.float32 else torch.float32
+            assert all(t.dtype == expected for t in ours[0])
+            return
+        if mixed_half_types:
+            # torch.nn's backward fails here ("Unexpected floating ScalarType in at::autocast::prioritize"):
+            # compare the forward.
+            with torch.no_grad():
+                theirs = output_tensors(call(reference, leaves))
+    if mixed_half_types:
+        ours_outputs = [t.detach() for t in ours[0]]
+        assert [t.dtype for t in ours_outputs] == [t.dtype for t in theirs]
+        assert_same_results((ours_outputs, {}), (theirs, {}), 2 * SCALED_TOLERANCE[region_dtype])
+        return
+    with torch.autocast("cpu", dtype=region_dtype):
+        theirs = named_outputs_and_grads(reference, leaves, call)
+    assert all(g.dtype == torch.float32 for name, g in ours[1].items() if name.startswith("param."))
+    assert_same_results(ours, theirs, 2 * SCALED_TOLERANCE[region_dtype])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRUCell"])
+def test_autocast_leaves_float64_alone(kind):
+    """float64 input to a float32 module: autocast does not cast it, and both fail with RuntimeError."""
+    layer = kind in LAYER_KINDS
+    reference, fused = make_kind_pair(kind, INPUT_SIZE, HIDDEN)
+    x = torch.randn(*((5,) if layer else ()), 3, INPUT_SIZE, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for module in (reference, fused):
+            with pytest.raises(RuntimeError, match="(?i)double|float64"):
+                module(x)
+    _, fused64 = make_kind_pair(kind, INPUT_SIZE, HIDDEN, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused64(x)
+    assert (out[0] if isinstance(out, tuple) else out).dtype == torch.float64
