@@ -6,6 +6,8 @@ layer over a whole sequence; see there for argument conventions.
 """
 import torch
 
+from . import composite
+
 _ops = torch.ops.fused_rnn
 
 
@@ -89,12 +91,29 @@ def _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve, save_reserve):
     ctx.mark_non_differentiable(reserve)
 
 
+def _differentiable_grads(mode, batch_sizes, reverse, inputs, needs_grad, grads, relu=False):
+    """Gradients with respect to `inputs` (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr; None where
+    absent) of the layer's outputs (output, h_n, c_n) given theirs (None: unused), recomputed through
+    composite.layer so that they can be differentiated again: what backward returns under
+    create_graph=True. None for each input not in `needs_grad`."""
+    recomputed = composite.layer(mode, inputs[0], batch_sizes, *inputs[1:], reverse, relu)
+    used = [(out, grad) for out, grad in zip(recomputed, grads) if grad is not None and out is not None]
+    wanted = [k for k, t in enumerate(inputs) if t is not None and needs_grad[k]]
+    result = [None] * len(inputs)
+    if used and wanted:
+        found = torch.autograd.grad([out for out, _ in used], [inputs[k] for k in wanted], [g for _, g in used],
+                                    create_graph=True, allow_unused=True)
+        for k, g in zip(wanted, found):
+            result[k] = torch.zeros_like(inputs[k]) if g is None else g
+    return result
+
+
 def _lstm_setup(ctx, inputs, output):
     input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save_reserve = inputs
     out, _, _, reserve = output
     _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve, save_reserve)
     ctx.has_w_hr = w_hr is not None
-    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, w_hr, out, reserve)
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, w_hr, out, reserve, b_ih, b_hh)
 
 
 def _or_zeros(grad, like):
@@ -102,7 +121,13 @@ def _or_zeros(grad, like):
 
 
 def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_reserve):
-    input, hx, cx, w_ih, w_hh, w_hr, out, reserve = ctx.saved_tensors
+    input, hx, cx, w_ih, w_hh, w_hr, out, reserve, b_ih, b_hh = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        needs = [ctx.needs_input_grad[k] for k in (0, 2, 3, 4, 5, 6, 7, 8)]
+        gi, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = _differentiable_grads(
+            "lstm", ctx.batch_sizes, ctx.reverse, (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr), needs,
+            (grad_out, grad_hy, grad_cy))
+        return gi, None, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, None, None
     grad_out, grad_hy, grad_cy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx), _or_zeros(grad_cy, cx)
     gi, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = _ops.lstm_layer_backward(
         grad_out, grad_hy, grad_cy, input, ctx.batch_sizes, hx, cx, w_ih, w_hh, w_hr, out, reserve,
@@ -115,11 +140,24 @@ def _gru_setup(ctx, inputs, output):
     input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, save_reserve = inputs
     out, _, reserve = output
     _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve, save_reserve)
-    ctx.save_for_backward(input, hx, w_ih, w_hh, out, reserve)
+    ctx.save_for_backward(input, hx, w_ih, w_hh, out, reserve, b_ih, b_hh)
+
+
+def _simple_differentiable_grads(ctx, mode, saved, grad_out, grad_hy, relu=False):
+    """_differentiable_grads for GRU and RNN, whose ops take (input, batch_sizes, hx, w_ih, w_hh,
+    b_ih, b_hh, ...): returns the gradients in that order."""
+    input, hx, w_ih, w_hh, _, _, b_ih, b_hh = saved
+    needs = [ctx.needs_input_grad[k] for k in (0, 2, 2, 3, 4, 5, 6, 6)]
+    gi, ghx, _, gw_ih, gw_hh, gb_ih, gb_hh, _ = _differentiable_grads(
+        mode, ctx.batch_sizes, ctx.reverse, (input, hx, None, w_ih, w_hh, b_ih, b_hh, None), needs,
+        (grad_out, grad_hy, None), relu)
+    return gi, None, ghx, gw_ih, gw_hh, gb_ih, gb_hh
 
 
 def _gru_backward(ctx, grad_out, grad_hy, _grad_reserve):
-    input, hx, w_ih, w_hh, out, reserve = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        return (*_simple_differentiable_grads(ctx, "gru", ctx.saved_tensors, grad_out, grad_hy), None, None)
+    input, hx, w_ih, w_hh, out, reserve, _, _ = ctx.saved_tensors
     grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.gru_layer_backward(
         grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
@@ -132,11 +170,14 @@ def _rnn_setup(ctx, inputs, output):
     out, _, reserve = output
     _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve, save_reserve)
     ctx.relu = relu
-    ctx.save_for_backward(input, hx, w_ih, w_hh, out, reserve)
+    ctx.save_for_backward(input, hx, w_ih, w_hh, out, reserve, b_ih, b_hh)
 
 
 def _rnn_backward(ctx, grad_out, grad_hy, _grad_reserve):
-    input, hx, w_ih, w_hh, out, reserve = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        return (*_simple_differentiable_grads(ctx, "rnn", ctx.saved_tensors, grad_out, grad_hy, ctx.relu),
+                None, None, None)
+    input, hx, w_ih, w_hh, out, reserve, _, _ = ctx.saved_tensors
     grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.rnn_layer_backward(
         grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
@@ -145,8 +186,9 @@ def _rnn_backward(ctx, grad_out, grad_hy, _grad_reserve):
 
 
 def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("fused_rnn: gradients of gradients (double backward) through the recurrent "
-                              "layers are not supported; first-order gradients, also with create_graph=True, are")
+    raise NotImplementedError("fused_rnn: the *_layer_backward ops are not differentiable; for gradients of "
+                              "gradients, differentiate the layer ops with create_graph=True, whose backward "
+                              "then runs a differentiable composite of torch ops")
 
 
 def _no_context(ctx, inputs, output):

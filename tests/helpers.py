@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 from torch import nn
-from torch.autograd import gradcheck
+from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call
 from torch.library import opcheck
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -351,9 +351,10 @@ def layer_backward_op_args(kind, t, reverse):
 
 # ---- gradcheck and opcheck -----------------------------------------------------------------------
 
-def assert_layer_op_gradcheck_passes(kind, proj, packed, reverse, bias, **tensor_options):
-    """gradcheck of LAYER_OPS[kind] (every output but the reserve) with respect to each of its
-    differentiable inputs; tensor_options go to layer_op_tensors (device=, input_size=, ...)."""
+def assert_layer_op_gradcheck_passes(kind, proj, packed, reverse, bias, second_order=False, **tensor_options):
+    """gradcheck (gradgradcheck if second_order) of LAYER_OPS[kind] (every output but the reserve)
+    with respect to each of its differentiable inputs; tensor_options go to layer_op_tensors
+    (device=, input_size=, ...)."""
     tensors = layer_op_tensors(kind, packed, bias, proj, **tensor_options)
     names = [n for n in DIFFERENTIABLE_OP_INPUTS if tensors[n] is not None]
 
@@ -361,7 +362,7 @@ def assert_layer_op_gradcheck_passes(kind, proj, packed, reverse, bias, **tensor
         args = layer_op_args(kind, {**tensors, **dict(zip(names, values))}, reverse)
         return LAYER_OPS[kind](*args)[:-1]  # everything but the reserve
 
-    assert gradcheck(differentiable_outputs, [tensors[n] for n in names])
+    assert (gradgradcheck if second_order else gradcheck)(differentiable_outputs, [tensors[n] for n in names])
 
 
 def module_gradcheck(module, leaves, call):

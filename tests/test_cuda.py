@@ -220,6 +220,21 @@ def test_backward_op_opcheck(kind, packed, reverse, bias, proj):
     assert_backward_op_opcheck_passes(kind, packed, reverse, bias, proj, device=CUDA, input_size=INPUT_SIZE)
 
 
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_double_backward_matches_cpu(kind):
+    """A gradient penalty through a 2-layer bidirectional layer (cuDNN has no double backward):
+    the same as on the CPU."""
+    results = []
+    for device in (torch.device("cpu"), CUDA):
+        _, fused = make_modules(kind, torch.float64, num_layers=2, bidirectional=True, device=device)
+        torch.manual_seed(1)
+        x = leaf(STEPS, BATCH, INPUT_SIZE, device=device)
+        grad_x, = torch.autograd.grad(fused(x)[0].pow(2).sum(), x, create_graph=True)
+        results.append([g.cpu() for g in torch.autograd.grad(grad_x.pow(2).sum(), [x, *fused.parameters()])])
+    for cuda_grad, cpu_grad in zip(results[1], results[0]):
+        assert_close(cuda_grad, cpu_grad, TOLERANCE[torch.float64], "penalty gradient")
+
+
 # ---- CUDA graphs ---------------------------------------------------------------------------------
 
 def graph_module(kind):

@@ -38,7 +38,8 @@ def cell_leaves(module, dtype, batch=3):
 # bfloat16 relu is left out: pre-activations near 0 round to opposite signs in the two, so single
 # gradients differ by a whole step (0 against full); test_at_least_as_accurate_as_nn covers it.
 HALF_GRID = [pytest.param(*case.values, dtype, id=f"{case.id}-{name}") for case in GRID
-             for dtype, name in zip(HALF_TYPES, HALF_IDS) if not (case.values[0] == "RNN_RELU" and dtype == torch.bfloat16)]
+             for dtype, name in zip(HALF_TYPES, HALF_IDS)
+             if not (case.values[0] == "RNN_RELU" and dtype == torch.bfloat16)]
 
 
 @pytest.mark.parametrize(LAYER_GRID_ARGS + ",dtype", HALF_GRID)
