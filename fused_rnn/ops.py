@@ -210,8 +210,10 @@ def run_layer(mode, input, batch_sizes, hx, cx, weights, reverse):
     is (w_ih, w_hh, b_ih, b_hh, w_hr) with None for absent tensors. Returns (output, h_n, c_n),
     c_n None except for LSTM."""
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
-    # Activations are kept for backward only when something here can be differentiated.
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, hx, cx, *weights))
+    # Activations are kept for backward only when something here can be differentiated; always in a
+    # torch.jit.trace, whose graph fixes the choice for every later call, training ones included.
+    save = torch.jit.is_tracing() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, hx, cx, *weights)))
     if mode == "LSTM":
         out, hy, cy, _ = _ops.lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save)
         return out, hy, cy

@@ -1,5 +1,6 @@
 """torch.export.export of a model built on the fused LSTM and GRU: the exported program keeps the
-fused ops, matches eager, and serves any batch size and sequence length it was exported for."""
+fused ops, matches eager, and serves any batch size and sequence length it was exported for. And
+TorchScript through torch.jit.trace."""
 import pytest
 import torch
 from torch import nn
@@ -79,3 +80,24 @@ def test_exported_program_round_trips_through_save_and_load(model, exported, tmp
     x = torch.randn(5, 3, 4)
     with torch.no_grad():
         assert_all_close(list(loaded.module()(x)), list(model(x)), **FLOAT32)
+
+
+# ---- TorchScript by tracing (torch.jit.script is not supported: the modules use Python beyond it) ----
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+def test_jit_trace_saves_loads_and_trains_like_eager(tmp_path):
+    """Traced under no_grad (as for serving), saved and loaded: the same outputs as eager on other
+    batch sizes and lengths, and the same gradients when trained through (the trace keeps the
+    activations for backward whatever grad mode it was traced in)."""
+    torch.manual_seed(0)
+    model = Tagger()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(2, 5, 4))
+    torch.jit.save(traced, tmp_path / "tagger.pt")
+    loaded = torch.jit.load(tmp_path / "tagger.pt")
+    x = torch.randn(3, 9, 4, requires_grad=True)
+    eager_out, loaded_out = model(x), loaded(x)
+    assert_all_close(list(loaded_out), list(eager_out), **FLOAT32)
+    eager_grads = torch.autograd.grad(eager_out[0].pow(2).sum(), [x, *model.parameters()])
+    loaded_grads = torch.autograd.grad(loaded_out[0].pow(2).sum(), [x, *loaded.parameters()])
+    assert_all_close(list(loaded_grads), list(eager_grads), **FLOAT32)
