@@ -132,3 +132,19 @@ def test_graph_counter_sees_a_recompile_for_each_new_static_shape():
     off) every new (T, B) recompiles, and the counter sees each one."""
     torch._dynamo.reset()
     assert compile_and_run(make_stack(), dynamic=False, shapes=SHAPES) == len(SHAPES)
+
+
+def test_fullgraph_training_under_cpu_autocast_matches_eager():
+    """Inside torch.autocast("cpu", bfloat16) the modules' casts (modules.py) trace into the graph:
+    the compiled stack gives eager's dtypes, outputs and gradients."""
+    model = make_stack().train()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 2, 3, requires_grad=True)
+    wrt = [x, *model.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager_outputs, eager_grads = outputs_and_grads(lambda: model(x), wrt, loss_dtype=torch.float64)
+        compiled_outputs, compiled_grads = outputs_and_grads(lambda: compiled(x), wrt, loss_dtype=torch.float64)
+    assert [t.dtype for t in compiled_outputs] == [t.dtype for t in eager_outputs]
+    assert torch.bfloat16 in [t.dtype for t in eager_outputs]
+    assert_all_close(compiled_outputs, eager_outputs, atol=1e-2, rtol=1e-2)
+    assert_all_close(compiled_grads, eager_grads, atol=1e-2, rtol=1e-2)
