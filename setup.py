@@ -1,9 +1,12 @@
-"""Builds fused_rnn._C: the CPU backend always, the CUDA backend when CUDA torch and nvcc are present.
+"""Builds fused_rnn._C (the op schemas; the CUDA backend when CUDA torch and nvcc are present) and
+the CPU backend once per instruction set, fused_rnn._cpu_<set> for set in avx512, avx2, default
+(x86-64; elsewhere default only): fused_rnn imports the best one the running CPU has, so one build
+runs on any CPU.
 
 Environment switches:
   FUSED_RNN_CUDA=0|1   force the CUDA backend off / on (on fails loudly if it cannot be built)
-  FUSED_RNN_SIMD=avx512|avx2|none   the vector instructions of the CPU kernels (default: the
-                       best this CPU has; the extension then runs only on CPUs that have them)
+  FUSED_RNN_SIMD=avx512|avx2|none   build only that CPU backend (none: default), e.g. for a quicker
+                       build; the package then runs only on CPUs that have that instruction set
   TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured as in torch.utils.cpp_extension.
 """
 import os
@@ -32,28 +35,25 @@ def switch(name):
     return value == "1"
 
 
+# Instruction set -> compiler flags of its CPU backend module.
 SIMD_FLAGS = {
-    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
-               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
-                "-DFUSED_RNN_AVX512"]),
-    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c", "-DFUSED_RNN_AVX2"]),
-    "none": ((), []),
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-DFUSED_RNN_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DFUSED_RNN_AVX2"],
+    "default": [],
 }
 
 
-def simd_level():
+def cpu_instruction_sets():
     forced = os.environ.get("FUSED_RNN_SIMD")
     if forced:
+        forced = "default" if forced == "none" else forced
         if forced not in SIMD_FLAGS:
-            raise SystemExit(f"FUSED_RNN_SIMD must be one of {', '.join(SIMD_FLAGS)}, got {forced!r}")
-        return forced
+            raise SystemExit(f"FUSED_RNN_SIMD must be one of avx512, avx2, none, got {forced!r}")
+        return [forced]
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return "none"
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "none"
-    return next(level for level, (needed, _) in SIMD_FLAGS.items() if all(f in flags for f in needed))
+        return ["default"]
+    return list(SIMD_FLAGS)
 
 
 def torch_uses_openmp():
@@ -106,8 +106,10 @@ def extensions():
     if torch_uses_openmp():
         cxx += ["-fopenmp"]
         link += ["-fopenmp"]
-    cxx += SIMD_FLAGS[simd_level()][1]
-    sources = ["csrc/ops.cpp", "csrc/cpu/backend.cpp"]
+    cpu = [CppExtension(f"fused_rnn._cpu_{name}", ["csrc/cpu/backend.cpp"], extra_link_args=link,
+                        extra_compile_args={"cxx": cxx + flags}) for name, flags in SIMD_FLAGS.items()
+           if name in cpu_instruction_sets()]
+    sources = ["csrc/ops.cpp"]
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_archs()
@@ -117,14 +119,26 @@ def extensions():
         # are bound by memory traffic, not arithmetic.
         nvcc = ["-O3"]
         return [CUDAExtension("fused_rnn._C", sources, extra_link_args=link,
-                              extra_compile_args={"cxx": cxx + ["-DFUSED_RNN_WITH_CUDA"], "nvcc": nvcc})]
-    return [CppExtension("fused_rnn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
+                              extra_compile_args={"cxx": cxx + ["-DFUSED_RNN_WITH_CUDA"], "nvcc": nvcc}), *cpu]
+    return [CppExtension("fused_rnn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link), *cpu]
 
 
 def build_ext_class():
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=True)
+    class Build(BuildExtension.with_options(use_ninja=True)):
+        """Each extension gets its own build directory: the CPU backends compile the same source
+        with different flags, and would otherwise share one object file and ninja build."""
+
+        def build_extension(self, ext):
+            build_temp = self.build_temp
+            self.build_temp = os.path.join(build_temp, ext.name.rsplit(".", 1)[-1])
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = build_temp
+
+    return Build
 
 
 setup(

@@ -9,8 +9,6 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "cpu/scratch.h"
-
 TORCH_LIBRARY(fused_rnn, m) {
   m.def("lstm_layer(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
         "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, bool save_reserve=True) "
@@ -33,13 +31,10 @@ TORCH_LIBRARY(fused_rnn, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fused_rnn kernels; the ops are registered under torch.ops.fused_rnn";
+  m.doc() = "fused_rnn's op schemas (torch.ops.fused_rnn) and CUDA kernels; the CPU kernels are in _cpu_*";
 #ifdef FUSED_RNN_WITH_CUDA
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;
 #endif
-  m.def("empty_cache", &fused_rnn::release_cpu_memory,
-        "Frees the CPU memory kept between calls: cached blocks of freed outputs and reserves, and "
-        "the calling thread's scratch buffers.");
 }

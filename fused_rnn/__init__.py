@@ -3,9 +3,39 @@
     import fused_rnn
     lstm = fused_rnn.LSTM(input_size=32, hidden_size=64, num_layers=2)  # same API as nn.LSTM
 """
+import importlib
+import os
+
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # registers torch.ops.fused_rnn.*
+
+# The CPU kernels, one module per instruction set (setup.py), best first, each with the torch CPU
+# capabilities that run it.
+_CPU_KERNELS = {"avx512": ("AVX512",), "avx2": ("AVX512", "AVX2"), "default": None}
+
+
+def _import_cpu_kernels():
+    """Imports (and so registers) the CPU kernels: those FUSED_RNN_CPU_KERNELS names, else the best
+    built module this CPU runs (as torch.backends.cpu.get_cpu_capability() reports it)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    forced = os.environ.get("FUSED_RNN_CPU_KERNELS")
+    if forced and forced not in _CPU_KERNELS:
+        raise ImportError(f"FUSED_RNN_CPU_KERNELS must be one of {', '.join(_CPU_KERNELS)}, got {forced!r}")
+    for name, capabilities in _CPU_KERNELS.items():
+        if (forced and name != forced) or (capabilities is not None and capability not in capabilities):
+            continue
+        try:
+            return importlib.import_module(f"._cpu_{name}", __name__)
+        except ModuleNotFoundError:
+            continue
+    wanted = f"the {forced} kernels" if forced else "CPU kernels"
+    raise ImportError(f"fused_rnn has no {wanted} for this CPU (torch reports {capability}); "
+                      f"this build was made with FUSED_RNN_SIMD set to an instruction set the CPU lacks: "
+                      "rebuild without it")
+
+
+_cpu = _import_cpu_kernels()
 from . import ops  # noqa: F401  (fake kernels and autograd for the ops)
 from . import autocast  # noqa: F401  (CUDA autocast casts for the ops)
 from ._version import __version__
@@ -18,7 +48,7 @@ def empty_cache():
     blocks freed by earlier outputs and saved activations, and the calling thread's scratch
     buffers (weights laid out for the kernels). Like torch.cuda.empty_cache(), it only returns
     memory to the system; tensors in use are not affected."""
-    _C.empty_cache()
+    _cpu.empty_cache()
 
 
 def backends():
@@ -26,5 +56,10 @@ def backends():
     return {"cpu": True, "cuda": bool(_C.with_cuda)}
 
 
+def cpu_instruction_set():
+    """The instruction set of the CPU kernels in use: "avx512", "avx2" or "default"."""
+    return _cpu.instruction_set
+
+
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "RNNBase", "RNNCellBase",
-           "to_fused", "to_torch", "backends", "empty_cache", "__version__"]
+           "to_fused", "to_torch", "backends", "cpu_instruction_set", "empty_cache", "__version__"]

@@ -2,8 +2,10 @@
 // weights (panels.h), the recurrent one fused with each cell's pointwise pass (vectorised with
 // at::vec, spread with at::parallel_for); weight gradients on the same panel kernel, a chunk of
 // rows at a time, accumulated in place.
-// setup.py adds -mavx512* or -mavx2 -mfma -mf16c as the building CPU allows: at::vec then
-// uses 512- or 256-bit vectors.
+// setup.py builds this file once per instruction set, each copy its own extension module
+// (fused_rnn._cpu_avx512 with -mavx512* -DFUSED_RNN_AVX512, _cpu_avx2 with -mavx2 -mfma -mf16c
+// -DFUSED_RNN_AVX2, _cpu_default), and fused_rnn imports the best one the CPU runs: at::vec then
+// uses 512-, 256- or 128-bit vectors. Separate modules keep each copy's inline functions apart.
 #if defined(FUSED_RNN_AVX512)
 #define CPU_CAPABILITY_AVX512
 #define CPU_CAPABILITY AVX512
@@ -11,6 +13,7 @@
 #define CPU_CAPABILITY_AVX2
 #define CPU_CAPABILITY AVX2
 #endif
+#include <torch/extension.h>
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -66,14 +69,16 @@ inline at::vec::Vectorized<float> exp_clamped(const at::vec::Vectorized<float>& 
 // (relative error ~1e-7) instead of a division, several times its throughput.
 inline at::vec::Vectorized<float> reciprocal(const at::vec::Vectorized<float>& d) {
   using V = at::vec::Vectorized<float>;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #if defined(CPU_CAPABILITY_AVX512)
   const V r(_mm512_rcp14_ps(d));
-#elif defined(CPU_CAPABILITY_AVX2)
+#else
   const V r(_mm256_rcp_ps(d));
+#endif
+  return r * at::vec::fmadd(d.neg(), r, V(2.0f));
 #else
   return V(1.0f) / d;
 #endif
-  return r * at::vec::fmadd(d.neg(), r, V(2.0f));
 }
 
 template <typename S>
@@ -490,3 +495,17 @@ void CpuStepWeight<S>::gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, in
 TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) { FUSED_RNN_REGISTER_BACKEND(m, CpuBackend); }
 
 }  // namespace fused_rnn
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fused_rnn's CPU kernels for one instruction set; importing the module registers them";
+#if defined(FUSED_RNN_AVX512)
+  m.attr("instruction_set") = "avx512";
+#elif defined(FUSED_RNN_AVX2)
+  m.attr("instruction_set") = "avx2";
+#else
+  m.attr("instruction_set") = "default";
+#endif
+  m.def("empty_cache", &fused_rnn::release_cpu_memory,
+        "Frees the CPU memory kept between calls: cached blocks of freed outputs and reserves, and "
+        "the calling thread's scratch buffers.");
+}
