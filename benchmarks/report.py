@@ -1,5 +1,6 @@
 """Everything around the measurements: environment block, summary, rich table, plots."""
 import math
+import os
 import platform
 import subprocess
 from collections import defaultdict
@@ -45,6 +46,13 @@ def _cudnn_rnn_fp32():
     return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
 
 
+def cpu_instruction_sets():
+    """The vector instructions each side's CPU code runs with: torch's ATen kernels, fused_rnn's
+    CPU module, and the caps set on oneDNN and MKL (which pick their own, up to those)."""
+    return {"torch": torch.backends.cpu.get_cpu_capability(), "fused_rnn": fused_rnn.cpu_instruction_set(),
+            "onednn_cap": os.environ.get("ONEDNN_MAX_CPU_ISA"), "mkl_cap": os.environ.get("MKL_ENABLE_INSTRUCTIONS")}
+
+
 def environment(device, dtype):
     cuda = device.type == "cuda"
     commit = _git("rev-parse", "HEAD")
@@ -68,6 +76,7 @@ def environment(device, dtype):
         "num_threads": torch.get_num_threads(),
         "fused_rnn_backends": fused_rnn.backends(),
         "onednn_available": torch.backends.mkldnn.is_available(),
+        "cpu_instruction_sets": cpu_instruction_sets(),
         "cudnn_rnn_fp32": _cudnn_rnn_fp32() if cuda else None,
         "timer": ("CUDA events around each call, device synchronised before it" if cuda
                   else "time.perf_counter around each call"),

@@ -12,7 +12,9 @@ a change that would break readers bumps SCHEMA_VERSION.
     "fused_rnn_backends": {"cpu": bool, "cuda": bool},
     "onednn_available": bool  (torch's CPU LSTM reference runs on oneDNN when it can),
     "cudnn_rnn_fp32": str | null  (precision cuDNN RNNs used for float32: "ieee" = no TF32),
-    "timer": str, "memory_measure": str  (what "peak_memory_bytes" means on this device)
+    "timer": str, "memory_measure": str  (what "peak_memory_bytes" means on this device),
+    "cpu_instruction_sets": {"torch": str, "fused_rnn": str, "onednn_cap": str | null,
+                             "mkl_cap": str | null}  (added later: absent in older files)
   },
   "config": {"grid": str ("cpu" | "gpu" | "quick" | "custom"), "cells": [str], "modes": [str],
              "repeats": int, "warmup": int, "seed": int, "with_aten": bool},
@@ -84,6 +86,8 @@ _ENVIRONMENT = {
     "fused_rnn_backends": _dict_of(_is_bool), "onednn_available": _is_bool, "cudnn_rnn_fp32": _optional(_is_str),
     "timer": _is_str, "memory_measure": _is_str,
 }
+# Environment fields added after the first results were written: checked where present.
+_ENVIRONMENT_ADDED = {"cpu_instruction_sets": _dict_of(_optional(_is_str))}
 _CONFIG = {"grid": _is_str, "cells": _list_of(_one_of(*_CELLS)), "modes": _list_of(_one_of(*_MODES)),
            "repeats": _is_int, "warmup": _is_int, "seed": _is_int, "with_aten": _is_bool}
 _SHAPE = {"seq_len": _is_int, "batch": _is_int, "input_size": _is_int, "hidden_size": _is_int,
@@ -101,12 +105,14 @@ _TOP = {"schema_version": _one_of(SCHEMA_VERSION), "environment": dict, "config"
         "summary": dict}
 
 
-def _check_fields(obj, fields, where):
+def _check_fields(obj, fields, where, added=None):
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
-    for key, check in fields.items():
+    for key, check in {**fields, **(added or {})}.items():
         if key not in obj:
-            raise ValueError(f"{where}: missing field {key!r}")
+            if key in fields:
+                raise ValueError(f"{where}: missing field {key!r}")
+            continue
         valid = isinstance(obj[key], check) if isinstance(check, type) else check(obj[key])
         if not valid:
             raise ValueError(f"{where}.{key}: invalid value {obj[key]!r}")
@@ -130,7 +136,7 @@ def _check_point(point, where):
 def validate(result):
     """Raises ValueError naming the first field that does not follow the schema above."""
     _check_fields(result, _TOP, "result")
-    _check_fields(result["environment"], _ENVIRONMENT, "environment")
+    _check_fields(result["environment"], _ENVIRONMENT, "environment", _ENVIRONMENT_ADDED)
     _check_fields(result["config"], _CONFIG, "config")
     for index, point in enumerate(result["points"]):
         _check_point(point, f"points[{index}]")

@@ -31,6 +31,7 @@ def test_quick_preset(tmp_path):
     result = validate(json.loads((tmp_path / "results.json").read_text()))
     assert (tmp_path / "speedup.png").stat().st_size > 0
     assert result["config"]["grid"] == "quick" and result["environment"]["num_threads"] == 1
+    assert result["environment"]["cpu_instruction_sets"]["fused_rnn"] == fused_rnn.cpu_instruction_set()
     points = result["points"]
     assert {p["cell"] for p in points} == {"LSTM", "GRU", "RNN"}
     assert {p["mode"] for p in points} == {"inference", "training"}
