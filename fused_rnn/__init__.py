@@ -29,10 +29,11 @@ def _import_cpu_kernels():
             return importlib.import_module(f"._cpu_{name}", __name__)
         except ModuleNotFoundError:
             continue
-    wanted = f"the {forced} kernels" if forced else "CPU kernels"
-    raise ImportError(f"fused_rnn has no {wanted} for this CPU (torch reports {capability}); "
-                      f"this build was made with FUSED_RNN_SIMD set to an instruction set the CPU lacks: "
-                      "rebuild without it")
+    if forced:
+        raise ImportError(f"FUSED_RNN_CPU_KERNELS={forced}: that module was not built, or this CPU (torch reports "
+                          f"{capability}) cannot run it")
+    raise ImportError(f"fused_rnn has no CPU kernels this CPU runs (torch reports {capability}): it was built with "
+                      "FUSED_RNN_SIMD set to an instruction set the CPU lacks; rebuild without it")
 
 
 _cpu = _import_cpu_kernels()

@@ -64,3 +64,18 @@ def test_an_unknown_kernel_name_is_refused():
     result = run_with_kernels("sse9", "import fused_rnn")
     assert result.returncode != 0
     assert "FUSED_RNN_CPU_KERNELS must be one of avx512, avx2, default, got 'sse9'" in result.stderr
+
+
+@pytest.mark.skipif("avx512" not in BUILT, reason="the AVX-512 module is not built")
+def test_kernels_the_cpu_cannot_run_are_refused():
+    """torch's capability lowered to AVX2 (ATEN_CPU_CAPABILITY), as on a CPU without AVX-512:
+    forcing the AVX-512 module is refused, and by default the AVX2 one loads."""
+    code = "import fused_rnn; print(fused_rnn.cpu_instruction_set())"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    forced = subprocess.run([sys.executable, "-c", code], env={**env, "FUSED_RNN_CPU_KERNELS": "avx512"},
+                            capture_output=True, text=True, timeout=600)
+    assert forced.returncode != 0
+    assert "FUSED_RNN_CPU_KERNELS=avx512: that module was not built, or this CPU" in forced.stderr
+    env.pop("FUSED_RNN_CPU_KERNELS", None)
+    chosen = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert chosen.returncode == 0 and chosen.stdout.strip() == ("avx2" if "avx2" in BUILT else "default")
