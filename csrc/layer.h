@@ -171,15 +171,25 @@ void dispatch_kernel_type(at::ScalarType type, const F& f) {
     AT_DISPATCH_FLOATING_TYPES(type, "fused_rnn", [&] { f(scalar_t()); });
 }
 
-inline Tensor to_type(const Tensor& t, at::ScalarType type) { return t.defined() ? t.to(type) : t; }
-
-inline LayerWeights to_type(const LayerWeights& w, at::ScalarType type) {
-  return {to_type(w.w_ih, type), to_type(w.w_hh, type), to_type(w.b_ih, type), to_type(w.b_hh, type),
-          to_type(w.w_hr, type)};
+// A copy in another scalar type, in memory from Backend::empty: on CPU the float32 copies of a
+// half-precision layer then reuse the blocks that earlier ones (the forward's) gave back.
+template <class Backend>
+Tensor to_type(const Tensor& t, at::ScalarType type) {
+  if (!t.defined()) return t;
+  Tensor copy = Backend::empty(t.sizes(), t.options().dtype(type));
+  copy.copy_(t);
+  return copy;
 }
 
-inline std::vector<Tensor> to_type(std::vector<Tensor> ts, at::ScalarType type) {
-  for (Tensor& t : ts) t = to_type(t, type);
+template <class Backend>
+LayerWeights to_type(const LayerWeights& w, at::ScalarType type) {
+  return {to_type<Backend>(w.w_ih, type), to_type<Backend>(w.w_hh, type), to_type<Backend>(w.b_ih, type),
+          to_type<Backend>(w.b_hh, type), to_type<Backend>(w.w_hr, type)};
+}
+
+template <class Backend>
+std::vector<Tensor> to_type(std::vector<Tensor> ts, at::ScalarType type) {
+  for (Tensor& t : ts) t = to_type<Backend>(t, type);
   return ts;
 }
 
@@ -193,10 +203,12 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
   // A storage type computed in a wider one: the state is carried between steps unrounded, and
   // only the results (reserve included) are rounded to the storage type.
   const at::ScalarType storage = input_.scalar_type(), compute = Backend::compute_type(storage);
-  if (compute != storage)
-    return to_type(layer_forward<Cell, Backend>(to_type(input_, compute), batch_sizes, to_type(hx, compute),
-                                                to_type(cx, compute), to_type(w, compute), reverse, relu, save_reserve),
-                   storage);
+  if (compute != storage) {
+    const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
+    return to_type<Backend>(layer_forward<Cell, Backend>(up(input_), batch_sizes, up(hx), up(cx),
+                                                         to_type<Backend>(w, compute), reverse, relu, save_reserve),
+                            storage);
+  }
   Backend::check_dtype(storage);
   const auto device_guard = Backend::guard(input_.device());
   const Steps s = make_steps(input_, batch_sizes);
@@ -318,13 +330,13 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
                                    const Tensor& output, const Tensor& reserve, bool has_bias,
                                    bool reverse, bool relu) {
   const at::ScalarType storage = input.scalar_type(), compute = Backend::compute_type(storage);
-  if (compute != storage)
-    return to_type(layer_backward<Cell, Backend>(to_type(grad_output, compute), to_type(grad_hy, compute),
-                                                 to_type(grad_cy, compute), to_type(input, compute), batch_sizes,
-                                                 to_type(hx, compute), to_type(cx, compute), to_type(w, compute),
-                                                 to_type(output, compute), to_type(reserve, compute), has_bias,
-                                                 reverse, relu),
-                   storage);
+  if (compute != storage) {
+    const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
+    return to_type<Backend>(layer_backward<Cell, Backend>(up(grad_output), up(grad_hy), up(grad_cy), up(input),
+                                                          batch_sizes, up(hx), up(cx), to_type<Backend>(w, compute),
+                                                          up(output), up(reserve), has_bias, reverse, relu),
+                            storage);
+  }
   Backend::check_dtype(storage);
   const auto device_guard = Backend::guard(input.device());
   const Steps s = make_steps(input, batch_sizes);
