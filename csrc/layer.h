@@ -2,9 +2,8 @@
 // and every backend. The Backend supplies the GEMMs (on CPU its own panel kernel or MKL; on
 // CUDA cuBLAS) and the per-step pointwise pass:
 //   Backend::check_dtype(ScalarType)
-//   Backend::compute_type(ScalarType) -> the type a layer of that storage type computes in (CPU:
-//       float32 for float16 and bfloat16; the op converts on the way in and rounds its results),
-//       and Backend::kHalfKernels: whether it has kernels for float16 and bfloat16 itself
+//   Backend::kHalfKernels: whether it has kernels for float16 and bfloat16 (CPU: no; a layer of
+//       those storage types then computes in float32, see compute_type)
 //   Backend::guard(Device) -> RAII object that makes the device current for the op
 //   Backend::dense_weight<S>(w, trans, bias, rows) -> an object whose .apply_out(out, x) computes
 //       out = x op(w) (+ bias), op(w) = w^T if trans: the large GEMMs outside the time loop over
@@ -171,6 +170,13 @@ void dispatch_kernel_type(at::ScalarType type, const F& f) {
     AT_DISPATCH_FLOATING_TYPES(type, "fused_rnn", [&] { f(scalar_t()); });
 }
 
+// The type a layer of storage type `t` computes in: float32 for float16 and bfloat16 where the
+// backend has no kernels for them (the op converts on the way in and rounds its results).
+template <class Backend>
+at::ScalarType compute_type(at::ScalarType t) {
+  return !Backend::kHalfKernels && (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
 // A copy in another scalar type, in memory from Backend::empty: on CPU the float32 copies of a
 // half-precision layer then reuse the blocks that earlier ones (the forward's) gave back.
 template <class Backend>
@@ -202,7 +208,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
                                   bool reverse, bool relu, bool save_reserve) {
   // A storage type computed in a wider one: the state is carried between steps unrounded, and
   // only the results (reserve included) are rounded to the storage type.
-  const at::ScalarType storage = input_.scalar_type(), compute = Backend::compute_type(storage);
+  const at::ScalarType storage = input_.scalar_type(), compute = compute_type<Backend>(storage);
   if (compute != storage) {
     const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
     return to_type<Backend>(layer_forward<Cell, Backend>(up(input_), batch_sizes, up(hx), up(cx),
@@ -329,7 +335,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
                                    const Tensor& hx, const Tensor& cx, const LayerWeights& w,
                                    const Tensor& output, const Tensor& reserve, bool has_bias,
                                    bool reverse, bool relu) {
-  const at::ScalarType storage = input.scalar_type(), compute = Backend::compute_type(storage);
+  const at::ScalarType storage = input.scalar_type(), compute = compute_type<Backend>(storage);
   if (compute != storage) {
     const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
     return to_type<Backend>(layer_backward<Cell, Backend>(up(grad_output), up(grad_hy), up(grad_cy), up(input),

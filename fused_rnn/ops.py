@@ -91,14 +91,14 @@ def _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve, save_reserve):
     ctx.mark_non_differentiable(reserve)
 
 
-def _differentiable_grads(mode, batch_sizes, reverse, inputs, needs_grad, grads, relu=False):
+def _differentiable_grads(ctx, mode, inputs, grads, relu=False):
     """Gradients with respect to `inputs` (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr; None where
     absent) of the layer's outputs (output, h_n, c_n) given theirs (None: unused), recomputed through
     composite.layer so that they can be differentiated again: what backward returns under
-    create_graph=True. None for each input not in `needs_grad`."""
-    recomputed = composite.layer(mode, inputs[0], batch_sizes, *inputs[1:], reverse, relu)
+    create_graph=True. None for each input that does not require grad."""
+    recomputed = composite.layer(mode, inputs[0], ctx.batch_sizes, *inputs[1:], ctx.reverse, relu)
     used = [(out, grad) for out, grad in zip(recomputed, grads) if grad is not None and out is not None]
-    wanted = [k for k, t in enumerate(inputs) if t is not None and needs_grad[k]]
+    wanted = [k for k, t in enumerate(inputs) if t is not None and t.requires_grad]
     result = [None] * len(inputs)
     if used and wanted:
         found = torch.autograd.grad([out for out, _ in used], [inputs[k] for k in wanted], [g for _, g in used],
@@ -123,10 +123,8 @@ def _or_zeros(grad, like):
 def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_reserve):
     input, hx, cx, w_ih, w_hh, w_hr, out, reserve, b_ih, b_hh = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True
-        needs = [ctx.needs_input_grad[k] for k in (0, 2, 3, 4, 5, 6, 7, 8)]
         gi, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = _differentiable_grads(
-            "lstm", ctx.batch_sizes, ctx.reverse, (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr), needs,
-            (grad_out, grad_hy, grad_cy))
+            ctx, "lstm", (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr), (grad_out, grad_hy, grad_cy))
         return gi, None, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, None, None
     grad_out, grad_hy, grad_cy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx), _or_zeros(grad_cy, cx)
     gi, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = _ops.lstm_layer_backward(
@@ -143,20 +141,18 @@ def _gru_setup(ctx, inputs, output):
     ctx.save_for_backward(input, hx, w_ih, w_hh, out, reserve, b_ih, b_hh)
 
 
-def _simple_differentiable_grads(ctx, mode, saved, grad_out, grad_hy, relu=False):
+def _simple_differentiable_grads(ctx, mode, grad_out, grad_hy, relu=False):
     """_differentiable_grads for GRU and RNN, whose ops take (input, batch_sizes, hx, w_ih, w_hh,
     b_ih, b_hh, ...): returns the gradients in that order."""
-    input, hx, w_ih, w_hh, _, _, b_ih, b_hh = saved
-    needs = [ctx.needs_input_grad[k] for k in (0, 2, 2, 3, 4, 5, 6, 6)]
+    input, hx, w_ih, w_hh, _, _, b_ih, b_hh = ctx.saved_tensors
     gi, ghx, _, gw_ih, gw_hh, gb_ih, gb_hh, _ = _differentiable_grads(
-        mode, ctx.batch_sizes, ctx.reverse, (input, hx, None, w_ih, w_hh, b_ih, b_hh, None), needs,
-        (grad_out, grad_hy, None), relu)
+        ctx, mode, (input, hx, None, w_ih, w_hh, b_ih, b_hh, None), (grad_out, grad_hy, None), relu)
     return gi, None, ghx, gw_ih, gw_hh, gb_ih, gb_hh
 
 
 def _gru_backward(ctx, grad_out, grad_hy, _grad_reserve):
     if torch.is_grad_enabled():  # create_graph=True
-        return (*_simple_differentiable_grads(ctx, "gru", ctx.saved_tensors, grad_out, grad_hy), None, None)
+        return (*_simple_differentiable_grads(ctx, "gru", grad_out, grad_hy), None, None)
     input, hx, w_ih, w_hh, out, reserve, _, _ = ctx.saved_tensors
     grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.gru_layer_backward(
@@ -175,8 +171,7 @@ def _rnn_setup(ctx, inputs, output):
 
 def _rnn_backward(ctx, grad_out, grad_hy, _grad_reserve):
     if torch.is_grad_enabled():  # create_graph=True
-        return (*_simple_differentiable_grads(ctx, "rnn", ctx.saved_tensors, grad_out, grad_hy, ctx.relu),
-                None, None, None)
+        return (*_simple_differentiable_grads(ctx, "rnn", grad_out, grad_hy, ctx.relu), None, None, None)
     input, hx, w_ih, w_hh, out, reserve, _, _ = ctx.saved_tensors
     grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.rnn_layer_backward(

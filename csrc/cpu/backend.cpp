@@ -272,11 +272,8 @@ struct CpuBackend {
   }
 
   // The kernels are built for float and double; float16 and bfloat16 layers run in float32, their
-  // tensors converted on the way in and the results rounded on the way out.
+  // tensors converted on the way in and the results rounded on the way out (layer.h).
   static constexpr bool kHalfKernels = false;
-  static at::ScalarType compute_type(at::ScalarType t) {
-    return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;
-  }
 
   // Row-major C[m, n] = alpha op(A) op(B) + beta C, as the column-major product C^T = op(B)^T op(A)^T.
   template <typename S>

@@ -81,7 +81,6 @@ struct CudaBackend {
 
   // Every type computes natively (half types with float accumulation and float pointwise math).
   static constexpr bool kHalfKernels = true;
-  static at::ScalarType compute_type(at::ScalarType t) { return t; }
 
   static c10::cuda::CUDAGuard guard(const c10::Device& device) { return c10::cuda::CUDAGuard(device); }
 
