@@ -107,8 +107,7 @@ def extensions():
         cxx += ["-fopenmp"]
         link += ["-fopenmp"]
     cpu = [CppExtension(f"fused_rnn._cpu_{name}", ["csrc/cpu/backend.cpp"], extra_link_args=link,
-                        extra_compile_args={"cxx": cxx + flags}) for name, flags in SIMD_FLAGS.items()
-           if name in cpu_instruction_sets()]
+                        extra_compile_args={"cxx": cxx + SIMD_FLAGS[name]}) for name in cpu_instruction_sets()]
     sources = ["csrc/ops.cpp"]
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
