@@ -2,6 +2,7 @@
 its half of the batch, end with identical replicas equal to one process trained on the whole
 batch (mean-reduced losses, so DDP's gradient averaging reproduces the full-batch gradient)."""
 import datetime
+import gc
 import time
 
 import pytest
@@ -58,13 +59,22 @@ def train_one_replica(rank, result_dir):
                             timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
-        replica = nn.parallel.DistributedDataParallel(make_model())
-        inputs, targets = make_data()
-        shard = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
-        train(replica, inputs[shard], targets[shard])
-        torch.save(replica.module.state_dict(), f"{result_dir}/rank{rank}.pt")
+        train_and_save_replica(rank, result_dir)
     finally:
         dist.destroy_process_group()
+        # DDP's reference cycles keep the process group alive past destroy_process_group. Freed by
+        # the interpreter's final collection instead, its gloo threads would still be releasing
+        # work objects while Python shuts down, and abort the process (pytorch/pytorch#190489; it
+        # happens with torch.nn.LSTM too). Collect while Python is fully alive.
+        gc.collect()
+
+
+def train_and_save_replica(rank, result_dir):
+    replica = nn.parallel.DistributedDataParallel(make_model())
+    inputs, targets = make_data()
+    shard = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+    train(replica, inputs[shard], targets[shard])
+    torch.save(replica.module.state_dict(), f"{result_dir}/rank{rank}.pt")
 
 
 def run_replicas(result_dir):
