@@ -5,10 +5,10 @@
 //   Backend::kHalfKernels: whether it has kernels for float16 and bfloat16 (CPU: no; a layer of
 //       those storage types then computes in float32, see compute_type)
 //   Backend::guard(Device) -> RAII object that makes the device current for the op
-//   Backend::dense_weight<S>(w, trans, bias, rows) -> an object whose .apply_out(out, x) computes
-//       out = x op(w) (+ bias), op(w) = w^T if trans: the large GEMMs outside the time loop over
-//       `rows` rows in all, one chunk at a time (out may be a column range of a wider buffer; bias
-//       may be undefined)
+//   Backend::dense_weight<S>(w, trans, bias, rows, operands) -> an object whose .apply_out(out, x)
+//       computes out = x op(w) (+ bias), op(w) = w^T if trans: the large GEMMs outside the time
+//       loop over `rows` rows in all, one chunk at a time (out may be a column range of a wider
+//       buffer; bias may be undefined). `operands` as for recurrent_weight
 //   Backend::weight_grad_out<S>(grad_w, g, x, accumulate): grad_w = g^T x, or += if accumulate
 //       (a weight's gradient, a chunk of rows at a time)
 //   Backend::scratch(Scratch role, sizes, options) -> a tensor for the duration of the op
@@ -17,10 +17,13 @@
 //       .gemm(m, a, lda, beta, c, ldc) computes row-major C[m, n] = A[m, k] op(W) + beta C
 //       for a weight W used at every step (a backend may re-layout it once per call), and whose
 //       .row_groups says how many row groups the steps may be split into
-//   Backend::recurrent_weight<Cell, S>(w_hh, h_out, hidden, max_rows, steps, w_ih, bias) -> the
-//       same for W_hh [gates*hidden, h_out] in h_prev W_hh^T. Where w_ih is given, the backend may
-//       fold the input projection into it (its .folded_input > 0): each step's GEMM then computes
-//       [h_prev, x_t] [W_hh, W_ih]^T + bias, and the input projection is skipped. And
+//   Backend::recurrent_weight<Cell, S>(w_hh, h_out, hidden, max_rows, steps, w_ih, bias, operands)
+//       -> the same for W_hh [gates*hidden, h_out] in h_prev W_hh^T. Where w_ih is given, the
+//       backend may fold the input projection into it (its .folded_input > 0): each step's GEMM
+//       then computes [h_prev, x_t] [W_hh, W_ih]^T + bias, and the input projection is skipped.
+//       `operands`: for a layer computed in a wider type than its storage type, the storage
+//       type, to which the backend may round the GEMM's operands (CPU: bfloat16 products on
+//       AVX512-BF16, accumulated in float32); else undefined. And
 //   Backend::for_each_row_group(const Steps&, t_lo, t_hi, groups, f): calls f(row_begin, row_end)
 //       for at most `groups` groups of rows that together cover [0, batch), each running the
 //       steps [t_lo, t_hi) on its rows. The recurrence never mixes rows, so the groups need no
@@ -139,7 +142,7 @@ inline Tensor previous_states(const Tensor& seq, const Tensor& init, const Steps
 // Buffers an op needs only while it runs, by role; a backend may keep them from call to call
 // (Backend::scratch), so each role is used once at a time.
 enum class Scratch {
-  kInputWeight, kRecurrentWeight, kProjectionWeight, kGradientPanels, kStateCopy, kGates, kHiddenGates,
+  kInputWeight, kRecurrentWeight, kProjectionWeight, kGradientPanels, kStateCopy, kInputCopy, kGates, kHiddenGates,
   kCount
 };
 
@@ -202,17 +205,21 @@ std::vector<Tensor> to_type(std::vector<Tensor> ts, at::ScalarType type) {
 // Returns {output, h_n, c_n (LSTM only, else undefined), reserve}. Without `save_reserve`
 // (inference), and for cells whose backward reads none (RNN), the reserve comes back with 0 rows:
 // the gates are then computed a chunk of time steps at a time into a small reused buffer.
+// `operands`: the layer's storage type where it computes in a wider one (else undefined); the
+// backend may round the forward GEMMs' operands to it (see Backend::recurrent_weight).
 template <class Cell, class Backend>
 std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tensor>& batch_sizes,
                                   const Tensor& hx, const Tensor& cx, const LayerWeights& w,
-                                  bool reverse, bool relu, bool save_reserve) {
+                                  bool reverse, bool relu, bool save_reserve,
+                                  at::ScalarType operands = at::ScalarType::Undefined) {
   // A storage type computed in a wider one: the state is carried between steps unrounded, and
   // only the results (reserve included) are rounded to the storage type.
   const at::ScalarType storage = input_.scalar_type(), compute = compute_type<Backend>(storage);
   if (compute != storage) {
     const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
     return to_type<Backend>(layer_forward<Cell, Backend>(up(input_), batch_sizes, up(hx), up(cx),
-                                                         to_type<Backend>(w, compute), reverse, relu, save_reserve),
+                                                         to_type<Backend>(w, compute), reverse, relu, save_reserve,
+                                                         storage),
                             storage);
   }
   Backend::check_dtype(storage);
@@ -266,7 +273,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     // GRU's hidden gates need W_hh h alone, and a projected LSTM's step input is not its output.
     const bool may_fold = !Cell::kSeparateHiddenGates && !project;
     const auto w_hh_t = Backend::template recurrent_weight<Cell, S>(ptr<S>(w.w_hh), H_out, H, B, T,
-                                                                    may_fold ? w.w_ih : Tensor(), bias);
+                                                                    may_fold ? w.w_ih : Tensor(), bias, operands);
     const bool folded = w_hh_t.folded_input > 0;
     // The gate buffer: the reserve itself when it is kept (its rows start as the gate
     // pre-activations and end as what backward reads). Else, with the input folded in, a step's
@@ -278,7 +285,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
                                              : std::max<int64_t>(1, Backend::kForwardChunkValues / std::max<int64_t>(1, B * width));
     reserve = keep ? Backend::empty({s.rows, R}, opts)
                    : Backend::scratch(Scratch::kGates, {reuse_rows ? B : std::min(s.rows, chunk * B), width}, opts);
-    const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias, folded ? 0 : s.rows);
+    const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias, folded ? 0 : s.rows, operands);
     const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? T : 0, Scratch::kProjectionWeight);
     for (int64_t first = 0; first < T; first += chunk) {
       // This chunk's time steps [t_lo, t_hi) and rows [row_lo, row_hi), in processing order.
@@ -390,7 +397,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
     a.relu = relu;
     a.grad_c_state = ptr<S>(grad_c_state);
     a.grad_h_state = ptr<S>(grad_h_state);
-    const auto w_ih_step = Backend::template dense_weight<S>(w.w_ih, false, Tensor(), s.rows);
+    const auto w_ih_step = Backend::template dense_weight<S>(w.w_ih, false, Tensor(), s.rows,
+                                                             at::ScalarType::Undefined);
     const auto w_hh_step = Backend::template step_weight<S>(ptr<S>(w.w_hh), false, G * H, H_out, B, T, Scratch::kRecurrentWeight);
     const auto w_hr_step = Backend::template step_weight<S>(ptr<S>(w.w_hr), false, H_out, H, B, project ? T : 0, Scratch::kProjectionWeight);
     for (int64_t first = 0; first < T; first += chunk) {

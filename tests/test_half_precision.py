@@ -8,6 +8,8 @@ import copy
 import pytest
 import torch
 
+import fused_rnn
+
 from helpers import (CELL_KINDS, INPUT_SIZE, LAYER_GRID_ARGS, LAYER_KINDS, OPCHECK_CASE_ARGS, OPCHECK_CASE_IDS,
                      OPCHECK_CASES, PROJ_SIZE, SCALED_TOLERANCE, assert_backward_op_opcheck_passes,
                      assert_layer_op_opcheck_passes, assert_same_results, layer_call, layer_grid, layer_leaves,
@@ -191,3 +193,73 @@ def test_autocast_leaves_float64_alone(kind):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = fused64(x)
     assert (out[0] if isinstance(out, tuple) else out).dtype == torch.float64
+
+
+# ---- bfloat16 products on AVX512-BF16 ------------------------------------------------------------
+
+def bf16_products_expected():
+    """Where the AVX-512 kernels run on a CPU with AVX512-BF16, a bfloat16 layer's GEMMs multiply in
+    bfloat16 (csrc/cpu/backend.cpp, bf16_products_for)."""
+    return fused_rnn.cpu_instruction_set() == "avx512" and torch.cpu._is_avx512_bf16_supported()
+
+
+def test_bf16_products_follow_the_cpu():
+    assert fused_rnn._cpu.bfloat16_products == bf16_products_expected()
+
+
+def emulated_layer(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, round_h):
+    """Output of one unpacked layer in float64 from the same bfloat16 values, with h_prev rounded to
+    bfloat16 before each step's recurrent GEMM where round_h (x already is bfloat16)."""
+    x, hx, cx, w_ih, w_hh, b_ih, b_hh = (t.double() for t in (x, hx, cx, w_ih, w_hh, b_ih, b_hh))
+    h, c, outputs = hx, cx, []
+    for x_t in x:
+        x_gates = torch.nn.functional.linear(x_t, w_ih, b_ih)
+        h_gates = torch.nn.functional.linear(h.bfloat16().double() if round_h else h, w_hh, b_hh)
+        if mode == "lstm":
+            i, f, g, o = (x_gates + h_gates).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        elif mode == "gru":
+            x_r, x_z, x_n = x_gates.chunk(3, 1)
+            h_r, h_z, h_n = h_gates.chunk(3, 1)
+            r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+            h = (1 - z) * torch.tanh(x_n + r * h_n) + z * h
+        else:
+            h = torch.tanh(x_gates + h_gates)
+        outputs.append(h)
+    return torch.stack(outputs)
+
+
+# (steps, batch, input, hidden): odd sizes (padding of the bfloat16 pairs), batches below and above
+# the one where the input is folded into the recurrent GEMM, and enough rows for the input
+# projection's own bfloat16 GEMM.
+BF16_PRODUCT_SHAPES = [(12, 5, 7, 33), (12, 20, 17, 40), (6, 130, 9, 16), (10, 24, 64, 48)]
+
+
+@pytest.mark.parametrize("shape", BF16_PRODUCT_SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn"])
+def test_bf16_layer_rounds_exactly_the_gemm_operands(mode, shape):
+    """A bfloat16 layer op equals, to the rounding of its output, float64 arithmetic on its bfloat16
+    inputs with h_prev rounded to bfloat16 for each step's GEMM (bfloat16 products) or not (float32
+    products, CPUs without AVX512-BF16): >= 98% of outputs identical to the expected model (measured
+    99.3-100%), while the other model agrees on only 67-87%, so the test tells the two apart."""
+    steps, batch, input_size, hidden = shape
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[mode]
+    scale = hidden ** -0.5
+    x, hx, cx = (torch.randn(*s).bfloat16() for s in ((steps, batch, input_size), (batch, hidden), (batch, hidden)))
+    w_ih, w_hh = ((torch.randn(gates * hidden, n) * scale).bfloat16() for n in (input_size, hidden))
+    b_ih, b_hh = ((torch.randn(gates * hidden) * scale).bfloat16() for _ in range(2))
+    ops = torch.ops.fused_rnn
+    if mode == "lstm":
+        y = ops.lstm_layer(x, None, hx, cx, w_ih, w_hh, b_ih, b_hh, None, False, False)[0]
+    elif mode == "gru":
+        y = ops.gru_layer(x, None, hx, w_ih, w_hh, b_ih, b_hh, False, False)[0]
+    else:
+        y = ops.rnn_layer(x, None, hx, w_ih, w_hh, b_ih, b_hh, False, False, False)[0]
+    expected_rounding = bf16_products_expected()
+    agreement = {}
+    for round_h in (True, False):
+        exact = emulated_layer(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, round_h)
+        agreement[round_h] = (y == exact.bfloat16()).double().mean().item()
+    assert agreement[expected_rounding] >= 0.98, agreement
+    assert agreement[not expected_rounding] < 0.92, agreement

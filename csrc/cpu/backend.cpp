@@ -138,16 +138,37 @@ void for_each_chunk(int64_t row_begin, int64_t row_end, int64_t hidden, int64_t 
 
 // Runs `point(b, j, vectorised)` over rows [row_begin, row_end) and the hidden units of panel p
 // (those whose gates its GEMM block has just computed).
-template <typename S, typename F>
-void for_each_panel_unit(const Panels<S>& panels, int64_t p, int64_t row_begin, int64_t row_end, const F& point) {
+template <class P, typename F>
+void for_each_panel_unit(const P& panels, int64_t p, int64_t row_begin, int64_t row_end, const F& point) {
   for (int64_t v = 0; v < panels.unit_vectors(); ++v) {
     const int64_t j = panels.unit(p, v), lanes = panels.valid_lanes(p, v);
     for (int64_t b = row_begin; b < row_end; ++b) {
-      if (lanes == Panels<S>::kWidth) point(b, j, true);
+      if (lanes == P::kWidth) point(b, j, true);
       else
         for (int64_t l = 0; l < lanes; ++l) point(b, j + l, false);
     }
   }
+}
+
+// Whether a float32 layer computed for a bfloat16 one may multiply in bfloat16 (Panels<float,
+// c10::BFloat16>): in the AVX-512 build, on CPUs with AVX512-BF16. Its GEMMs then round their
+// operands — the weights (bfloat16 already) and the step's h_prev and x_t — to bfloat16, as
+// torch.nn's bfloat16 layers do, while the gates, the cell state and h stay float32.
+bool bf16_products_for(at::ScalarType operands) {
+#if defined(CPU_CAPABILITY_AVX512)
+  static const bool supported = __builtin_cpu_supports("avx512bf16");
+  return operands == at::kBFloat16 && supported;
+#else
+  (void)operands;
+  return false;
+#endif
+}
+
+// Rows [row_begin, row_end) of a float32 matrix (row stride ld_src) rounded to bfloat16 into
+// columns [0, cols) of dst (row stride ld_dst).
+void round_rows_to_bf16(const float* src, int64_t ld_src, c10::BFloat16* dst, int64_t ld_dst, int64_t row_begin,
+                        int64_t row_end, int64_t cols) {
+  for (int64_t r = row_begin; r < row_end; ++r) at::vec::convert(src + r * ld_src, dst + r * ld_dst, cols);
 }
 
 }  // namespace
@@ -171,6 +192,12 @@ struct CpuStepWeight {
   // h_out + folded_input) and every step adds the bias.
   int64_t folded_input = 0;
   at::Tensor bias;
+  // Multiplying in bfloat16 (bf16_products_for), the panels are these instead, and each step
+  // rounds its operands [h_prev, x_t] into the rows of `operands` (each part padded to even).
+  Panels<S, c10::BFloat16> bf16_panels;
+  at::Tensor operands;
+
+  bool has_panels() const { return panels.defined() || bf16_panels.defined(); }
 
   void gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const;
 };
@@ -183,6 +210,7 @@ struct CpuDenseWeight {
   at::Tensor w, bias;  // w [n, k] when trans, else [k, n]; bias [n] or undefined
   bool trans;
   Panels<S> panels;
+  Panels<S, c10::BFloat16> bf16_panels;  // instead of panels, multiplying in bfloat16
 
   void apply_out(at::Tensor& out, const at::Tensor& x) const;
 };
@@ -241,11 +269,19 @@ struct CpuBackend {
 
   // Panels pay for their layout pass from about a hundred rows; fewer go to MKL as they are.
   template <typename S>
-  static CpuDenseWeight<S> dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias, int64_t rows) {
+  static CpuDenseWeight<S> dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias, int64_t rows,
+                                        at::ScalarType operands) {
     constexpr int64_t kMinPanelRows = 128;
     CpuDenseWeight<S> dw{w.contiguous(), bias.defined() ? bias.contiguous() : bias, trans};
     const int64_t k = w.size(trans ? 1 : 0), n = w.size(trans ? 0 : 1);
-    if (k > 0 && n > 0 && rows >= kMinPanelRows) dw.panels = Panels<S>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
+    if (k <= 0 || n <= 0 || rows < kMinPanelRows) return dw;
+    if constexpr (std::is_same_v<S, float>) {
+      if (bf16_products_for(operands)) {
+        dw.bf16_panels = Panels<S, c10::BFloat16>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
+        return dw;
+      }
+    }
+    dw.panels = Panels<S>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
     return dw;
   }
 
@@ -328,7 +364,8 @@ struct CpuBackend {
   // inference 2-3% faster folded).
   template <class Cell, typename S>
   static CpuStepWeight<S> recurrent_weight(const S* w_hh, int64_t h_out, int64_t hidden, int64_t max_rows,
-                                           int64_t steps, const at::Tensor& w_ih, const at::Tensor& bias) {
+                                           int64_t steps, const at::Tensor& w_ih, const at::Tensor& bias,
+                                           at::ScalarType operands) {
     constexpr int64_t kMinFoldRows = 16;
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
     const int64_t n = Cell::kGates * hidden;
@@ -341,8 +378,19 @@ struct CpuBackend {
       sw.k = h_out + sw.folded_input;
       sw.bias = bias.defined() ? bias.contiguous() : at::zeros({n}, opts);
     }
-    sw.panels = Panels<S>(w_hh, true, sw.k, Cell::kGates, hidden, Scratch::kRecurrentWeight,
-                          sw.folded_input ? ptr<S>(w_ih) : nullptr, sw.folded_input);
+    const S* w_tail = sw.folded_input ? ptr<S>(w_ih) : nullptr;
+    if constexpr (std::is_same_v<S, float>) {
+      if (bf16_products_for(operands)) {
+        sw.bf16_panels = Panels<S, c10::BFloat16>(w_hh, true, sw.k, Cell::kGates, hidden, Scratch::kRecurrentWeight,
+                                                  w_tail, sw.folded_input);
+        // Zeroed once: the padding columns are never written.
+        sw.operands = cpu_scratch(Scratch::kStateCopy, {max_rows, sw.bf16_panels.padded_k()},
+                                  opts.dtype(at::kBFloat16)).zero_();
+        sw.row_groups = row_groups_for(max_rows, sw.k * n * static_cast<int64_t>(sizeof(c10::BFloat16)));
+        return sw;
+      }
+    }
+    sw.panels = Panels<S>(w_hh, true, sw.k, Cell::kGates, hidden, Scratch::kRecurrentWeight, w_tail, sw.folded_input);
     sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
     sw.row_groups = row_groups_for(max_rows, sw.k * n * sizeof(S));
     return sw;
@@ -379,11 +427,46 @@ struct CpuBackend {
                              const S* h_prev) {
     const int64_t rows = row_end - row_begin;
     if (rows <= 0) return;
-    if (!w_hh.panels.defined()) {
+    if (!w_hh.has_panels()) {
       w_hh.gemm(rows, a.h_state + row_begin * w_hh.k, w_hh.k, beta, gates + row_begin * ld_gates, ld_gates);
       return forward_step<Cell, S>(a, row_begin, row_end);
     }
+    if constexpr (std::is_same_v<S, float>) {
+      if (w_hh.bf16_panels.defined()) return fused_bf16_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input, h_prev);
+    }
     fused_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input, h_prev);
+  }
+
+  // GEMM of one panel's block of rows, then the pointwise step of its units for those rows.
+  template <class Cell, class P, typename E, typename S>
+  static void panel_step(const P& panels, const StepForward<S>& a, int64_t p, int64_t first, int64_t rows,
+                         const E* h_rows, int64_t ld_h, const E* x_rows, int64_t ld_x, S beta, S* gates,
+                         int64_t ld_gates, const S* bias) {
+    panels.block(p, rows, h_rows, ld_h, 1, beta, gates + first * ld_gates, ld_gates, bias, x_rows, ld_x);
+    for_each_panel_unit(panels, p, first, first + rows, [&](int64_t b, int64_t j, bool vec) {
+      if (vec) Cell::template forward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
+      else Cell::template forward<S, ScalarIO<S>>(a, b, j);
+    });
+  }
+
+  // fused_step multiplying in bfloat16: the rows' h_prev and x_t are first rounded into the operand
+  // buffer (their float32 values stay as they are).
+  template <class Cell>
+  static void fused_bf16_step(const CpuStepWeight<float>& w_hh, const StepForward<float>& a, int64_t row_begin,
+                              int64_t row_end, float* gates, int64_t ld_gates, float beta, const float* input,
+                              const float* h_prev) {
+    const Panels<float, c10::BFloat16>& panels = w_hh.bf16_panels;
+    const int64_t input_size = w_hh.folded_input, h_out = w_hh.k - input_size, ld = panels.padded_k();
+    c10::BFloat16* operands = w_hh.operands.data_ptr<c10::BFloat16>();
+    round_rows_to_bf16(h_prev != nullptr ? h_prev : a.h_state, h_out, operands, ld, row_begin, row_end, h_out);
+    if (input_size)
+      round_rows_to_bf16(input, input_size, operands + panels.padded_head(), ld, row_begin, row_end, input_size);
+    const float* bias = input_size ? ptr<float>(w_hh.bias) : nullptr;
+    for_each_panel_block(panels, row_end - row_begin, [&](int64_t p, int64_t block_first, int64_t rows) {
+      const c10::BFloat16* rows_at = operands + (row_begin + block_first) * ld;
+      panel_step<Cell>(panels, a, p, row_begin + block_first, rows, rows_at, ld, rows_at + panels.padded_head(), ld,
+                       beta, gates, ld_gates, bias);
+    });
   }
 
   template <class Cell, typename S>
@@ -404,12 +487,8 @@ struct CpuBackend {
     for_each_panel_block(panels, row_end - row_begin, [&](int64_t p, int64_t block_first, int64_t rows) {
       const int64_t first = row_begin + block_first;
       const S* x_rows = input_size ? input + first * input_size : nullptr;
-      panels.block(p, rows, h_rows + block_first * h_out, h_out, 1, beta, gates + first * ld_gates, ld_gates, bias,
-                   x_rows, input_size);
-      for_each_panel_unit(panels, p, first, first + rows, [&](int64_t b, int64_t j, bool vec) {
-        if (vec) Cell::template forward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
-        else Cell::template forward<S, ScalarIO<S>>(a, b, j);
-      });
+      panel_step<Cell>(panels, a, p, first, rows, h_rows + block_first * h_out, h_out, x_rows, input_size, beta, gates,
+                       ld_gates, bias);
     });
   }
 
@@ -472,6 +551,21 @@ template <typename S>
 void CpuDenseWeight<S>::apply_out(at::Tensor& out, const at::Tensor& x) const {
   const int64_t m = x.size(0);
   if (m == 0 || out.size(1) == 0) return;
+  if constexpr (std::is_same_v<S, float>) {
+    if (bf16_panels.defined()) {
+      TORCH_INTERNAL_ASSERT(x.is_contiguous() && out.stride(1) == 1);
+      const int64_t k = bf16_panels.k(), ld = bf16_panels.padded_k();
+      at::Tensor operands = cpu_scratch(Scratch::kInputCopy, {m, ld}, x.options().dtype(at::kBFloat16));
+      c10::BFloat16* rows = operands.data_ptr<c10::BFloat16>();
+      at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
+        round_rows_to_bf16(ptr<float>(x), k, rows, ld, begin, end, k);
+        if (ld > k)
+          for (int64_t r = begin; r < end; ++r) rows[r * ld + k] = c10::BFloat16(0.0f);
+      });
+      bf16_panels.multiply(m, rows, ld, 1, 0.0f, ptr<float>(out), out.stride(0), ptr<float>(bias));
+      return;
+    }
+  }
   if (!panels.defined()) {
     const at::Tensor op_w = trans ? w.t() : w;
     if (bias.defined()) at::addmm_out(out, bias, x, op_w);
@@ -502,6 +596,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("instruction_set") = "default";
 #endif
+  m.attr("bfloat16_products") = fused_rnn::bf16_products_for(at::kBFloat16);
   m.def("empty_cache", &fused_rnn::release_cpu_memory,
         "Frees the CPU memory kept between calls: cached blocks of freed outputs and reserves, and "
         "the calling thread's scratch buffers.");

@@ -9,6 +9,12 @@
 // GEMM of their panel directly, while the gate values are still in L1. A plain matrix is one
 // gate of n units. The threads take contiguous ranges of panels, so at every step each core
 // reads the same part of the weight, which stays in its own L2.
+//
+// Panels<float, c10::BFloat16> (AVX-512 build, for CPUs with AVX512-BF16) holds the weights in
+// bfloat16 and reads A in bfloat16: each 32-bit lane of a panel vector holds the weights of two
+// consecutive k, and the dot-product instruction adds both products to a float32 accumulator
+// (twice the multiply-adds of a float32 FMA per instruction). The products of two bfloat16
+// values are exact in float32, so the result is that of float32 arithmetic on the rounded operands.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,15 +23,19 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
+#include <type_traits>
 
 #include "scratch.h"
 
 namespace fused_rnn {
 
-template <typename S>
+template <typename S, typename E = S>
 class Panels {
  public:
   using V = at::vec::Vectorized<S>;
+  // Values of k per lane of a panel vector, E the type of the weights and of A: 2 in bfloat16.
+  static constexpr int64_t kPack = std::is_same_v<E, c10::BFloat16> ? 2 : 1;
   static constexpr int64_t kWidth = V::size();
   static constexpr int64_t kRegisters = sizeof(V) >= 64 ? 32 : 16;  // zmm with AVX-512, else ymm/xmm
   // Vectors of accumulators per row in one pass of the micro-kernel: 4 (x 6 rows) in 32 registers,
@@ -38,35 +48,23 @@ class Panels {
 
   // B = op(w): w is row-major [n, k] when `trans` (B = w^T, as W_hh in h W_hh^T), else [k, n].
   // With `w_tail` (trans only), B^T = [w, w_tail] joined along k: w is [n, k - k_tail] and
-  // w_tail [n, k_tail]. The layout goes into the backend's scratch buffer `slot`.
+  // w_tail [n, k_tail]. The layout goes into the backend's scratch buffer `slot`. With kPack 2,
+  // the head's k and the tail's are each padded to even (padded_k(): where A's tail starts).
   Panels(const S* w, bool trans, int64_t k, int64_t gates, int64_t units, Scratch slot, const S* w_tail = nullptr,
          int64_t k_tail = 0)
       : k_(k), k_tail_(k_tail), gates_(gates), units_(units), unit_vectors_(gates == 1 ? kPassVectors : 1) {
     vectors_ = gates_ * unit_vectors_;
     const int64_t unit_block = unit_vectors_ * kWidth;
     count_ = (units_ + unit_block - 1) / unit_block;
-    const int64_t n = gates_ * units_, panel_size = k_ * vectors_ * kWidth;
-    data_ = cpu_scratch(slot, {count_ * panel_size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value));
-    base_ = data_.data_ptr<S>();
-    const int64_t ld = vectors_ * kWidth;  // between consecutive k in a panel
+    head_packs_ = (k_ - k_tail_ + kPack - 1) / kPack;
+    tail_packs_ = (k_tail_ + kPack - 1) / kPack;
+    const int64_t n = gates_ * units_, panel_size = (head_packs_ + tail_packs_) * vectors_ * kWidth * kPack;
+    data_ = cpu_scratch(slot, {count_ * panel_size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<E>::value));
+    base_ = data_.data_ptr<E>();
     at::parallel_for(0, count_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        S* panel = base_ + p * panel_size;
-        for (int64_t v = 0; v < vectors_; ++v) {
-          const int64_t col = column(p, v), lanes = valid_lanes(p, v);
-          S* dst = panel + v * kWidth;
-          if (lanes > 0 && trans) {  // rows col.. of w (and w_tail), transposed into the panel's columns
-            const int64_t k_head = k_ - k_tail;
-            at::vec::transpose_mxn<S>(w + col * k_head, k_head, dst, ld, static_cast<int>(lanes), static_cast<int>(k_head));
-            if (k_tail > 0)
-              at::vec::transpose_mxn<S>(w_tail + col * k_tail, k_tail, dst + k_head * ld, ld, static_cast<int>(lanes),
-                                        static_cast<int>(k_tail));
-          } else if (lanes > 0) {
-            for (int64_t i = 0; i < k_; ++i) std::copy_n(w + i * n + col, lanes, dst + i * ld);
-          }
-          if (lanes < kWidth)
-            for (int64_t i = 0; i < k_; ++i) std::fill_n(dst + i * ld + lanes, kWidth - lanes, S(0));
-        }
+        if constexpr (kPack > 1) pack_panel(base_ + p * panel_size, p, w, trans, n, w_tail);
+        else lay_out_panel(base_ + p * panel_size, p, w, trans, n, w_tail);
       }
     });
   }
@@ -74,6 +72,9 @@ class Panels {
   bool defined() const { return data_.defined(); }
   int64_t count() const { return count_; }
   int64_t k() const { return k_; }
+  // Columns of A a row spans: k, with kPack 2 the head and tail each padded to even.
+  int64_t padded_k() const { return (head_packs_ + tail_packs_) * kPack; }
+  int64_t padded_head() const { return head_packs_ * kPack; }
   int64_t vectors() const { return vectors_; }
   int64_t unit_vectors() const { return unit_vectors_; }
   // Vectors per pass of the micro-kernel over this panel, and rows per register block.
@@ -92,8 +93,10 @@ class Panels {
   // Rows [0, rows) (rows <= block_rows()) of C for panel p's columns; `bias` (length n, may be
   // null) is added to every row. A's element (r, i) is a[r * lda + i * lda_k]; for panels laid
   // out with a w_tail, A is joined the same way: its last k_tail columns are a_tail[r * lda_tail + i].
-  void block(int64_t p, int64_t rows, const S* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
-             const S* bias = nullptr, const S* a_tail = nullptr, int64_t lda_tail = 0) const {
+  // With kPack 2, A is read a pair of k at a time: lda_k must be 1 and each of A's parts padded to
+  // even with zeros.
+  void block(int64_t p, int64_t rows, const E* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
+             const S* bias = nullptr, const E* a_tail = nullptr, int64_t lda_tail = 0) const {
     const int64_t pass = pass_vectors();
     for (int64_t first = 0; first < vectors_; first += pass) {
       if (pass == 2) dispatch_rows<2>(p, first, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail);
@@ -104,7 +107,7 @@ class Panels {
 
   // C[m, n] = A[m, k] B + beta C (+ bias), over every panel and block of rows; A's element (r, i)
   // is a[r * lda + i * lda_k] (lda_k = 1: row-major; lda = 1: A is a transposed row-major matrix).
-  void multiply(int64_t m, const S* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
+  void multiply(int64_t m, const E* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
                 const S* bias = nullptr) const;
 
   // Multiply-adds in one block of rows of one panel.
@@ -116,9 +119,46 @@ class Panels {
     return std::min<int64_t>(8, (kRegisters - NV - 1) / NV);
   }
 
+  // Panel p: [k][vectors][kWidth].
+  void lay_out_panel(E* panel, int64_t p, const S* w, bool trans, int64_t n, const S* w_tail) const {
+    const int64_t ld = vectors_ * kWidth;  // between consecutive k in a panel
+    for (int64_t v = 0; v < vectors_; ++v) {
+      const int64_t col = column(p, v), lanes = valid_lanes(p, v);
+      E* dst = panel + v * kWidth;
+      if (lanes > 0 && trans) {  // rows col.. of w (and w_tail), transposed into the panel's columns
+        const int64_t k_head = k_ - k_tail_;
+        at::vec::transpose_mxn<S>(w + col * k_head, k_head, dst, ld, static_cast<int>(lanes), static_cast<int>(k_head));
+        if (k_tail_ > 0)
+          at::vec::transpose_mxn<S>(w_tail + col * k_tail_, k_tail_, dst + k_head * ld, ld, static_cast<int>(lanes),
+                                    static_cast<int>(k_tail_));
+      } else if (lanes > 0) {
+        for (int64_t i = 0; i < k_; ++i) std::copy_n(w + i * n + col, lanes, dst + i * ld);
+      }
+      if (lanes < kWidth)
+        for (int64_t i = 0; i < k_; ++i) std::fill_n(dst + i * ld + lanes, kWidth - lanes, S(0));
+    }
+  }
+
+  // Panel p in the kPack 2 layout: [k / 2][vectors][kWidth][2], each part of k padded with zeros.
+  void pack_panel(E* panel, int64_t p, const S* w, bool trans, int64_t n, const S* w_tail) const {
+    const int64_t ld = vectors_ * kWidth * kPack, k_head = k_ - k_tail_;
+    std::fill_n(panel, (head_packs_ + tail_packs_) * ld, E(0));
+    for (int64_t v = 0; v < vectors_; ++v) {
+      const int64_t col = column(p, v), lanes = valid_lanes(p, v);
+      for (int64_t lane = 0; lane < lanes; ++lane) {
+        E* dst = panel + (v * kWidth + lane) * kPack;
+        const S* row = trans ? w + (col + lane) * k_head : w + col + lane;  // w's values of this column
+        for (int64_t i = 0; i < k_head; ++i) dst[(i / kPack) * ld + i % kPack] = E(trans ? row[i] : row[i * n]);
+        const S* tail = w_tail + (col + lane) * k_tail_;
+        E* tail_dst = dst + head_packs_ * ld;
+        for (int64_t i = 0; i < k_tail_; ++i) tail_dst[(i / kPack) * ld + i % kPack] = E(tail[i]);
+      }
+    }
+  }
+
   template <int NV, int R = block_rows_for<NV>()>
-  void dispatch_rows(int64_t p, int64_t first, int64_t rows, const S* a, int64_t lda, int64_t lda_k, S beta, S* c,
-                     int64_t ldc, const S* bias, const S* a_tail, int64_t lda_tail) const {
+  void dispatch_rows(int64_t p, int64_t first, int64_t rows, const E* a, int64_t lda, int64_t lda_k, S beta, S* c,
+                     int64_t ldc, const S* bias, const E* a_tail, int64_t lda_tail) const {
     if constexpr (R > 1) {
       if (rows < R)
         return dispatch_rows<NV, R - 1>(p, first, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail);
@@ -145,11 +185,49 @@ class Panels {
     }
   }
 
+  // The same for bfloat16 panels: `pairs` pairs of k, A's pair (r, i) at a[r * lda + 2 i]. Out of
+  // line, as only this function may use the AVX512-BF16 instruction; the accumulators are copied
+  // in and out once per call.
+  template <int NV, int R>
+#if defined(CPU_CAPABILITY_AVX512)
+  __attribute__((noinline, target("avx512bf16")))
+#endif
+  static void multiply_add_pairs(V (&acc_io)[R][NV], const E* w, int64_t stride, const E* a, int64_t lda,
+                                 int64_t pairs) {
+    static_assert(std::is_same_v<S, float>, "bfloat16 panels accumulate in float32");
+#if defined(CPU_CAPABILITY_AVX512)
+    __m512 acc[R][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = acc_io[r][v];
+    for (int64_t i = 0; i < pairs; ++i, w += stride, a += 2) {
+      __m512bh wv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) wv[v] = (__m512bh)_mm512_loadu_si512(w + v * kWidth * 2);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, a + r * lda, sizeof(pair));
+        const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, wv[v]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc_io[r][v] = acc[r][v];
+#else
+    TORCH_INTERNAL_ASSERT(false, "bfloat16 panels need the AVX-512 build");
+#endif
+  }
+
   // One pass: the NV vectors from `first` of panel p. Kept out of line: inlined into a caller's
   // loop, GCC spills the accumulators to the stack.
   template <int NV, int R>
-  __attribute__((noinline)) void kernel(int64_t p, int64_t first, const S* a, int64_t lda, int64_t lda_k, S beta,
-                                        S* c, int64_t ldc, const S* bias, const S* a_tail, int64_t lda_tail) const {
+  __attribute__((noinline)) void kernel(int64_t p, int64_t first, const E* a, int64_t lda, int64_t lda_k, S beta,
+                                        S* c, int64_t ldc, const S* bias, const E* a_tail, int64_t lda_tail) const {
     std::array<int64_t, NV> col{}, lanes{};
     for (int v = 0; v < NV; ++v) col[v] = column(p, first + v), lanes[v] = valid_lanes(p, first + v);
     V start[NV];  // what every row's accumulator starts from besides beta C: the bias, or 0
@@ -169,10 +247,15 @@ class Panels {
         else acc[r][v] = at::vec::fmadd(V::loadu(c + r * ldc + col[v], lanes[v]), V(beta), start[v]);
       }
     }
-    const int64_t stride = vectors_ * kWidth;
-    const S* w = base_ + p * k_ * stride + first * kWidth;
-    multiply_add<NV, R>(acc, w, stride, a, lda, lda_k, k_ - k_tail_);
-    if (k_tail_ > 0) multiply_add<NV, R>(acc, w, stride, a_tail, lda_tail, 1, k_tail_);
+    const int64_t stride = vectors_ * kWidth * kPack;
+    const E* w = base_ + p * (head_packs_ + tail_packs_) * stride + first * kWidth * kPack;
+    if constexpr (kPack > 1) {
+      multiply_add_pairs<NV, R>(acc, w, stride, a, lda, head_packs_);
+      if (tail_packs_ > 0) multiply_add_pairs<NV, R>(acc, w + head_packs_ * stride, stride, a_tail, lda_tail, tail_packs_);
+    } else {
+      multiply_add<NV, R>(acc, w, stride, a, lda, lda_k, k_ - k_tail_);
+      if (k_tail_ > 0) multiply_add<NV, R>(acc, w, stride, a_tail, lda_tail, 1, k_tail_);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
@@ -183,15 +266,16 @@ class Panels {
     }
   }
 
-  at::Tensor data_;  // [count][k][vectors][kWidth]
-  S* base_ = nullptr;
+  at::Tensor data_;  // [count][k / kPack][vectors][kWidth][kPack]
+  E* base_ = nullptr;
   int64_t k_ = 0, k_tail_ = 0, gates_ = 1, units_ = 0, unit_vectors_ = 1, vectors_ = 0, count_ = 0;
+  int64_t head_packs_ = 0, tail_packs_ = 0;  // panel rows of the head's k and of the tail's
 };
 
 // Runs `task(p, first_row, rows)` over every (panel, block of rows) of an m-row product, in
 // parallel when there is enough work: contiguous task ranges keep each thread on its panels.
-template <typename S, typename F>
-void for_each_panel_block(const Panels<S>& b, int64_t m, const F& task) {
+template <class P, typename F>
+void for_each_panel_block(const P& b, int64_t m, const F& task) {
   const int64_t R = b.block_rows(), row_blocks = (m + R - 1) / R;
   // About 64k multiply-adds per thread pay for waking the other threads (a few microseconds).
   constexpr int64_t kMinParallelWork = int64_t(1) << 16;
@@ -204,9 +288,9 @@ void for_each_panel_block(const Panels<S>& b, int64_t m, const F& task) {
   });
 }
 
-template <typename S>
-void Panels<S>::multiply(int64_t m, const S* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
-                         const S* bias) const {
+template <typename S, typename E>
+void Panels<S, E>::multiply(int64_t m, const E* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
+                            const S* bias) const {
   TORCH_INTERNAL_ASSERT(k_tail_ == 0, "Panels::multiply reads A from one matrix");
   for_each_panel_block(*this, m, [&](int64_t p, int64_t first, int64_t rows) {
     block(p, rows, a + first * lda, lda, lda_k, beta, c + first * ldc, ldc, bias);

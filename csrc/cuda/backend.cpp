@@ -97,7 +97,8 @@ struct CudaBackend {
   };
 
   template <typename S>
-  static DenseWeight dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias, int64_t /*rows*/) {
+  static DenseWeight dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias, int64_t /*rows*/,
+                                  at::ScalarType /*operands: never set, kHalfKernels*/) {
     return {w, bias, trans};
   }
 
@@ -167,7 +168,8 @@ struct CudaBackend {
 
   template <class Cell, typename S>
   static CudaStepWeight<S> recurrent_weight(const S* w_hh, int64_t h_out, int64_t hidden, int64_t max_rows,
-                                            int64_t steps, const at::Tensor& /*w_ih*/, const at::Tensor& /*bias*/) {
+                                            int64_t steps, const at::Tensor& /*w_ih*/, const at::Tensor& /*bias*/,
+                                            at::ScalarType /*operands: never set, kHalfKernels*/) {
     return step_weight<S>(w_hh, true, h_out, Cell::kGates * hidden, max_rows, steps, Scratch::kRecurrentWeight);
   }
 
