@@ -13,10 +13,11 @@
 //       (a weight's gradient, a chunk of rows at a time)
 //   Backend::scratch(Scratch role, sizes, options) -> a tensor for the duration of the op
 //   Backend::empty(sizes, options) -> an uninitialised tensor that the op returns or saves
-//   Backend::step_weight<S>(w, trans, k, n, max_rows, steps, role) -> an object whose
+//   Backend::step_weight<S>(w, trans, k, n, max_rows, steps, role, operands) -> an object whose
 //       .gemm(m, a, lda, beta, c, ldc) computes row-major C[m, n] = A[m, k] op(W) + beta C
 //       for a weight W used at every step (a backend may re-layout it once per call), and whose
-//       .row_groups says how many row groups the steps may be split into
+//       .row_groups says how many row groups the steps may be split into. `operands` as for
+//       recurrent_weight
 //   Backend::recurrent_weight<Cell, S>(w_hh, h_out, hidden, max_rows, steps, w_ih, bias, operands)
 //       -> the same for W_hh [gates*hidden, h_out] in h_prev W_hh^T. Where w_ih is given, the
 //       backend may fold the input projection into it (its .folded_input > 0): each step's GEMM
@@ -286,7 +287,8 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     reserve = keep ? Backend::empty({s.rows, R}, opts)
                    : Backend::scratch(Scratch::kGates, {reuse_rows ? B : std::min(s.rows, chunk * B), width}, opts);
     const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias, folded ? 0 : s.rows, operands);
-    const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? T : 0, Scratch::kProjectionWeight);
+    const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? T : 0,
+                                                         Scratch::kProjectionWeight, at::ScalarType::Undefined);
     for (int64_t first = 0; first < T; first += chunk) {
       // This chunk's time steps [t_lo, t_hi) and rows [row_lo, row_hi), in processing order.
       const int64_t last = std::min(T, first + chunk);
@@ -341,13 +343,13 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
                                    const Tensor& input, const c10::optional<Tensor>& batch_sizes,
                                    const Tensor& hx, const Tensor& cx, const LayerWeights& w,
                                    const Tensor& output, const Tensor& reserve, bool has_bias,
-                                   bool reverse, bool relu) {
+                                   bool reverse, bool relu, at::ScalarType operands = at::ScalarType::Undefined) {
   const at::ScalarType storage = input.scalar_type(), compute = compute_type<Backend>(storage);
   if (compute != storage) {
     const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
     return to_type<Backend>(layer_backward<Cell, Backend>(up(grad_output), up(grad_hy), up(grad_cy), up(input),
                                                           batch_sizes, up(hx), up(cx), to_type<Backend>(w, compute),
-                                                          up(output), up(reserve), has_bias, reverse, relu),
+                                                          up(output), up(reserve), has_bias, reverse, relu, storage),
                             storage);
   }
   Backend::check_dtype(storage);
@@ -397,10 +399,13 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
     a.relu = relu;
     a.grad_c_state = ptr<S>(grad_c_state);
     a.grad_h_state = ptr<S>(grad_h_state);
-    const auto w_ih_step = Backend::template dense_weight<S>(w.w_ih, false, Tensor(), s.rows,
-                                                             at::ScalarType::Undefined);
-    const auto w_hh_step = Backend::template step_weight<S>(ptr<S>(w.w_hh), false, G * H, H_out, B, T, Scratch::kRecurrentWeight);
-    const auto w_hr_step = Backend::template step_weight<S>(ptr<S>(w.w_hr), false, H_out, H, B, project ? T : 0, Scratch::kProjectionWeight);
+    // The GEMMs through W_ih and W_hh may round their operands (the gate gradients) to `operands`;
+    // the weight gradients' are not rounded.
+    const auto w_ih_step = Backend::template dense_weight<S>(w.w_ih, false, Tensor(), s.rows, operands);
+    const auto w_hh_step = Backend::template step_weight<S>(ptr<S>(w.w_hh), false, G * H, H_out, B, T,
+                                                            Scratch::kRecurrentWeight, operands);
+    const auto w_hr_step = Backend::template step_weight<S>(ptr<S>(w.w_hr), false, H_out, H, B, project ? T : 0,
+                                                            Scratch::kProjectionWeight, at::ScalarType::Undefined);
     for (int64_t first = 0; first < T; first += chunk) {
       // This chunk's time steps, in backward order, and the rows [row_lo, row_hi) they cover.
       const int64_t last = std::min(T, first + chunk);

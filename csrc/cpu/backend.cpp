@@ -151,9 +151,10 @@ void for_each_panel_unit(const P& panels, int64_t p, int64_t row_begin, int64_t 
 }
 
 // Whether a float32 layer computed for a bfloat16 one may multiply in bfloat16 (Panels<float,
-// c10::BFloat16>): in the AVX-512 build, on CPUs with AVX512-BF16. Its GEMMs then round their
-// operands — the weights (bfloat16 already) and the step's h_prev and x_t — to bfloat16, as
-// torch.nn's bfloat16 layers do, while the gates, the cell state and h stay float32.
+// c10::BFloat16>): in the AVX-512 build, on CPUs with AVX512-BF16. Its GEMMs through W_ih and
+// W_hh then round their operands — the weights (bfloat16 already), the forward's h_prev and x_t,
+// the backward's gate gradients — to bfloat16, as torch.nn's bfloat16 layers do, while the gates,
+// the states and their gradients stay float32, and so do the weight gradients' GEMMs.
 bool bf16_products_for(at::ScalarType operands) {
 #if defined(CPU_CAPABILITY_AVX512)
   static const bool supported = __builtin_cpu_supports("avx512bf16");
@@ -164,11 +165,15 @@ bool bf16_products_for(at::ScalarType operands) {
 #endif
 }
 
-// Rows [row_begin, row_end) of a float32 matrix (row stride ld_src) rounded to bfloat16 into
-// columns [0, cols) of dst (row stride ld_dst).
+// Rows [row_begin, row_end) of a float32 matrix (row stride ld_src, `cols` columns) rounded to
+// bfloat16 into the same rows of dst (row stride ld_dst), with a 0 after them where cols is odd:
+// an operand of bfloat16 panels, which read pairs.
 void round_rows_to_bf16(const float* src, int64_t ld_src, c10::BFloat16* dst, int64_t ld_dst, int64_t row_begin,
                         int64_t row_end, int64_t cols) {
-  for (int64_t r = row_begin; r < row_end; ++r) at::vec::convert(src + r * ld_src, dst + r * ld_dst, cols);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    at::vec::convert(src + r * ld_src, dst + r * ld_dst, cols);
+    if (cols % 2) dst[r * ld_dst + cols] = c10::BFloat16(0.0f);
+  }
 }
 
 }  // namespace
@@ -193,7 +198,7 @@ struct CpuStepWeight {
   int64_t folded_input = 0;
   at::Tensor bias;
   // Multiplying in bfloat16 (bf16_products_for), the panels are these instead, and each step
-  // rounds its operands [h_prev, x_t] into the rows of `operands` (each part padded to even).
+  // rounds A's rows (h_prev and x_t; gate gradients) into the same rows of `operands`.
   Panels<S, c10::BFloat16> bf16_panels;
   at::Tensor operands;
 
@@ -344,13 +349,25 @@ struct CpuBackend {
   // reads them in place.
   template <typename S>
   static CpuStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t max_rows,
-                                      int64_t steps, Scratch slot) {
+                                      int64_t steps, Scratch slot, at::ScalarType operands) {
     CpuStepWeight<S> sw{w, trans, k, n};
-    if (steps >= kMinPanelSteps && k > 0 && n > 0) {
-      sw.panels = Panels<S>(w, trans, k, 1, n, slot);
-      sw.row_groups = row_groups_for(max_rows, k * n * sizeof(S));
+    if (steps < kMinPanelSteps || k <= 0 || n <= 0) return sw;
+    if constexpr (std::is_same_v<S, float>) {
+      if (bf16_products_for(operands)) {
+        sw.bf16_panels = Panels<S, c10::BFloat16>(w, trans, k, 1, n, slot);
+        sw.operands = bf16_operand_rows(max_rows, sw.bf16_panels.padded_k());
+        sw.row_groups = row_groups_for(max_rows, k * n * static_cast<int64_t>(sizeof(c10::BFloat16)));
+        return sw;
+      }
     }
+    sw.panels = Panels<S>(w, trans, k, 1, n, slot);
+    sw.row_groups = row_groups_for(max_rows, k * n * sizeof(S));
     return sw;
+  }
+
+  // The buffer of a step weight's bfloat16 operands: A's rows, each `ld` values.
+  static at::Tensor bf16_operand_rows(int64_t rows, int64_t ld) {
+    return cpu_scratch(Scratch::kStateCopy, {rows, ld}, at::TensorOptions().dtype(at::kBFloat16));
   }
 
   // W_hh [G*H, H_out] for the recurrent GEMM h_prev W_hh^T, its panels grouped by gate.
@@ -383,9 +400,7 @@ struct CpuBackend {
       if (bf16_products_for(operands)) {
         sw.bf16_panels = Panels<S, c10::BFloat16>(w_hh, true, sw.k, Cell::kGates, hidden, Scratch::kRecurrentWeight,
                                                   w_tail, sw.folded_input);
-        // Zeroed once: the padding columns are never written.
-        sw.operands = cpu_scratch(Scratch::kStateCopy, {max_rows, sw.bf16_panels.padded_k()},
-                                  opts.dtype(at::kBFloat16)).zero_();
+        sw.operands = bf16_operand_rows(max_rows, sw.bf16_panels.padded_k());
         sw.row_groups = row_groups_for(max_rows, sw.k * n * static_cast<int64_t>(sizeof(c10::BFloat16)));
         return sw;
       }
@@ -528,22 +543,31 @@ struct CpuBackend {
       if (vec) Cell::template backward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
       else Cell::template backward<S, ScalarIO<S>>(a, b, j);
     };
-    if (grad_gates_after == nullptr || !w_hh.panels.defined()) {
+    if (grad_gates_after == nullptr || !w_hh.has_panels()) {
       if (grad_gates_after != nullptr) grad_h_prev_from_gates<Cell>(w_hh, grad_gates_after, a.grad_h_state, row_begin, after_end);
       return for_each_chunk<S>(row_begin, row_end, a.hidden, Cell::kGates, point);
     }
     const S beta = grad_h_prev_beta<Cell, S>();
-    const int64_t ld_grad = w_hh.k, h_out = w_hh.n;
-    const Panels<S>& panels = w_hh.panels;
-    const int64_t rows_end = std::max(row_end, after_end);
-    for_each_panel_block(panels, rows_end - row_begin, [&](int64_t p, int64_t block_first, int64_t rows) {
-      const int64_t first = row_begin + block_first;
-      const int64_t gemm_rows = std::clamp<int64_t>(after_end - first, 0, rows);
-      if (gemm_rows > 0)
-        panels.block(p, gemm_rows, grad_gates_after + first * ld_grad, ld_grad, 1, beta, a.grad_h_state + first * h_out,
-                     h_out);
-      for_each_panel_unit(panels, p, first, std::min(first + rows, row_end), point);
-    });
+    const int64_t h_out = w_hh.n, rows_end = std::max(row_end, after_end);
+    // A = the gate gradients' rows (at row 0: ld_a values per row), on either kind of panels.
+    const auto run = [&](const auto& panels, const auto* a_rows, int64_t ld_a) {
+      for_each_panel_block(panels, rows_end - row_begin, [&](int64_t p, int64_t block_first, int64_t rows) {
+        const int64_t first = row_begin + block_first;
+        const int64_t gemm_rows = std::clamp<int64_t>(after_end - first, 0, rows);
+        if (gemm_rows > 0)
+          panels.block(p, gemm_rows, a_rows + first * ld_a, ld_a, 1, beta, a.grad_h_state + first * h_out, h_out);
+        for_each_panel_unit(panels, p, first, std::min(first + rows, row_end), point);
+      });
+    };
+    if constexpr (std::is_same_v<S, float>) {
+      if (w_hh.bf16_panels.defined()) {
+        const int64_t ld = w_hh.bf16_panels.padded_k();
+        c10::BFloat16* operands = w_hh.operands.template data_ptr<c10::BFloat16>();
+        round_rows_to_bf16(grad_gates_after, w_hh.k, operands, ld, row_begin, after_end, w_hh.k);
+        return run(w_hh.bf16_panels, static_cast<const c10::BFloat16*>(operands), ld);
+      }
+    }
+    run(w_hh.panels, grad_gates_after, w_hh.k);
   }
 };
 
@@ -557,11 +581,7 @@ void CpuDenseWeight<S>::apply_out(at::Tensor& out, const at::Tensor& x) const {
       const int64_t k = bf16_panels.k(), ld = bf16_panels.padded_k();
       at::Tensor operands = cpu_scratch(Scratch::kInputCopy, {m, ld}, x.options().dtype(at::kBFloat16));
       c10::BFloat16* rows = operands.data_ptr<c10::BFloat16>();
-      at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
-        round_rows_to_bf16(ptr<float>(x), k, rows, ld, begin, end, k);
-        if (ld > k)
-          for (int64_t r = begin; r < end; ++r) rows[r * ld + k] = c10::BFloat16(0.0f);
-      });
+      at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) { round_rows_to_bf16(ptr<float>(x), k, rows, ld, begin, end, k); });
       bf16_panels.multiply(m, rows, ld, 1, 0.0f, ptr<float>(out), out.stride(0), ptr<float>(bias));
       return;
     }
@@ -579,6 +599,17 @@ void CpuDenseWeight<S>::apply_out(at::Tensor& out, const at::Tensor& x) const {
 template <typename S>
 void CpuStepWeight<S>::gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {
   if (m == 0) return;
+  if constexpr (std::is_same_v<S, float>) {
+    if (bf16_panels.defined()) {
+      // A's rows into a buffer of the calling thread: row groups may call this at once, with rows
+      // that start at a[0].
+      const int64_t ld = bf16_panels.padded_k();
+      thread_local std::vector<c10::BFloat16> rows;
+      if (static_cast<int64_t>(rows.size()) < m * ld) rows.resize(m * ld);
+      round_rows_to_bf16(a, lda, rows.data(), ld, 0, m, k);
+      return bf16_panels.multiply(m, rows.data(), ld, 1, beta, c, ldc);
+    }
+  }
   if (!panels.defined()) return CpuBackend::gemm<S>(false, trans, m, n, k, S(1), a, lda, w, trans ? k : n, beta, c, ldc);
   panels.multiply(m, a, lda, 1, beta, c, ldc);
 }
