@@ -1,6 +1,7 @@
 """float16 and bfloat16 on CPU, and CPU autocast. fused_rnn runs half-precision layers in float32
-(state carried between steps unrounded, results rounded to the storage type); torch.nn runs them
-through oneDNN or per-step ATen ops that round every intermediate. So: close to torch.nn in the same
+(state carried between steps unrounded, results rounded to the storage type; on AVX512-BF16 the
+bfloat16 GEMMs multiply operands rounded to bfloat16); torch.nn runs them through oneDNN or per-step
+ATen ops that round every intermediate. So: close to torch.nn in the same
 dtype, at least as accurate as it against float64, same dtypes out, and inside torch.autocast("cpu")
 the same dtypes as torch.nn layer by layer."""
 import copy
