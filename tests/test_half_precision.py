@@ -264,3 +264,25 @@ def test_bf16_layer_rounds_exactly_the_gemm_operands(mode, shape):
         agreement[round_h] = (y == exact.bfloat16()).double().mean().item()
     assert agreement[expected_rounding] >= 0.98, agreement
     assert agreement[not expected_rounding] < 0.92, agreement
+
+
+@pytest.mark.parametrize("batch", [5, 20], ids=["B5", "B20"])
+@pytest.mark.parametrize("class_name", ["LSTM", "GRU", "RNN"])
+def test_bf16_odd_sizes_against_float64(class_name, batch):
+    """Odd input and hidden sizes (bfloat16 panels pad each part of k to pairs, in the forward's
+    [h_prev, x_t] and the backward's gate gradients), batches below and above the folding one:
+    outputs and every gradient within bfloat16 rounding of the float64 layer (a misplaced pair is
+    off by the size of the values)."""
+    torch.manual_seed(0)
+    module = getattr(fused_rnn, class_name)(17, 33, num_layers=2, bidirectional=True).bfloat16()
+    exact = copy.deepcopy(module).double()
+    x = torch.randn(12, batch, 17).bfloat16()
+    results = []
+    for m, inp in ((module, x.requires_grad_()), (exact, x.detach().double().requires_grad_())):
+        out, _ = m(inp)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (out.double() * weights).sum().backward()
+        results.append([out.detach(), inp.grad] + [p.grad for p in m.parameters()])
+    for name, ours, ref in zip(["output", "input grad"] + [n for n, _ in module.named_parameters()], *results):
+        error = (ours.double() - ref).abs().max().item() / ref.abs().max().item()
+        assert error < 2e-2, f"{name}: relative error {error:.3g}"

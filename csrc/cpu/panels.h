@@ -25,6 +25,7 @@
 #include <array>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "scratch.h"
 
@@ -140,20 +141,39 @@ class Panels {
   }
 
   // Panel p in the kPack 2 layout: [k / 2][vectors][kWidth][2], each part of k padded with zeros.
+  // The values are rounded a row of w at a time (vectorised), then dealt out in pairs.
   void pack_panel(E* panel, int64_t p, const S* w, bool trans, int64_t n, const S* w_tail) const {
     const int64_t ld = vectors_ * kWidth * kPack, k_head = k_ - k_tail_;
     std::fill_n(panel, (head_packs_ + tail_packs_) * ld, E(0));
+    std::vector<E> rounded(std::max(k_ + 1, 2 * kWidth));
     for (int64_t v = 0; v < vectors_; ++v) {
       const int64_t col = column(p, v), lanes = valid_lanes(p, v);
-      for (int64_t lane = 0; lane < lanes; ++lane) {
-        E* dst = panel + (v * kWidth + lane) * kPack;
-        const S* row = trans ? w + (col + lane) * k_head : w + col + lane;  // w's values of this column
-        for (int64_t i = 0; i < k_head; ++i) dst[(i / kPack) * ld + i % kPack] = E(trans ? row[i] : row[i * n]);
-        const S* tail = w_tail + (col + lane) * k_tail_;
-        E* tail_dst = dst + head_packs_ * ld;
-        for (int64_t i = 0; i < k_tail_; ++i) tail_dst[(i / kPack) * ld + i % kPack] = E(tail[i]);
+      E* dst = panel + v * kWidth * kPack;
+      if (trans) {  // a column's k values are a row of w (then of w_tail)
+        for (int64_t lane = 0; lane < lanes; ++lane) {
+          pack_pairs(w + (col + lane) * k_head, k_head, dst + lane * kPack, ld, rounded.data());
+          if (k_tail_ > 0)
+            pack_pairs(w_tail + (col + lane) * k_tail_, k_tail_, dst + head_packs_ * ld + lane * kPack, ld, rounded.data());
+        }
+        continue;
+      }
+      for (int64_t i = 0; i < k_; i += kPack) {  // rows i and i + 1 of w, interleaved
+        E* even = rounded.data();
+        E* odd = even + kWidth;
+        at::vec::convert(w + i * n + col, even, lanes);
+        if (i + 1 < k_) at::vec::convert(w + (i + 1) * n + col, odd, lanes);
+        else std::fill_n(odd, lanes, E(0));
+        E* pairs = dst + (i / kPack) * ld;
+        for (int64_t lane = 0; lane < lanes; ++lane) pairs[lane * kPack] = even[lane], pairs[lane * kPack + 1] = odd[lane];
       }
     }
+  }
+
+  // The k values of one column (contiguous in src), rounded into `rounded`, as pairs ld apart in dst.
+  static void pack_pairs(const S* src, int64_t k, E* dst, int64_t ld, E* rounded) {
+    at::vec::convert(src, rounded, k);
+    rounded[k] = E(0);
+    for (int64_t i = 0; i < (k + 1) / kPack; ++i) std::memcpy(dst + i * ld, rounded + i * kPack, kPack * sizeof(E));
   }
 
   template <int NV, int R = block_rows_for<NV>()>
