@@ -143,8 +143,8 @@ inline Tensor previous_states(const Tensor& seq, const Tensor& init, const Steps
 // Buffers an op needs only while it runs, by role; a backend may keep them from call to call
 // (Backend::scratch), so each role is used once at a time.
 enum class Scratch {
-  kInputWeight, kRecurrentWeight, kProjectionWeight, kGradientPanels, kStateCopy, kInputCopy, kGates, kHiddenGates,
-  kCount
+  kInputWeight, kRecurrentWeight, kProjectionWeight, kGradientPanels, kStateCopy, kInputCopy, kGemmOperands, kGates,
+  kHiddenGates, kCount
 };
 
 template <typename S>

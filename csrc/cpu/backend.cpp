@@ -351,23 +351,28 @@ struct CpuBackend {
   static CpuStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t max_rows,
                                       int64_t steps, Scratch slot, at::ScalarType operands) {
     CpuStepWeight<S> sw{w, trans, k, n};
-    if (steps < kMinPanelSteps || k <= 0 || n <= 0) return sw;
-    if constexpr (std::is_same_v<S, float>) {
-      if (bf16_products_for(operands)) {
-        sw.bf16_panels = Panels<S, c10::BFloat16>(w, trans, k, 1, n, slot);
-        sw.operands = bf16_operand_rows(max_rows, sw.bf16_panels.padded_k());
-        sw.row_groups = row_groups_for(max_rows, k * n * static_cast<int64_t>(sizeof(c10::BFloat16)));
-        return sw;
-      }
-    }
-    sw.panels = Panels<S>(w, trans, k, 1, n, slot);
-    sw.row_groups = row_groups_for(max_rows, k * n * sizeof(S));
+    if (steps >= kMinPanelSteps && k > 0 && n > 0) lay_out<S>(sw, 1, n, max_rows, slot, nullptr, operands);
     return sw;
   }
 
-  // The buffer of a step weight's bfloat16 operands: A's rows, each `ld` values.
-  static at::Tensor bf16_operand_rows(int64_t rows, int64_t ld) {
-    return cpu_scratch(Scratch::kStateCopy, {rows, ld}, at::TensorOptions().dtype(at::kBFloat16));
+  // Lays out a step weight's panels (`gates` groups of `units` columns; w_tail as in Panels) and
+  // its row groups: in bfloat16 where bf16_products_for(operands), with the buffer its steps round
+  // their operands into, else in S.
+  template <typename S>
+  static void lay_out(CpuStepWeight<S>& sw, int64_t gates, int64_t units, int64_t max_rows, Scratch slot,
+                      const S* w_tail, at::ScalarType operands) {
+    const int64_t k_tail = sw.folded_input;
+    if constexpr (std::is_same_v<S, float>) {
+      if (bf16_products_for(operands)) {
+        sw.bf16_panels = Panels<S, c10::BFloat16>(sw.w, sw.trans, sw.k, gates, units, slot, w_tail, k_tail);
+        sw.operands = cpu_scratch(Scratch::kStateCopy, {max_rows, sw.bf16_panels.padded_k()},
+                                  at::TensorOptions().dtype(at::kBFloat16));
+        sw.row_groups = row_groups_for(max_rows, sw.k * sw.n * static_cast<int64_t>(sizeof(c10::BFloat16)));
+        return;
+      }
+    }
+    sw.panels = Panels<S>(sw.w, sw.trans, sw.k, gates, units, slot, w_tail, k_tail);
+    sw.row_groups = row_groups_for(max_rows, sw.k * sw.n * static_cast<int64_t>(sizeof(S)));
   }
 
   // W_hh [G*H, H_out] for the recurrent GEMM h_prev W_hh^T, its panels grouped by gate.
@@ -395,19 +400,9 @@ struct CpuBackend {
       sw.k = h_out + sw.folded_input;
       sw.bias = bias.defined() ? bias.contiguous() : at::zeros({n}, opts);
     }
-    const S* w_tail = sw.folded_input ? ptr<S>(w_ih) : nullptr;
-    if constexpr (std::is_same_v<S, float>) {
-      if (bf16_products_for(operands)) {
-        sw.bf16_panels = Panels<S, c10::BFloat16>(w_hh, true, sw.k, Cell::kGates, hidden, Scratch::kRecurrentWeight,
-                                                  w_tail, sw.folded_input);
-        sw.operands = bf16_operand_rows(max_rows, sw.bf16_panels.padded_k());
-        sw.row_groups = row_groups_for(max_rows, sw.k * n * static_cast<int64_t>(sizeof(c10::BFloat16)));
-        return sw;
-      }
-    }
-    sw.panels = Panels<S>(w_hh, true, sw.k, Cell::kGates, hidden, Scratch::kRecurrentWeight, w_tail, sw.folded_input);
-    sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
-    sw.row_groups = row_groups_for(max_rows, sw.k * n * sizeof(S));
+    lay_out<S>(sw, Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight, sw.folded_input ? ptr<S>(w_ih) : nullptr,
+            operands);
+    if (sw.panels.defined()) sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
     return sw;
   }
 
@@ -601,13 +596,12 @@ void CpuStepWeight<S>::gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, in
   if (m == 0) return;
   if constexpr (std::is_same_v<S, float>) {
     if (bf16_panels.defined()) {
-      // A's rows into a buffer of the calling thread: row groups may call this at once, with rows
-      // that start at a[0].
+      // A's rows into a buffer of the calling thread, not `operands`: row groups may call this at
+      // once, each with its rows from a[0].
       const int64_t ld = bf16_panels.padded_k();
-      thread_local std::vector<c10::BFloat16> rows;
-      if (static_cast<int64_t>(rows.size()) < m * ld) rows.resize(m * ld);
-      round_rows_to_bf16(a, lda, rows.data(), ld, 0, m, k);
-      return bf16_panels.multiply(m, rows.data(), ld, 1, beta, c, ldc);
+      at::Tensor rows = cpu_scratch(Scratch::kGemmOperands, {m, ld}, at::TensorOptions().dtype(at::kBFloat16));
+      round_rows_to_bf16(a, lda, rows.data_ptr<c10::BFloat16>(), ld, 0, m, k);
+      return bf16_panels.multiply(m, rows.data_ptr<c10::BFloat16>(), ld, 1, beta, c, ldc);
     }
   }
   if (!panels.defined()) return CpuBackend::gemm<S>(false, trans, m, n, k, S(1), a, lda, w, trans ? k : n, beta, c, ldc);
