@@ -46,7 +46,10 @@ def test_cached_output_resizes_like_any_tensor():
 def test_training_steps_do_not_page_fault_their_buffers_in():
     """An LSTM of 64 x 256 over 128 steps saves 42 MB of activations per step (10,000 pages;
     glibc maps a block that large afresh at every allocation). In steady state they, the output
-    and the input gradient must come back from the cache instead."""
+    and the input gradient must come back from the cache instead. What remains is torch's own
+    temporaries: 0 or ~512 faults a step (a 2 MiB block, mapped afresh or not as glibc's heap
+    stands; measured the same on earlier commits), so the bound is 2,000, not 500, at which the
+    test failed in about one run in three."""
     _, ours = make_pair("LSTM", 16, 256)
     x = torch.randn(128, 64, 16, requires_grad=True)
     for _ in range(2):
@@ -56,4 +59,4 @@ def test_training_steps_do_not_page_fault_their_buffers_in():
     for _ in range(steps):
         training_step(ours, x)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
-    assert faults < 500, f"{faults:.0f} page faults per training step"
+    assert faults < 2000, f"{faults:.0f} page faults per training step"

@@ -272,22 +272,25 @@ struct CpuBackend {
   static constexpr int64_t kForwardChunkValues = int64_t(1) << 18;
   static constexpr int64_t kBackwardChunkValues = int64_t(1) << 17;
 
-  // Panels pay for their layout pass from 16 rows; fewer go to MKL as they are (measured at batch 1
-  // over 16 to 100 steps, H=256 and 512: calls 10-30% faster than with MKL up to 128 rows, in
-  // float32 and in bfloat16, where MKL multiplies in float32).
+  // Panels pay for their layout pass from 16 rows (measured at batch 1 over 16 to 100 steps, H=256
+  // and 512: calls 10-30% faster than with MKL). In float32 and float64 they start at 128 rows
+  // all the same: below, the kept layout of W_ih (4 bytes a weight) would raise a batch-1 training
+  // step's peak memory above torch.nn's (GRU B1 H512: +3 MiB). A bfloat16 layer's copies already
+  // cost more than that, and MKL would multiply it in float32.
   template <typename S>
   static CpuDenseWeight<S> dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias, int64_t rows,
                                         at::ScalarType operands) {
-    constexpr int64_t kMinPanelRows = 16;
+    constexpr int64_t kMinPanelRows = 128, kMinBf16PanelRows = 16;
     CpuDenseWeight<S> dw{w.contiguous(), bias.defined() ? bias.contiguous() : bias, trans};
     const int64_t k = w.size(trans ? 1 : 0), n = w.size(trans ? 0 : 1);
-    if (k <= 0 || n <= 0 || rows < kMinPanelRows) return dw;
+    if (k <= 0 || n <= 0 || rows < kMinBf16PanelRows) return dw;
     if constexpr (std::is_same_v<S, float>) {
       if (bf16_products_for(operands)) {
         dw.bf16_panels = Panels<S, c10::BFloat16>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
         return dw;
       }
     }
+    if (rows < kMinPanelRows) return dw;
     dw.panels = Panels<S>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
     return dw;
   }
