@@ -362,7 +362,11 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   const Tensor x = input.reshape({s.rows, I}).contiguous();
   const auto opts = x.options();
   const Tensor out = output.reshape({s.rows, H_out}).contiguous();
-  const Tensor grad_out = grad_output.reshape({s.rows, H_out}).contiguous();
+  // dL/d output read in place where its rows are evenly spaced with unit column stride (as a
+  // direction's half of a bidirectional layer's gradient is); the projection's sums need it dense.
+  Tensor grad_out = grad_output.reshape({s.rows, H_out});
+  if (project || (grad_out.stride(1) != 1 && H_out > 1) || grad_out.stride(0) < H_out) grad_out = grad_out.contiguous();
+  const int64_t ld_grad_out = grad_out.stride(0);
   const Tensor res = reserve.contiguous();
 
   const Tensor h_init = hx.contiguous(), c_init = Cell::kHasCell ? cx.contiguous() : Tensor();
@@ -438,8 +442,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
             step.ld_grad_h = H;
             step.grad_h_rec = nullptr;
           } else {
-            step.grad_h = ptr<S>(grad_out) + row * H_out;
-            step.ld_grad_h = H_out;
+            step.grad_h = ptr<S>(grad_out) + row * ld_grad_out;
+            step.ld_grad_h = ld_grad_out;
             step.grad_h_rec = ptr<S>(grad_h_state);
           }
           step.reserve = ptr<S>(res) + row * R;
