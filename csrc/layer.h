@@ -386,7 +386,10 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   const int64_t chunk_rows = std::min(s.rows, chunk * B);
   Tensor grad_gates = Backend::scratch(Scratch::kGates, {chunk_rows, G * H}, opts);
   Tensor grad_hidden_gates = Cell::kSeparateHiddenGates ? Backend::scratch(Scratch::kHiddenGates, {chunk_rows, G * H}, opts) : grad_gates;
-  Tensor grad_input = Backend::empty({s.rows, I}, opts);
+  // In the input's shape, and returned as it is: autograd adds another gradient of the input (the
+  // other direction's) into it in place, which it does not into a view.
+  const Tensor grad_input = Backend::empty(input.sizes(), opts);
+  const Tensor grad_input_by_row = grad_input.view({s.rows, I});
   // Each chunk adds its share to the weight and bias gradients (the first one writes them).
   const Tensor empty = at::empty({0}, opts);
   Tensor grad_w_ih = Backend::empty(w.w_ih.sizes(), opts), grad_w_hh = Backend::empty(w.w_hh.sizes(), opts);
@@ -464,7 +467,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
       });
       const int64_t n = row_hi - row_lo;
       const Tensor dg = grad_gates.narrow(0, 0, n), dgh = grad_hidden_gates.narrow(0, 0, n);
-      Tensor grad_input_rows = grad_input.narrow(0, row_lo, n);
+      Tensor grad_input_rows = grad_input_by_row.narrow(0, row_lo, n);
       w_ih_step.apply_out(grad_input_rows, dg);
       Backend::template weight_grad_out<S>(grad_w_ih, dg, x.narrow(0, row_lo, n), first > 0);
       Backend::template weight_grad_out<S>(grad_w_hh, dgh, h_prev, first > 0);
@@ -477,7 +480,6 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
     if (project) Backend::template weight_grad_out<S>(grad_w_hr, grad_projected, res.narrow(1, 5 * H, H), false);
   });
 
-  grad_input = grad_input.view(input.sizes());
   if (T == 0) grad_w_ih.zero_(), grad_w_hh.zero_();  // an empty packed sequence
   Tensor grad_cx = Cell::kHasCell ? grad_c_state : empty.clone();
   return {grad_input, grad_h_state, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};

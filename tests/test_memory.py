@@ -60,3 +60,18 @@ def test_training_steps_do_not_page_fault_their_buffers_in():
         training_step(ours, x)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
     assert faults < 2000, f"{faults:.0f} page faults per training step"
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_input_gradients_of_both_directions_are_summed_in_place(kind):
+    # Both directions of a layer return a gradient of its input; autograd adds the second into the
+    # first without a new tensor when the first is no view. A copy here is an input-sized tensor
+    # more at the peak of a bidirectional layer's backward.
+    _, ours = make_pair(kind, 8, 16, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    out, _ = ours(x)
+    grad = torch.randn_like(out)
+    with torch.profiler.profile() as prof:
+        out.backward(grad)
+    assert not [e.name for e in prof.events() if e.name == "aten::add"]
+    assert x.grad is not None
