@@ -71,6 +71,9 @@ def build_parser():
     parser.add_argument("--repeats", type=_integer(1), help=f"timed repetitions (default {DEFAULT_REPEATS})")
     parser.add_argument("--warmup", type=_integer(0), help=f"untimed repetitions first (default {DEFAULT_WARMUP})")
     parser.add_argument("--with-aten", action="store_true", help="CUDA: also time torch.nn with cuDNN disabled")
+    parser.add_argument("--no-input-grad", dest="input_grad", action="store_false",
+                        help="training: the input needs no gradient, as data fed to a first layer "
+                             "(default: it does, as a later layer's input)")
     parser.add_argument("--threads", type=_integer(1), help="torch.set_num_threads")
     parser.add_argument("--out", type=Path, help="directory for results.json and speedup.png")
     parser.add_argument("--no-plot", action="store_true")
@@ -134,10 +137,11 @@ def main(argv=None, make_ours=make_fused_module):
             print(f"{cell:4} {mode:9} {shape.label()}")
         return 0
 
-    settings = Settings(device, dtype, repeats, warmup, args.seed, args.with_aten)
+    settings = Settings(device, dtype, repeats, warmup, args.seed, args.with_aten, args.input_grad)
     result = {"schema_version": SCHEMA_VERSION, "environment": environment(device, dtype),
               "config": {"grid": grid, "cells": args.cells, "modes": args.modes, "repeats": repeats,
-                         "warmup": warmup, "seed": args.seed, "with_aten": args.with_aten},
+                         "warmup": warmup, "seed": args.seed, "with_aten": args.with_aten,
+                         "input_grad": args.input_grad},
               "points": []}
     with tqdm(plan, desc="benchmarking", unit="point", file=sys.stderr, dynamic_ncols=True) as progress:
         for cell, shape, mode in progress:

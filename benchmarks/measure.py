@@ -35,6 +35,7 @@ class Settings:
     warmup: int
     seed: int
     with_aten: bool = False
+    input_grad: bool = True  # training: the input needs a gradient (as a later layer's does), or not (data)
 
 
 class PointFailure(Exception):
@@ -77,7 +78,7 @@ class _Case:
         self.contenders = {"reference": (reference, contextlib.nullcontext), "ours": (ours, contextlib.nullcontext)}
         if settings.with_aten:
             self.contenders["aten"] = (reference, _cudnn_disabled)
-        self.input, self.input_data = _make_input(shape, settings, self.training)
+        self.input, self.input_data = _make_input(shape, settings, self.training and settings.input_grad)
         directions = 2 if shape.bidirectional else 1
         features = (shape.proj_size or shape.hidden_size) * directions
         self.grad_output = torch.randn(*self.input_data.shape[:-1], features).to(settings.device, settings.dtype)
@@ -105,7 +106,8 @@ class _Case:
         tensors = {"output": output.data if isinstance(output, PackedSequence) else output}
         tensors.update({f"state {k}": s for k, s in enumerate(states)})
         if self.training:
-            tensors["input grad"] = self.input_data.grad
+            if self.input_data.requires_grad:
+                tensors["input grad"] = self.input_data.grad
             tensors.update({f"grad of {n}": p.grad for n, p in self.modules[name].named_parameters()})
         return tensors
 

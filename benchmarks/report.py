@@ -126,8 +126,9 @@ def print_report(result, console: Console):
     points, summary = result["points"], result["summary"]
     with_aten = result["config"]["with_aten"]
     names = ["reference", "ours"] + (["aten"] if with_aten else [])
+    data_input = "" if result["config"].get("input_grad", True) else ", training input without gradient"
     table = Table(title=f"fused_rnn vs torch.nn — {result['environment']['device_name']}, "
-                        f"{result['environment']['dtype']}, {result['environment']['num_threads']} threads")
+                        f"{result['environment']['dtype']}, {result['environment']['num_threads']} threads{data_input}")
     for header in ("cell", "mode", "shape", "ref ms (IQR)", "ours ms (IQR)", "ratio", "µs/step"):
         table.add_column(header, justify="left" if header in ("cell", "mode", "shape") else "right")
     if with_aten:

@@ -17,7 +17,9 @@ a change that would break readers bumps SCHEMA_VERSION.
                              "mkl_cap": str | null}  (added later: absent in older files)
   },
   "config": {"grid": str ("cpu" | "gpu" | "quick" | "custom"), "cells": [str], "modes": [str],
-             "repeats": int, "warmup": int, "seed": int, "with_aten": bool},
+             "repeats": int, "warmup": int, "seed": int, "with_aten": bool,
+             "input_grad": bool  (training: whether the input needs a gradient; added later, absent
+                                  in older files, which all had it)},
   "points": [{
     "cell": "LSTM" | "GRU" | "RNN", "mode": "inference" | "training",
     "shape": {"seq_len", "batch", "input_size", "hidden_size", "num_layers", "proj_size": int,
@@ -90,6 +92,7 @@ _ENVIRONMENT = {
 _ENVIRONMENT_ADDED = {"cpu_instruction_sets": _dict_of(_optional(_is_str))}
 _CONFIG = {"grid": _is_str, "cells": _list_of(_one_of(*_CELLS)), "modes": _list_of(_one_of(*_MODES)),
            "repeats": _is_int, "warmup": _is_int, "seed": _is_int, "with_aten": _is_bool}
+_CONFIG_ADDED = {"input_grad": _is_bool}
 _SHAPE = {"seq_len": _is_int, "batch": _is_int, "input_size": _is_int, "hidden_size": _is_int,
           "num_layers": _is_int, "bidirectional": _is_bool, "proj_size": _is_int, "packed": _is_bool}
 _TIMING = {"median_ms": _is_number, "q1_ms": _is_number, "q3_ms": _is_number, "min_ms": _is_number,
@@ -137,7 +140,7 @@ def validate(result):
     """Raises ValueError naming the first field that does not follow the schema above."""
     _check_fields(result, _TOP, "result")
     _check_fields(result["environment"], _ENVIRONMENT, "environment", _ENVIRONMENT_ADDED)
-    _check_fields(result["config"], _CONFIG, "config")
+    _check_fields(result["config"], _CONFIG, "config", _CONFIG_ADDED)
     for index, point in enumerate(result["points"]):
         _check_point(point, f"points[{index}]")
     _check_fields(result["summary"], _SUMMARY, "summary")

@@ -337,19 +337,21 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
 }
 
 // Returns {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
-// gradients of absent tensors (cx, biases, w_hr) are empty.
+// gradients of absent tensors (cx, biases, w_hr), and grad_input without input_grad, are empty.
 template <class Cell, class Backend>
 std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& grad_cy,
                                    const Tensor& input, const c10::optional<Tensor>& batch_sizes,
                                    const Tensor& hx, const Tensor& cx, const LayerWeights& w,
                                    const Tensor& output, const Tensor& reserve, bool has_bias,
-                                   bool reverse, bool relu, at::ScalarType operands = at::ScalarType::Undefined) {
+                                   bool reverse, bool relu, bool input_grad = true,
+                                   at::ScalarType operands = at::ScalarType::Undefined) {
   const at::ScalarType storage = input.scalar_type(), compute = compute_type<Backend>(storage);
   if (compute != storage) {
     const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
     return to_type<Backend>(layer_backward<Cell, Backend>(up(grad_output), up(grad_hy), up(grad_cy), up(input),
                                                           batch_sizes, up(hx), up(cx), to_type<Backend>(w, compute),
-                                                          up(output), up(reserve), has_bias, reverse, relu, storage),
+                                                          up(output), up(reserve), has_bias, reverse, relu,
+                                                          input_grad, storage),
                             storage);
   }
   Backend::check_dtype(storage);
@@ -387,9 +389,9 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   Tensor grad_gates = Backend::scratch(Scratch::kGates, {chunk_rows, G * H}, opts);
   Tensor grad_hidden_gates = Cell::kSeparateHiddenGates ? Backend::scratch(Scratch::kHiddenGates, {chunk_rows, G * H}, opts) : grad_gates;
   // In the input's shape, and returned as it is: autograd adds another gradient of the input (the
-  // other direction's) into it in place, which it does not into a view.
-  const Tensor grad_input = Backend::empty(input.sizes(), opts);
-  const Tensor grad_input_by_row = grad_input.view({s.rows, I});
+  // other direction's) into it in place, which it does not into a view. Without input_grad, empty.
+  const Tensor grad_input = input_grad ? Backend::empty(input.sizes(), opts) : at::empty({0}, opts);
+  const Tensor grad_input_by_row = input_grad ? grad_input.view({s.rows, I}) : Tensor();
   // Each chunk adds its share to the weight and bias gradients (the first one writes them).
   const Tensor empty = at::empty({0}, opts);
   Tensor grad_w_ih = Backend::empty(w.w_ih.sizes(), opts), grad_w_hh = Backend::empty(w.w_hh.sizes(), opts);
@@ -408,7 +410,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
     a.grad_h_state = ptr<S>(grad_h_state);
     // The GEMMs through W_ih and W_hh may round their operands (the gate gradients) to `operands`;
     // the weight gradients' are not rounded.
-    const auto w_ih_step = Backend::template dense_weight<S>(w.w_ih, false, Tensor(), s.rows, operands);
+    const auto w_ih_step = Backend::template dense_weight<S>(w.w_ih, false, Tensor(), input_grad ? s.rows : 0, operands);
     const auto w_hh_step = Backend::template step_weight<S>(ptr<S>(w.w_hh), false, G * H, H_out, B, T,
                                                             Scratch::kRecurrentWeight, operands);
     const auto w_hr_step = Backend::template step_weight<S>(ptr<S>(w.w_hr), false, H_out, H, B, project ? T : 0,
@@ -467,8 +469,10 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
       });
       const int64_t n = row_hi - row_lo;
       const Tensor dg = grad_gates.narrow(0, 0, n), dgh = grad_hidden_gates.narrow(0, 0, n);
-      Tensor grad_input_rows = grad_input_by_row.narrow(0, row_lo, n);
-      w_ih_step.apply_out(grad_input_rows, dg);
+      if (input_grad) {
+        Tensor grad_input_rows = grad_input_by_row.narrow(0, row_lo, n);
+        w_ih_step.apply_out(grad_input_rows, dg);
+      }
       Backend::template weight_grad_out<S>(grad_w_ih, dg, x.narrow(0, row_lo, n), first > 0);
       Backend::template weight_grad_out<S>(grad_w_hh, dgh, h_prev, first > 0);
       if (has_bias) {

@@ -5,7 +5,9 @@
 // is given; `reverse` runs time backwards. Outputs: output [T, B, H_out] or [N, H_out],
 // the final state(s) [B, ·], and `reserve`, the saved activations the backward op reads
 // (0 rows when save_reserve is false: inference, where nothing will differentiate; rnn_layer's
-// has 0 columns, as its backward reads only the output).
+// has 0 columns, as its backward reads only the output). The *_layer_backward ops return the
+// gradients of the layer op's inputs; with input_grad false, that of `input` is left out (an
+// empty tensor), and so is its GEMM.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -20,13 +22,14 @@ TORCH_LIBRARY(fused_rnn, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("lstm_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, "
         "Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor output, "
-        "Tensor reserve, bool has_bias, bool reverse) "
+        "Tensor reserve, bool has_bias, bool reverse, bool input_grad=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("gru_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor? batch_sizes, Tensor hx, "
-        "Tensor w_ih, Tensor w_hh, Tensor output, Tensor reserve, bool has_bias, bool reverse) "
+        "Tensor w_ih, Tensor w_hh, Tensor output, Tensor reserve, bool has_bias, bool reverse, bool input_grad=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("rnn_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor? batch_sizes, Tensor hx, "
-        "Tensor w_ih, Tensor w_hh, Tensor output, Tensor reserve, bool has_bias, bool relu, bool reverse) "
+        "Tensor w_ih, Tensor w_hh, Tensor output, Tensor reserve, bool has_bias, bool relu, bool reverse, "
+        "bool input_grad=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

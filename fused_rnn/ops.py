@@ -47,28 +47,30 @@ def _(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, relu, reverse, save_reserv
     return _fake_forward("rnn", input, batch_sizes, hx, w_ih, w_hh, save_reserve)
 
 
-def _fake_grads(input, hx, w_ih, w_hh, has_bias):
+def _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad):
     bias = (w_ih.new_empty((w_ih.shape[0],)) if has_bias else w_ih.new_empty((0,)) for _ in range(2))
-    return (input.new_empty(input.shape), hx.new_empty(hx.shape), w_ih.new_empty(w_ih.shape),
+    return (input.new_empty(input.shape if input_grad else (0,)), hx.new_empty(hx.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), *bias)
 
 
 @torch.library.register_fake("fused_rnn::lstm_layer_backward")
 def _(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w_ih, w_hh, w_hr, output, reserve,
-      has_bias, reverse):
-    gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _fake_grads(input, hx, w_ih, w_hh, has_bias)
+      has_bias, reverse, input_grad=True):
+    gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad)
     gw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else w_ih.new_empty((0,))
     return gi, ghx, cx.new_empty(cx.shape), gw_ih, gw_hh, gb_ih, gb_hh, gw_hr
 
 
 @torch.library.register_fake("fused_rnn::gru_layer_backward")
-def _(grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output, reserve, has_bias, reverse):
-    return _fake_grads(input, hx, w_ih, w_hh, has_bias)
+def _(grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output, reserve, has_bias, reverse,
+      input_grad=True):
+    return _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad)
 
 
 @torch.library.register_fake("fused_rnn::rnn_layer_backward")
-def _(grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output, reserve, has_bias, relu, reverse):
-    return _fake_grads(input, hx, w_ih, w_hh, has_bias)
+def _(grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output, reserve, has_bias, relu, reverse,
+      input_grad=True):
+    return _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad)
 
 
 # ---- autograd ---------------------------------------------------------------------------
@@ -76,6 +78,12 @@ def _(grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output, reserve,
 
 def _bias_grads(ctx, gb_ih, gb_hh):
     return (gb_ih if ctx.has_b_ih else None), (gb_hh if ctx.has_b_hh else None)
+
+
+def _input_grad(ctx, gi):
+    # The backward ops leave the input's gradient out when the input needs none (the first
+    # layer's, on data), and with it a GEMM as large as each weight gradient's.
+    return gi if ctx.needs_input_grad[0] else None
 
 
 def _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve, save_reserve):
@@ -129,9 +137,9 @@ def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_reserve):
     grad_out, grad_hy, grad_cy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx), _or_zeros(grad_cy, cx)
     gi, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = _ops.lstm_layer_backward(
         grad_out, grad_hy, grad_cy, input, ctx.batch_sizes, hx, cx, w_ih, w_hh, w_hr, out, reserve,
-        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse)
+        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, ctx.needs_input_grad[0])
     gb_ih, gb_hh = _bias_grads(ctx, gb_ih, gb_hh)
-    return gi, None, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, (gw_hr if ctx.has_w_hr else None), None, None
+    return _input_grad(ctx, gi), None, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, (gw_hr if ctx.has_w_hr else None), None, None
 
 
 def _gru_setup(ctx, inputs, output):
@@ -157,8 +165,8 @@ def _gru_backward(ctx, grad_out, grad_hy, _grad_reserve):
     grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.gru_layer_backward(
         grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
-        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse)
-    return (gi, None, ghx, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), None, None)
+        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, ctx.needs_input_grad[0])
+    return (_input_grad(ctx, gi), None, ghx, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), None, None)
 
 
 def _rnn_setup(ctx, inputs, output):
@@ -176,8 +184,8 @@ def _rnn_backward(ctx, grad_out, grad_hy, _grad_reserve):
     grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.rnn_layer_backward(
         grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
-        ctx.has_b_ih or ctx.has_b_hh, ctx.relu, ctx.reverse)
-    return (gi, None, ghx, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), None, None, None)
+        ctx.has_b_ih or ctx.has_b_hh, ctx.relu, ctx.reverse, ctx.needs_input_grad[0])
+    return (_input_grad(ctx, gi), None, ghx, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), None, None, None)
 
 
 def _no_double_backward(ctx, *grads):

@@ -100,3 +100,14 @@ def test_validate_rejects_malformed_results(tmp_path):
                 broken(lambda r: r["summary"].update(failed=1))):
         with pytest.raises(ValueError):
             validate(bad)
+
+
+def test_training_with_data_input(tmp_path):
+    # --no-input-grad: the input needs no gradient; the guard still checks every parameter's.
+    status = main(TINY + ["--no-input-grad", "--modes", "training", "--out", str(tmp_path)])
+    result = validate(json.loads((tmp_path / "results.json").read_text()))
+    assert status == 0 and result["config"]["input_grad"] is False and result["points"][0]["status"] == "ok"
+    status = main(TINY + ["--no-input-grad", "--modes", "training", "--out", str(tmp_path)],
+                  make_ours=lambda cell, **kwargs: _DoubledGradient(**kwargs))
+    failure = json.loads((tmp_path / "results.json").read_text())["points"][0]["failure"]
+    assert status == 1 and "differs from the reference in grad of" in failure

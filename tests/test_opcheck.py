@@ -44,3 +44,14 @@ def test_backward_op_reads_any_layout_of_the_output_gradient(kind, packed, rever
         for e, f in zip(expected, found):
             assert torch.equal(e, f)
     assert_opcheck_passes(BACKWARD_OPS[kind], (_strided_like(grad_out), *args[1:]))
+
+
+@pytest.mark.parametrize(OPCHECK_CASE_ARGS, OPCHECK_CASES, ids=OPCHECK_CASE_IDS)
+def test_backward_op_without_the_input_gradient(kind, packed, reverse, bias, proj):
+    tensors = layer_op_tensors(kind, packed, bias, proj, requires_grad=False)
+    args = layer_backward_op_args(kind, tensors, reverse)
+    full, partial = BACKWARD_OPS[kind](*args), BACKWARD_OPS[kind](*args, False)
+    assert full[0].shape == tensors["input"].shape and partial[0].numel() == 0
+    for f, p in zip(full[1:], partial[1:]):
+        assert torch.equal(f, p)
+    assert_opcheck_passes(BACKWARD_OPS[kind], (*args, False))

@@ -3,6 +3,7 @@ gradient (input, initial states, parameters) over a grid of configurations and i
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import (BATCH, CELL_KINDS, GATES, INPUT_FORMS, INPUT_SIZE, LAYER_GRID_ARGS, LAYER_KINDS, PROJ_SIZE, STEPS,
                      assert_close_nested, assert_same_outputs_and_grads, assert_state_dicts_identical, layer_call,
@@ -286,3 +287,32 @@ def test_layer_matches_nn_across_kernel_blocks_and_backward_chunks(kind, form):
     ref, ours = make_kind_pair(kind, 5, hidden, bidirectional=True, dtype=torch.float64, **proj)
     leaves = {"input": leaf(steps, batch, 5)}
     assert_same_outputs_and_grads(ref, ours, leaves, call_with_mixed_lengths(leaves["input"], form), torch.float64)
+
+
+class BackwardOpCalls(TorchDispatchMode):
+    """Records the input_grad argument of every fused_rnn backward op call."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_grad = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fused_rnn" and func.__name__.endswith("_backward.default"):
+            named = {a.name: a.default_value for a in func._schema.arguments}
+            named.update(zip([a.name for a in func._schema.arguments], args), **kwargs)
+            self.input_grad.append(named["input_grad"])
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_data_input_needs_no_input_gradient(kind):
+    # The first layer's input is data: its backward ops leave out the input gradient, the next
+    # layer's compute it (for the first layer's output); the parameters' gradients match torch.nn.
+    ref, ours = make_kind_pair(kind, INPUT_SIZE, HIDDEN[torch.float64], num_layers=2, bidirectional=True,
+                               dtype=torch.float64)
+    x = torch.randn(STEPS, BATCH, INPUT_SIZE, dtype=torch.float64)
+    recorder = BackwardOpCalls()
+    with recorder:
+        assert_same_outputs_and_grads(ref, ours, {}, lambda m: m(x), torch.float64)
+    assert recorder.input_grad == [True, True, False, False]
