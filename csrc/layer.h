@@ -337,13 +337,14 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
 }
 
 // Returns {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
-// gradients of absent tensors (cx, biases, w_hr), and grad_input without input_grad, are empty.
+// gradients of absent tensors (cx, biases, w_hr), grad_input without input_grad and the weights' and
+// biases' without weight_grads are empty.
 template <class Cell, class Backend>
 std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& grad_cy,
                                    const Tensor& input, const c10::optional<Tensor>& batch_sizes,
                                    const Tensor& hx, const Tensor& cx, const LayerWeights& w,
                                    const Tensor& output, const Tensor& reserve, bool has_bias,
-                                   bool reverse, bool relu, bool input_grad = true,
+                                   bool reverse, bool relu, bool input_grad = true, bool weight_grads = true,
                                    at::ScalarType operands = at::ScalarType::Undefined) {
   const at::ScalarType storage = input.scalar_type(), compute = compute_type<Backend>(storage);
   if (compute != storage) {
@@ -351,7 +352,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
     return to_type<Backend>(layer_backward<Cell, Backend>(up(grad_output), up(grad_hy), up(grad_cy), up(input),
                                                           batch_sizes, up(hx), up(cx), to_type<Backend>(w, compute),
                                                           up(output), up(reserve), has_bias, reverse, relu,
-                                                          input_grad, storage),
+                                                          input_grad, weight_grads, storage),
                             storage);
   }
   Backend::check_dtype(storage);
@@ -394,10 +395,14 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   const Tensor grad_input_by_row = input_grad ? grad_input.view({s.rows, I}) : Tensor();
   // Each chunk adds its share to the weight and bias gradients (the first one writes them).
   const Tensor empty = at::empty({0}, opts);
-  Tensor grad_w_ih = Backend::empty(w.w_ih.sizes(), opts), grad_w_hh = Backend::empty(w.w_hh.sizes(), opts);
-  Tensor grad_b_ih = has_bias ? at::zeros({G * H}, opts) : empty;
-  Tensor grad_b_hh = has_bias ? at::zeros({G * H}, opts) : empty.clone();
-  Tensor grad_w_hr = project ? Backend::empty(w.w_hr.sizes(), opts) : empty.clone();
+  // Without weight_grads, the weights' and biases' are left out, and with them two GEMMs as large
+  // as the input gradient's.
+  const bool bias_grads = weight_grads && has_bias;
+  Tensor grad_w_ih = weight_grads ? Backend::empty(w.w_ih.sizes(), opts) : empty.clone();
+  Tensor grad_w_hh = weight_grads ? Backend::empty(w.w_hh.sizes(), opts) : empty.clone();
+  Tensor grad_b_ih = bias_grads ? at::zeros({G * H}, opts) : empty.clone();
+  Tensor grad_b_hh = bias_grads ? at::zeros({G * H}, opts) : empty.clone();
+  Tensor grad_w_hr = project && weight_grads ? Backend::empty(w.w_hr.sizes(), opts) : empty.clone();
 
   dispatch_kernel_type<Backend>(x.scalar_type(), [&](auto zero) {
     using S = decltype(zero);
@@ -473,18 +478,21 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
         Tensor grad_input_rows = grad_input_by_row.narrow(0, row_lo, n);
         w_ih_step.apply_out(grad_input_rows, dg);
       }
-      Backend::template weight_grad_out<S>(grad_w_ih, dg, x.narrow(0, row_lo, n), first > 0);
-      Backend::template weight_grad_out<S>(grad_w_hh, dgh, h_prev, first > 0);
-      if (has_bias) {
+      if (weight_grads) {
+        Backend::template weight_grad_out<S>(grad_w_ih, dg, x.narrow(0, row_lo, n), first > 0);
+        Backend::template weight_grad_out<S>(grad_w_hh, dgh, h_prev, first > 0);
+      }
+      if (bias_grads) {
         const Tensor db = dg.sum(0);
         grad_b_ih.add_(db);
         grad_b_hh.add_(Cell::kSeparateHiddenGates ? dgh.sum(0) : db);
       }
     }
-    if (project) Backend::template weight_grad_out<S>(grad_w_hr, grad_projected, res.narrow(1, 5 * H, H), false);
+    if (project && weight_grads)
+      Backend::template weight_grad_out<S>(grad_w_hr, grad_projected, res.narrow(1, 5 * H, H), false);
   });
 
-  if (T == 0) grad_w_ih.zero_(), grad_w_hh.zero_();  // an empty packed sequence
+  if (T == 0 && weight_grads) grad_w_ih.zero_(), grad_w_hh.zero_();  // an empty packed sequence
   Tensor grad_cx = Cell::kHasCell ? grad_c_state : empty.clone();
   return {grad_input, grad_h_state, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
 }

@@ -7,7 +7,7 @@
 // (0 rows when save_reserve is false: inference, where nothing will differentiate; rnn_layer's
 // has 0 columns, as its backward reads only the output). The *_layer_backward ops return the
 // gradients of the layer op's inputs; with input_grad false, that of `input` is left out (an
-// empty tensor), and so is its GEMM.
+// empty tensor), and so is its GEMM; with weight_grads false, those of the weights and biases.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -22,14 +22,15 @@ TORCH_LIBRARY(fused_rnn, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("lstm_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, "
         "Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor output, "
-        "Tensor reserve, bool has_bias, bool reverse, bool input_grad=True) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor reserve, bool has_bias, bool reverse, bool input_grad=True, "
+        "bool weight_grads=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("gru_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor? batch_sizes, Tensor hx, "
-        "Tensor w_ih, Tensor w_hh, Tensor output, Tensor reserve, bool has_bias, bool reverse, bool input_grad=True) "
+        "Tensor w_ih, Tensor w_hh, Tensor output, Tensor reserve, bool has_bias, bool reverse, bool input_grad=True, "
+        "bool weight_grads=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("rnn_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor? batch_sizes, Tensor hx, "
         "Tensor w_ih, Tensor w_hh, Tensor output, Tensor reserve, bool has_bias, bool relu, bool reverse, "
-        "bool input_grad=True) "
+        "bool input_grad=True, bool weight_grads=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

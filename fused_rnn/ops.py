@@ -47,30 +47,31 @@ def _(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, relu, reverse, save_reserv
     return _fake_forward("rnn", input, batch_sizes, hx, w_ih, w_hh, save_reserve)
 
 
-def _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad):
-    bias = (w_ih.new_empty((w_ih.shape[0],)) if has_bias else w_ih.new_empty((0,)) for _ in range(2))
-    return (input.new_empty(input.shape if input_grad else (0,)), hx.new_empty(hx.shape), w_ih.new_empty(w_ih.shape),
-            w_hh.new_empty(w_hh.shape), *bias)
+def _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad, weight_grads):
+    def grad_of(t, wanted=True):
+        return t.new_empty(t.shape if wanted else (0,))
+    bias = (w_ih.new_empty((w_ih.shape[0] if has_bias and weight_grads else 0,)) for _ in range(2))
+    return (grad_of(input, input_grad), grad_of(hx), grad_of(w_ih, weight_grads), grad_of(w_hh, weight_grads), *bias)
 
 
 @torch.library.register_fake("fused_rnn::lstm_layer_backward")
 def _(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w_ih, w_hh, w_hr, output, reserve,
-      has_bias, reverse, input_grad=True):
-    gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad)
-    gw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else w_ih.new_empty((0,))
+      has_bias, reverse, input_grad=True, weight_grads=True):
+    gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad, weight_grads)
+    gw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None and weight_grads else w_ih.new_empty((0,))
     return gi, ghx, cx.new_empty(cx.shape), gw_ih, gw_hh, gb_ih, gb_hh, gw_hr
 
 
 @torch.library.register_fake("fused_rnn::gru_layer_backward")
 def _(grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output, reserve, has_bias, reverse,
-      input_grad=True):
-    return _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad)
+      input_grad=True, weight_grads=True):
+    return _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad, weight_grads)
 
 
 @torch.library.register_fake("fused_rnn::rnn_layer_backward")
 def _(grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output, reserve, has_bias, relu, reverse,
-      input_grad=True):
-    return _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad)
+      input_grad=True, weight_grads=True):
+    return _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad, weight_grads)
 
 
 # ---- autograd ---------------------------------------------------------------------------
@@ -80,10 +81,17 @@ def _bias_grads(ctx, gb_ih, gb_hh):
     return (gb_ih if ctx.has_b_ih else None), (gb_hh if ctx.has_b_hh else None)
 
 
+# The backward ops leave out the gradients nothing needs, and the GEMMs that make them (each as
+# large as the input gradient's): the input's for a first layer on data, the weights' and biases'
+# for a frozen layer (its input's then still flows back, e.g. to a trainable embedding).
 def _input_grad(ctx, gi):
-    # The backward ops leave the input's gradient out when the input needs none (the first
-    # layer's, on data), and with it a GEMM as large as each weight gradient's.
     return gi if ctx.needs_input_grad[0] else None
+
+
+def _weight_grads(ctx, weights, *grads):
+    """`grads` (of the op's inputs at the indices `weights`: its weights and biases), or Nones
+    where none of them needs a gradient and the backward op left them out."""
+    return grads if any(ctx.needs_input_grad[k] for k in weights) else (None,) * len(grads)
 
 
 def _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve, save_reserve):
@@ -137,9 +145,10 @@ def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_reserve):
     grad_out, grad_hy, grad_cy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx), _or_zeros(grad_cy, cx)
     gi, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = _ops.lstm_layer_backward(
         grad_out, grad_hy, grad_cy, input, ctx.batch_sizes, hx, cx, w_ih, w_hh, w_hr, out, reserve,
-        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, ctx.needs_input_grad[0])
-    gb_ih, gb_hh = _bias_grads(ctx, gb_ih, gb_hh)
-    return _input_grad(ctx, gi), None, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, (gw_hr if ctx.has_w_hr else None), None, None
+        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, ctx.needs_input_grad[0], any(ctx.needs_input_grad[4:9]))
+    weight_grads = _weight_grads(ctx, range(4, 9), gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh),
+                                 gw_hr if ctx.has_w_hr else None)
+    return _input_grad(ctx, gi), None, ghx, gcx, *weight_grads, None, None
 
 
 def _gru_setup(ctx, inputs, output):
@@ -165,8 +174,9 @@ def _gru_backward(ctx, grad_out, grad_hy, _grad_reserve):
     grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.gru_layer_backward(
         grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
-        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, ctx.needs_input_grad[0])
-    return (_input_grad(ctx, gi), None, ghx, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), None, None)
+        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:7]))
+    weight_grads = _weight_grads(ctx, range(3, 7), gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh))
+    return (_input_grad(ctx, gi), None, ghx, *weight_grads, None, None)
 
 
 def _rnn_setup(ctx, inputs, output):
@@ -184,8 +194,9 @@ def _rnn_backward(ctx, grad_out, grad_hy, _grad_reserve):
     grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.rnn_layer_backward(
         grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
-        ctx.has_b_ih or ctx.has_b_hh, ctx.relu, ctx.reverse, ctx.needs_input_grad[0])
-    return (_input_grad(ctx, gi), None, ghx, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), None, None, None)
+        ctx.has_b_ih or ctx.has_b_hh, ctx.relu, ctx.reverse, ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:7]))
+    weight_grads = _weight_grads(ctx, range(3, 7), gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh))
+    return (_input_grad(ctx, gi), None, ghx, *weight_grads, None, None, None)
 
 
 def _no_double_backward(ctx, *grads):

@@ -46,12 +46,16 @@ def test_backward_op_reads_any_layout_of_the_output_gradient(kind, packed, rever
     assert_opcheck_passes(BACKWARD_OPS[kind], (_strided_like(grad_out), *args[1:]))
 
 
+@pytest.mark.parametrize("input_grad, weight_grads", [(False, True), (True, False), (False, False)])
 @pytest.mark.parametrize(OPCHECK_CASE_ARGS, OPCHECK_CASES, ids=OPCHECK_CASE_IDS)
-def test_backward_op_without_the_input_gradient(kind, packed, reverse, bias, proj):
+def test_backward_op_leaves_out_unwanted_gradients(kind, packed, reverse, bias, proj, input_grad, weight_grads):
     tensors = layer_op_tensors(kind, packed, bias, proj, requires_grad=False)
     args = layer_backward_op_args(kind, tensors, reverse)
-    full, partial = BACKWARD_OPS[kind](*args), BACKWARD_OPS[kind](*args, False)
-    assert full[0].shape == tensors["input"].shape and partial[0].numel() == 0
-    for f, p in zip(full[1:], partial[1:]):
-        assert torch.equal(f, p)
-    assert_opcheck_passes(BACKWARD_OPS[kind], (*args, False))
+    full, partial = BACKWARD_OPS[kind](*args), BACKWARD_OPS[kind](*args, input_grad, weight_grads)
+    # (input, hx[, cx]) come first, then the weights' and biases' gradients.
+    states = 3 if kind == "LSTM" else 2
+    wanted = [input_grad] + [True] * (states - 1) + [weight_grads] * (len(full) - states)
+    for f, p, want in zip(full, partial, wanted):
+        assert torch.equal(f, p) if want else p.numel() == 0
+    assert full[0].shape == tensors["input"].shape and full[states].shape == tensors["w_ih"].shape
+    assert_opcheck_passes(BACKWARD_OPS[kind], (*args, input_grad, weight_grads))

@@ -290,18 +290,18 @@ def test_layer_matches_nn_across_kernel_blocks_and_backward_chunks(kind, form):
 
 
 class BackwardOpCalls(TorchDispatchMode):
-    """Records the input_grad argument of every fused_rnn backward op call."""
+    """Records the (input_grad, weight_grads) arguments of every fused_rnn backward op call."""
 
     def __init__(self):
         super().__init__()
-        self.input_grad = []
+        self.flags = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace == "fused_rnn" and func.__name__.endswith("_backward.default"):
             named = {a.name: a.default_value for a in func._schema.arguments}
             named.update(zip([a.name for a in func._schema.arguments], args), **kwargs)
-            self.input_grad.append(named["input_grad"])
+            self.flags.append((named["input_grad"], named["weight_grads"]))
         return func(*args, **kwargs)
 
 
@@ -315,4 +315,20 @@ def test_data_input_needs_no_input_gradient(kind):
     recorder = BackwardOpCalls()
     with recorder:
         assert_same_outputs_and_grads(ref, ours, {}, lambda m: m(x), torch.float64)
-    assert recorder.input_grad == [True, True, False, False]
+    assert recorder.flags == [(True, True)] * 2 + [(False, True)] * 2
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_frozen_layers_compute_no_weight_gradients(kind):
+    # A frozen model whose input needs a gradient (an attribution, or a trainable embedding
+    # below): its backward ops leave out the weights' gradients, and the input's matches torch.nn.
+    ref, ours = make_kind_pair(kind, INPUT_SIZE, HIDDEN[torch.float64], num_layers=2, bidirectional=True,
+                               dtype=torch.float64)
+    for module in (ref, ours):
+        module.requires_grad_(False)
+    x = leaf(STEPS, BATCH, INPUT_SIZE)
+    recorder = BackwardOpCalls()
+    with recorder:
+        assert_same_outputs_and_grads(ref, ours, {"input": x}, lambda m: m(x), torch.float64, module_params=False)
+    assert recorder.flags == [(True, False)] * 4
+    assert all(p.grad is None for p in ours.parameters())
