@@ -415,7 +415,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
     a.grad_h_state = ptr<S>(grad_h_state);
     // The GEMMs through W_ih and W_hh may round their operands (the gate gradients) to `operands`;
     // the weight gradients' are not rounded.
-    const auto w_ih_step = Backend::template dense_weight<S>(w.w_ih, false, Tensor(), input_grad ? s.rows : 0, operands);
+    const auto w_ih_step =
+        Backend::template dense_weight<S>(w.w_ih, false, Tensor(), input_grad ? s.rows : 0, operands);
     const auto w_hh_step = Backend::template step_weight<S>(ptr<S>(w.w_hh), false, G * H, H_out, B, T,
                                                             Scratch::kRecurrentWeight, operands);
     const auto w_hr_step = Backend::template step_weight<S>(ptr<S>(w.w_hr), false, H_out, H, B, project ? T : 0,

@@ -102,8 +102,7 @@ LstmGrads lstm_layer_backward(const Tensor& grad_output, const Tensor& grad_hy, 
                               const Tensor& input, const c10::optional<Tensor>& batch_sizes, const Tensor& hx,
                               const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh,
                               const c10::optional<Tensor>& w_hr, const Tensor& output, const Tensor& reserve,
-                              bool has_bias, bool reverse, bool input_grad,
-                              bool weight_grads) {
+                              bool has_bias, bool reverse, bool input_grad, bool weight_grads) {
   const LayerWeights w = weights(w_ih, w_hh, c10::nullopt, c10::nullopt, w_hr);
   auto g = layer_backward<LstmCell, Backend>(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w, output,
                                              reserve, has_bias, reverse, false, input_grad, weight_grads);
