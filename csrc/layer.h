@@ -9,8 +9,8 @@
 //       computes out = x op(w) (+ bias), op(w) = w^T if trans: the large GEMMs outside the time
 //       loop over `rows` rows in all, one chunk at a time (out may be a column range of a wider
 //       buffer; bias may be undefined). `operands` as for recurrent_weight
-//   Backend::weight_grad_out<S>(grad_w, g, x, accumulate): grad_w = g^T x, or += if accumulate
-//       (a weight's gradient, a chunk of rows at a time)
+//   Backend::weight_grad_out<S>(grad_w, g, x, accumulate, operands): grad_w = g^T x, or += if
+//       accumulate (a weight's gradient, a chunk of rows at a time); `operands` as for recurrent_weight
 //   Backend::scratch(Scratch role, sizes, options) -> a tensor for the duration of the op
 //   Backend::empty(sizes, options) -> an uninitialised tensor that the op returns or saves
 //   Backend::step_weight<S>(w, trans, k, n, max_rows, steps, role, operands) -> an object whose
@@ -143,7 +143,7 @@ inline Tensor previous_states(const Tensor& seq, const Tensor& init, const Steps
 // Buffers an op needs only while it runs, by role; a backend may keep them from call to call
 // (Backend::scratch), so each role is used once at a time.
 enum class Scratch {
-  kInputWeight, kRecurrentWeight, kProjectionWeight, kGradientPanels, kStateCopy, kInputCopy, kGemmOperands, kGates,
+  kInputWeight, kRecurrentWeight, kProjectionWeight, kGradientPanels, kGradientOperands, kStateCopy, kInputCopy, kGemmOperands, kGates,
   kHiddenGates, kCount
 };
 
@@ -413,8 +413,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
     a.relu = relu;
     a.grad_c_state = ptr<S>(grad_c_state);
     a.grad_h_state = ptr<S>(grad_h_state);
-    // The GEMMs through W_ih and W_hh may round their operands (the gate gradients) to `operands`;
-    // the weight gradients' are not rounded.
+    // The GEMMs through W_ih and W_hh, and those of their gradients, may round their operands
+    // (the gate gradients, x_t, h_prev) to `operands`.
     const auto w_ih_step =
         Backend::template dense_weight<S>(w.w_ih, false, Tensor(), input_grad ? s.rows : 0, operands);
     const auto w_hh_step = Backend::template step_weight<S>(ptr<S>(w.w_hh), false, G * H, H_out, B, T,
@@ -480,8 +480,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
         w_ih_step.apply_out(grad_input_rows, dg);
       }
       if (weight_grads) {
-        Backend::template weight_grad_out<S>(grad_w_ih, dg, x.narrow(0, row_lo, n), first > 0);
-        Backend::template weight_grad_out<S>(grad_w_hh, dgh, h_prev, first > 0);
+        Backend::template weight_grad_out<S>(grad_w_ih, dg, x.narrow(0, row_lo, n), first > 0, operands);
+        Backend::template weight_grad_out<S>(grad_w_hh, dgh, h_prev, first > 0, operands);
       }
       if (bias_grads) {
         const Tensor db = dg.sum(0);

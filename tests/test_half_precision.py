@@ -270,13 +270,14 @@ def test_bf16_layer_rounds_exactly_the_gemm_operands(mode, shape):
 @pytest.mark.parametrize("class_name", ["LSTM", "GRU", "RNN"])
 def test_bf16_odd_sizes_against_float64(class_name, batch):
     """Odd input and hidden sizes (bfloat16 panels pad each part of k to pairs, in the forward's
-    [h_prev, x_t] and the backward's gate gradients), batches below and above the folding one:
-    outputs and every gradient within bfloat16 rounding of the float64 layer (a misplaced pair is
-    off by the size of the values)."""
+    [h_prev, x_t] and the backward's gate gradients) and, with B5, an odd number of rows (the k of
+    the weight gradients' GEMMs), batches below and above the folding one: outputs and every
+    gradient within bfloat16 rounding of the float64 layer (a misplaced pair is off by the size of
+    the values)."""
     torch.manual_seed(0)
     module = getattr(fused_rnn, class_name)(17, 33, num_layers=2, bidirectional=True).bfloat16()
     exact = copy.deepcopy(module).double()
-    x = torch.randn(12, batch, 17).bfloat16()
+    x = torch.randn(13, batch, 17).bfloat16()
     results = []
     for m, inp in ((module, x.requires_grad_()), (exact, x.detach().double().requires_grad_())):
         out, _ = m(inp)

@@ -153,8 +153,9 @@ void for_each_panel_unit(const P& panels, int64_t p, int64_t row_begin, int64_t 
 // Whether a float32 layer computed for a bfloat16 one may multiply in bfloat16 (Panels<float,
 // c10::BFloat16>): in the AVX-512 build, on CPUs with AVX512-BF16. Its GEMMs through W_ih and
 // W_hh then round their operands — the weights (bfloat16 already), the forward's h_prev and x_t,
-// the backward's gate gradients — to bfloat16, as torch.nn's bfloat16 layers do, while the gates,
-// the states and their gradients stay float32, and so do the weight gradients' GEMMs.
+// the backward's gate gradients — to bfloat16, as torch.nn's bfloat16 layers do, and so do the
+// weight gradients' GEMMs (weight_grad_out), while the gates, the states and their gradients stay
+// float32.
 bool bf16_products_for(at::ScalarType operands) {
 #if defined(CPU_CAPABILITY_AVX512)
   static const bool supported = __builtin_cpu_supports("avx512bf16");
@@ -174,6 +175,27 @@ void round_rows_to_bf16(const float* src, int64_t ld_src, c10::BFloat16* dst, in
     at::vec::convert(src + r * ld_src, dst + r * ld_dst, cols);
     if (cols % 2) dst[r * ld_dst + cols] = c10::BFloat16(0.0f);
   }
+}
+
+// The transpose of a float32 matrix (rows x cols, row stride ld_src) rounded to bfloat16: dst is
+// cols x rows with row stride ld_dst, a 0 after each row where rows is odd. In 16 x 16 tiles.
+void transpose_to_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t cols, c10::BFloat16* dst,
+                       int64_t ld_dst) {
+  constexpr int64_t kTile = 16;
+  at::parallel_for(0, (cols + kTile - 1) / kTile, 4, [&](int64_t begin, int64_t end) {
+    float tile[kTile * kTile];
+    for (int64_t c0 = begin * kTile; c0 < std::min(cols, end * kTile); c0 += kTile) {
+      const int64_t n = std::min(kTile, cols - c0);
+      for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+        const int64_t m = std::min(kTile, rows - r0);
+        at::vec::transpose_mxn<float>(src + r0 * ld_src + c0, ld_src, tile, kTile, static_cast<int>(m),
+                                      static_cast<int>(n));
+        for (int64_t j = 0; j < n; ++j) at::vec::convert(tile + j * kTile, dst + (c0 + j) * ld_dst + r0, m);
+      }
+      if (rows % 2)
+        for (int64_t j = 0; j < n; ++j) dst[(c0 + j) * ld_dst + rows] = c10::BFloat16(0.0f);
+    }
+  });
 }
 
 }  // namespace
@@ -297,12 +319,27 @@ struct CpuBackend {
 
   // grad_w = g^T x, or += when accumulating: on the panel kernel with x laid out in panels (A = g
   // read transposed, in place) straight into grad_w, else on MKL. No temporary of the result.
+  // Where bf16_products_for(operands), g and x are rounded to bfloat16 (g transposed, as the
+  // kernel reads pairs of k = rows) and multiplied in bfloat16, as torch.nn's bfloat16 layers do.
   template <typename S>
-  static void weight_grad_out(at::Tensor& grad_w, const at::Tensor& g, const at::Tensor& x, bool accumulate) {
+  static void weight_grad_out(at::Tensor& grad_w, const at::Tensor& g, const at::Tensor& x, bool accumulate,
+                              at::ScalarType operands = at::ScalarType::Undefined) {
     constexpr int64_t kMinPanelRows = 16;
     const int64_t rows = x.size(0);
-    if (rows >= kMinPanelRows && x.is_contiguous() && g.stride(1) == 1 && grad_w.is_contiguous() &&
-        x.size(1) > 0) {
+    const bool panels = rows >= kMinPanelRows && x.is_contiguous() && g.stride(1) == 1 && grad_w.is_contiguous() &&
+                        x.size(1) > 0;
+    if constexpr (std::is_same_v<S, float>) {
+      if (panels && bf16_products_for(operands)) {
+        const Panels<float, c10::BFloat16> x_panels(ptr<float>(x), false, rows, 1, x.size(1), Scratch::kGradientPanels);
+        const int64_t n = g.size(1), ld = x_panels.padded_k();
+        const at::Tensor g_t = cpu_scratch(Scratch::kGradientOperands, {n, ld}, g.options().dtype(at::kBFloat16));
+        transpose_to_bf16(ptr<float>(g), g.stride(0), rows, n, g_t.data_ptr<c10::BFloat16>(), ld);
+        x_panels.multiply(n, g_t.data_ptr<c10::BFloat16>(), ld, 1, accumulate ? 1.0f : 0.0f, ptr<float>(grad_w),
+                          grad_w.stride(0));
+        return;
+      }
+    }
+    if (panels) {
       const Panels<S> x_panels(ptr<S>(x), false, rows, 1, x.size(1), Scratch::kGradientPanels);
       x_panels.multiply(g.size(1), ptr<S>(g), 1, g.stride(0), S(accumulate ? 1 : 0), ptr<S>(grad_w), grad_w.stride(0));
     } else if (accumulate) {

@@ -103,7 +103,8 @@ struct CudaBackend {
   }
 
   template <typename S>
-  static void weight_grad_out(at::Tensor& grad_w, const at::Tensor& g, const at::Tensor& x, bool accumulate) {
+  static void weight_grad_out(at::Tensor& grad_w, const at::Tensor& g, const at::Tensor& x, bool accumulate,
+                              at::ScalarType /*operands: never set, kHalfKernels*/ = at::ScalarType::Undefined) {
     if (accumulate) grad_w.addmm_(g.t(), x);
     else at::mm_out(grad_w, g.t(), x);
   }
