@@ -84,14 +84,15 @@ def _bias_grads(ctx, gb_ih, gb_hh):
 # The backward ops leave out the gradients nothing needs, and the GEMMs that make them (each as
 # large as the input gradient's): the input's for a first layer on data, the weights' and biases'
 # for a frozen layer (its input's then still flows back, e.g. to a trainable embedding).
-def _input_grad(ctx, gi):
-    return gi if ctx.needs_input_grad[0] else None
+def _needed(ctx, weights):
+    """(whether the input needs a gradient, whether any of the weights and biases, the op's
+    inputs in the slice `weights`, does): the backward op's input_grad and weight_grads."""
+    return ctx.needs_input_grad[0], any(ctx.needs_input_grad[weights])
 
 
-def _weight_grads(ctx, weights, *grads):
-    """`grads` (of the op's inputs at the indices `weights`: its weights and biases), or Nones
-    where none of them needs a gradient and the backward op left them out."""
-    return grads if any(ctx.needs_input_grad[k] for k in weights) else (None,) * len(grads)
+def _kept(wanted, *grads):
+    """The gradients as the backward op returned them, or Nones where it was told to leave them out."""
+    return grads if wanted else (None,) * len(grads)
 
 
 def _setup_common(ctx, batch_sizes, b_ih, b_hh, reverse, reserve, save_reserve):
@@ -143,12 +144,12 @@ def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_reserve):
             ctx, "lstm", (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr), (grad_out, grad_hy, grad_cy))
         return gi, None, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, None, None
     grad_out, grad_hy, grad_cy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx), _or_zeros(grad_cy, cx)
+    input_grad, weight_grads = _needed(ctx, slice(4, 9))
     gi, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = _ops.lstm_layer_backward(
         grad_out, grad_hy, grad_cy, input, ctx.batch_sizes, hx, cx, w_ih, w_hh, w_hr, out, reserve,
-        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, ctx.needs_input_grad[0], any(ctx.needs_input_grad[4:9]))
-    weight_grads = _weight_grads(ctx, range(4, 9), gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh),
-                                 gw_hr if ctx.has_w_hr else None)
-    return _input_grad(ctx, gi), None, ghx, gcx, *weight_grads, None, None
+        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, input_grad, weight_grads)
+    weights = _kept(weight_grads, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), gw_hr if ctx.has_w_hr else None)
+    return (*_kept(input_grad, gi), None, ghx, gcx, *weights, None, None)
 
 
 def _gru_setup(ctx, inputs, output):
@@ -172,11 +173,12 @@ def _gru_backward(ctx, grad_out, grad_hy, _grad_reserve):
         return (*_simple_differentiable_grads(ctx, "gru", grad_out, grad_hy), None, None)
     input, hx, w_ih, w_hh, out, reserve, _, _ = ctx.saved_tensors
     grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
+    input_grad, weight_grads = _needed(ctx, slice(3, 7))
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.gru_layer_backward(
         grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
-        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:7]))
-    weight_grads = _weight_grads(ctx, range(3, 7), gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh))
-    return (_input_grad(ctx, gi), None, ghx, *weight_grads, None, None)
+        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, input_grad, weight_grads)
+    weights = _kept(weight_grads, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh))
+    return (*_kept(input_grad, gi), None, ghx, *weights, None, None)
 
 
 def _rnn_setup(ctx, inputs, output):
@@ -192,11 +194,12 @@ def _rnn_backward(ctx, grad_out, grad_hy, _grad_reserve):
         return (*_simple_differentiable_grads(ctx, "rnn", grad_out, grad_hy, ctx.relu), None, None, None)
     input, hx, w_ih, w_hh, out, reserve, _, _ = ctx.saved_tensors
     grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
+    input_grad, weight_grads = _needed(ctx, slice(3, 7))
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.rnn_layer_backward(
         grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
-        ctx.has_b_ih or ctx.has_b_hh, ctx.relu, ctx.reverse, ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:7]))
-    weight_grads = _weight_grads(ctx, range(3, 7), gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh))
-    return (_input_grad(ctx, gi), None, ghx, *weight_grads, None, None, None)
+        ctx.has_b_ih or ctx.has_b_hh, ctx.relu, ctx.reverse, input_grad, weight_grads)
+    weights = _kept(weight_grads, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh))
+    return (*_kept(input_grad, gi), None, ghx, *weights, None, None, None)
 
 
 def _no_double_backward(ctx, *grads):
