@@ -147,6 +147,12 @@ enum class Scratch {
   kHiddenGates, kCount
 };
 
+// t.narrow(dim, start, length), or t itself where that is all of it: each view op is a dispatcher
+// round trip, which small calls feel.
+inline Tensor part(const Tensor& t, int64_t dim, int64_t start, int64_t length) {
+  return start == 0 && length == t.size(dim) ? t : t.narrow(dim, start, length);
+}
+
 template <typename S>
 S* ptr(const Tensor& t) { return t.defined() ? static_cast<S*>(t.data_ptr()) : nullptr; }
 
@@ -203,6 +209,21 @@ std::vector<Tensor> to_type(std::vector<Tensor> ts, at::ScalarType type) {
   return ts;
 }
 
+// The bias the input projection adds: b_ih + b_hh, except for GRU's b_hn (b_hh's last H), which
+// the pointwise pass adds inside r * (W_hn h + b_hn). Undefined without biases. The weights'
+// tensors are contiguous.
+template <class Cell, class Backend, typename S>
+Tensor fold_biases(const LayerWeights& w, int64_t H, const at::TensorOptions& opts) {
+  const int64_t n = Cell::kGates * H, from_hh = Cell::kSeparateHiddenGates ? n - H : n;
+  if (!w.b_hh.defined()) return w.b_ih;
+  if (!w.b_ih.defined())
+    return from_hh == n ? w.b_hh : at::cat({w.b_hh.narrow(0, 0, from_hh), at::zeros({n - from_hh}, opts)});
+  Tensor bias = Backend::empty({n}, opts);
+  Backend::template add<S>(ptr<S>(bias), ptr<S>(w.b_ih), ptr<S>(w.b_hh), from_hh);
+  if (from_hh < n) Backend::template copy<S>(ptr<S>(bias) + from_hh, ptr<S>(w.b_ih) + from_hh, n - from_hh);
+  return bias;
+}
+
 // Returns {output, h_n, c_n (LSTM only, else undefined), reserve}. Without `save_reserve`
 // (inference), and for cells whose backward reads none (RNN), the reserve comes back with 0 rows:
 // the gates are then computed a chunk of time steps at a time into a small reused buffer.
@@ -233,30 +254,16 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
   const Tensor x = input_.reshape({s.rows, I}).contiguous();
   const auto opts = x.options();
 
-  // b_ih and b_hh fold into the input projection — except GRU's b_hn, which sits inside
-  // r * (W_hn h + b_hn) and is added by the pointwise pass.
-  Tensor bias = w.b_ih.defined() ? w.b_ih : Tensor();
-  Tensor bias_hn;
-  if (w.b_hh.defined()) {
-    Tensor folded = w.b_hh;
-    if (Cell::kSeparateHiddenGates) {
-      bias_hn = w.b_hh.narrow(0, 2 * H, H).contiguous();
-      folded = at::cat({w.b_hh.narrow(0, 0, 2 * H), at::zeros({H}, w.b_hh.options())});
-    }
-    bias = bias.defined() ? bias + folded : folded;
-  }
-  if (Cell::kSeparateHiddenGates && !bias_hn.defined()) bias_hn = at::zeros({H}, opts);
-
   // RNN keeps no reserve: its backward reads only h.
   const int64_t R = Cell::reserve_width(H, project), width = std::max<int64_t>(R, G * H);
   const bool keep = save_reserve && R > 0;
   Tensor reserve;
 
   const Tensor h_init = hx.contiguous();
-  Tensor h_state = h_init.clone();
-  Tensor c_state = Cell::kHasCell ? cx.contiguous().clone() : Tensor();
+  Tensor h_state = Backend::empty(h_init.sizes(), opts);
+  Tensor c_state = Cell::kHasCell ? Backend::empty(cx.sizes(), opts) : Tensor();
   Tensor output = Backend::empty({s.rows, H_out}, opts);
-  Tensor hidden_gates = Cell::kSeparateHiddenGates ? at::empty({B, G * H}, opts) : Tensor();
+  Tensor hidden_gates = Cell::kSeparateHiddenGates ? Backend::scratch(Scratch::kHiddenGates, {B, G * H}, opts) : Tensor();
 
   dispatch_kernel_type<Backend>(x.scalar_type(), [&](auto zero) {
     using S = decltype(zero);
@@ -269,8 +276,13 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     a.save = save_reserve;
     a.h_state = ptr<S>(h_state);
     a.c_state = ptr<S>(c_state);
+    Backend::template copy<S>(a.h_state, ptr<S>(h_init), h_init.numel());
+    if (Cell::kHasCell) Backend::template copy<S>(a.c_state, ptr<S>(cx.contiguous()), cx.numel());
     a.hidden_gates = ptr<S>(hidden_gates);
-    a.bias_hn = ptr<S>(bias_hn);
+    const Tensor bias = fold_biases<Cell, Backend, S>(w, H, opts);
+    // GRU's b_hn, which sits inside r * (W_hn h + b_hn), is added by the pointwise pass.
+    const Tensor no_bias_hn = Cell::kSeparateHiddenGates && !w.b_hh.defined() ? at::zeros({H}, opts) : Tensor();
+    a.bias_hn = Cell::kSeparateHiddenGates ? (w.b_hh.defined() ? ptr<S>(w.b_hh) + 2 * H : ptr<S>(no_bias_hn)) : nullptr;
     // GRU's hidden gates need W_hh h alone, and a projected LSTM's step input is not its output.
     const bool may_fold = !Cell::kSeparateHiddenGates && !project;
     const auto w_hh_t = Backend::template recurrent_weight<Cell, S>(ptr<S>(w.w_hh), H_out, H, B, T,
@@ -296,8 +308,8 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
       const int64_t row_lo = s.offset[t_lo], row_hi = t_hi < T ? s.offset[t_hi] : s.rows;
       const int64_t reserve_lo = keep ? row_lo : 0;  // gate buffer row of row_lo
       if (!folded) {
-        Tensor chunk_gates = reserve.narrow(0, reserve_lo, row_hi - row_lo).narrow(1, 0, G * H);
-        w_ih_t.apply_out(chunk_gates, x.narrow(0, row_lo, row_hi - row_lo));
+        Tensor chunk_gates = part(part(reserve, 0, reserve_lo, row_hi - row_lo), 1, 0, G * H);
+        w_ih_t.apply_out(chunk_gates, part(x, 0, row_lo, row_hi - row_lo));
       }
       Backend::for_each_row_group(s, t_lo, t_hi, w_hh_t.row_groups, [&](int64_t row_begin, int64_t row_end) {
         StepForward<S> step = a;
@@ -373,8 +385,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   const Tensor res = reserve.contiguous();
 
   const Tensor h_init = hx.contiguous(), c_init = Cell::kHasCell ? cx.contiguous() : Tensor();
-  Tensor grad_h_state = grad_hy.contiguous().clone();
-  Tensor grad_c_state = Cell::kHasCell ? grad_cy.contiguous().clone() : Tensor();
+  Tensor grad_h_state = Backend::empty(grad_hy.sizes(), opts);
+  Tensor grad_c_state = Cell::kHasCell ? Backend::empty(grad_cy.sizes(), opts) : Tensor();
   Tensor grad_projected = project ? Backend::empty({s.rows, H_out}, opts) : Tensor();  // dL/dh before W_hr
   Tensor grad_unprojected = project ? at::empty({B, H}, opts) : Tensor();
 
@@ -394,15 +406,15 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   const Tensor grad_input = input_grad ? Backend::empty(input.sizes(), opts) : at::empty({0}, opts);
   const Tensor grad_input_by_row = input_grad ? grad_input.view({s.rows, I}) : Tensor();
   // Each chunk adds its share to the weight and bias gradients (the first one writes them).
-  const Tensor empty = at::empty({0}, opts);
+  const auto empty = [&] { return at::empty({0}, opts); };
   // Without weight_grads, the weights' and biases' are left out, and with them two GEMMs as large
   // as the input gradient's.
   const bool bias_grads = weight_grads && has_bias;
-  Tensor grad_w_ih = weight_grads ? Backend::empty(w.w_ih.sizes(), opts) : empty.clone();
-  Tensor grad_w_hh = weight_grads ? Backend::empty(w.w_hh.sizes(), opts) : empty.clone();
-  Tensor grad_b_ih = bias_grads ? at::zeros({G * H}, opts) : empty.clone();
-  Tensor grad_b_hh = bias_grads ? at::zeros({G * H}, opts) : empty.clone();
-  Tensor grad_w_hr = project && weight_grads ? Backend::empty(w.w_hr.sizes(), opts) : empty.clone();
+  Tensor grad_w_ih = weight_grads ? Backend::empty(w.w_ih.sizes(), opts) : empty();
+  Tensor grad_w_hh = weight_grads ? Backend::empty(w.w_hh.sizes(), opts) : empty();
+  Tensor grad_b_ih = bias_grads ? Backend::empty({G * H}, opts) : empty();
+  Tensor grad_b_hh = bias_grads ? Backend::empty({G * H}, opts) : empty();
+  Tensor grad_w_hr = project && weight_grads ? Backend::empty(w.w_hr.sizes(), opts) : empty();
 
   dispatch_kernel_type<Backend>(x.scalar_type(), [&](auto zero) {
     using S = decltype(zero);
@@ -413,6 +425,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
     a.relu = relu;
     a.grad_c_state = ptr<S>(grad_c_state);
     a.grad_h_state = ptr<S>(grad_h_state);
+    Backend::template copy<S>(a.grad_h_state, ptr<S>(grad_hy.contiguous()), grad_hy.numel());
+    if (Cell::kHasCell) Backend::template copy<S>(a.grad_c_state, ptr<S>(grad_cy.contiguous()), grad_cy.numel());
     // The GEMMs through W_ih and W_hh, and those of their gradients, may round their operands
     // (the gate gradients, x_t, h_prev) to `operands`.
     const auto w_ih_step =
@@ -474,27 +488,34 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
         if (pending != nullptr) grad_h_prev_from_gates<Cell>(w_hh_step, pending, a.grad_h_state, row_begin, pending_end);
       });
       const int64_t n = row_hi - row_lo;
-      const Tensor dg = grad_gates.narrow(0, 0, n), dgh = grad_hidden_gates.narrow(0, 0, n);
+      const Tensor dg = part(grad_gates, 0, 0, n), dgh = part(grad_hidden_gates, 0, 0, n);
       if (input_grad) {
-        Tensor grad_input_rows = grad_input_by_row.narrow(0, row_lo, n);
+        Tensor grad_input_rows = part(grad_input_by_row, 0, row_lo, n);
         w_ih_step.apply_out(grad_input_rows, dg);
       }
       if (weight_grads) {
-        Backend::template weight_grad_out<S>(grad_w_ih, dg, x.narrow(0, row_lo, n), first > 0, operands);
+        Backend::template weight_grad_out<S>(grad_w_ih, dg, part(x, 0, row_lo, n), first > 0, operands);
         Backend::template weight_grad_out<S>(grad_w_hh, dgh, h_prev, first > 0, operands);
       }
       if (bias_grads) {
-        const Tensor db = dg.sum(0);
-        grad_b_ih.add_(db);
-        grad_b_hh.add_(Cell::kSeparateHiddenGates ? dgh.sum(0) : db);
+        // dL/db_hh is dL/db_ih (copied after the loop) except for GRU, whose b_hn is inside r * (W_hn h + b_hn).
+        if (first == 0) at::sum_out(grad_b_ih, dg, 0);
+        else grad_b_ih.add_(dg.sum(0));
+        if (Cell::kSeparateHiddenGates) {
+          if (first == 0) at::sum_out(grad_b_hh, dgh, 0);
+          else grad_b_hh.add_(dgh.sum(0));
+        }
       }
     }
     if (project && weight_grads)
       Backend::template weight_grad_out<S>(grad_w_hr, grad_projected, res.narrow(1, 5 * H, H), false);
+    if (bias_grads && !Cell::kSeparateHiddenGates && T > 0)
+      Backend::template copy<S>(ptr<S>(grad_b_hh), ptr<S>(grad_b_ih), G * H);
   });
 
   if (T == 0 && weight_grads) grad_w_ih.zero_(), grad_w_hh.zero_();  // an empty packed sequence
-  Tensor grad_cx = Cell::kHasCell ? grad_c_state : empty.clone();
+  if (T == 0 && bias_grads) grad_b_ih.zero_(), grad_b_hh.zero_();
+  Tensor grad_cx = Cell::kHasCell ? grad_c_state : empty();
   return {grad_input, grad_h_state, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
 }
 

@@ -10,6 +10,11 @@
 
 namespace fused_rnn {
 
+// Every op runs under this: the views and copies it makes of its inputs and buffers are its own
+// business, so they skip the ADInplaceOrView bookkeeping (view metadata, version counters) that
+// the dispatcher would otherwise do for each, as ATen's kernels do below autograd.
+using OpGuard = at::AutoDispatchBelowADInplaceOrView;
+
 inline LayerWeights weights(const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
                             const c10::optional<Tensor>& b_hh, const c10::optional<Tensor>& w_hr) {
   return {w_ih.contiguous(), w_hh.contiguous(), b_ih.has_value() ? b_ih->contiguous() : Tensor(),
@@ -61,6 +66,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tensor& input, const
                                                       const c10::optional<Tensor>& b_hh,
                                                       const c10::optional<Tensor>& w_hr, bool reverse,
                                                       bool save_reserve) {
+  const OpGuard guard;
   const LayerWeights w = weights(w_ih, w_hh, b_ih, b_hh, w_hr);
   check_layer(LstmCell::kGates, input, hx, w);
   check_batch(input, batch_sizes, hx);
@@ -75,6 +81,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer(const Tensor& input, const c10::opt
                                              const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                                              const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
                                              bool reverse, bool save_reserve) {
+  const OpGuard guard;
   const LayerWeights w = weights(w_ih, w_hh, b_ih, b_hh, c10::nullopt);
   check_layer(GruCell::kGates, input, hx, w);
   check_batch(input, batch_sizes, hx);
@@ -87,6 +94,7 @@ std::tuple<Tensor, Tensor, Tensor> rnn_layer(const Tensor& input, const c10::opt
                                              const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                                              const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
                                              bool relu, bool reverse, bool save_reserve) {
+  const OpGuard guard;
   const LayerWeights w = weights(w_ih, w_hh, b_ih, b_hh, c10::nullopt);
   check_layer(RnnCell::kGates, input, hx, w);
   check_batch(input, batch_sizes, hx);
@@ -103,6 +111,7 @@ LstmGrads lstm_layer_backward(const Tensor& grad_output, const Tensor& grad_hy, 
                               const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh,
                               const c10::optional<Tensor>& w_hr, const Tensor& output, const Tensor& reserve,
                               bool has_bias, bool reverse, bool input_grad, bool weight_grads) {
+  const OpGuard guard;
   const LayerWeights w = weights(w_ih, w_hh, c10::nullopt, c10::nullopt, w_hr);
   auto g = layer_backward<LstmCell, Backend>(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w, output,
                                              reserve, has_bias, reverse, false, input_grad, weight_grads);
@@ -114,6 +123,7 @@ Grads simple_layer_backward(const Tensor& grad_output, const Tensor& grad_hy, co
                             const c10::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& w_ih,
                             const Tensor& w_hh, const Tensor& output, const Tensor& reserve, bool has_bias,
                             bool relu, bool reverse, bool input_grad, bool weight_grads) {
+  const OpGuard guard;
   const LayerWeights w = weights(w_ih, w_hh, c10::nullopt, c10::nullopt, c10::nullopt);
   auto g = layer_backward<Cell, Backend>(grad_output, grad_hy, Tensor(), input, batch_sizes, hx, Tensor(), w,
                                          output, reserve, has_bias, reverse, relu, input_grad, weight_grads);

@@ -342,6 +342,9 @@ struct CpuBackend {
     if (panels) {
       const Panels<S> x_panels(ptr<S>(x), false, rows, 1, x.size(1), Scratch::kGradientPanels);
       x_panels.multiply(g.size(1), ptr<S>(g), 1, g.stride(0), S(accumulate ? 1 : 0), ptr<S>(grad_w), grad_w.stride(0));
+    } else if (x.stride(1) == 1 && g.stride(1) == 1 && grad_w.is_contiguous()) {
+      gemm<S>(true, false, g.size(1), x.size(1), rows, S(1), ptr<S>(g), g.stride(0), ptr<S>(x), x.stride(0),
+              S(accumulate ? 1 : 0), ptr<S>(grad_w), grad_w.stride(0));
     } else if (accumulate) {
       grad_w.addmm_(g.t(), x);
     } else {
@@ -622,6 +625,16 @@ void CpuDenseWeight<S>::apply_out(at::Tensor& out, const at::Tensor& x) const {
       bf16_panels.multiply(m, rows, ld, 1, 0.0f, ptr<float>(out), out.stride(0), ptr<float>(bias));
       return;
     }
+  }
+  if (!panels.defined() && out.stride(1) == 1 && x.stride(1) == 1) {
+    // Straight to BLAS, the bias first copied into each row of out: no ATen op (each costs about
+    // as much as the whole GEMM of a single small step).
+    const int64_t k = x.size(1), n = out.size(1), ld_out = out.stride(0);
+    S* c = ptr<S>(out);
+    if (bias.defined())
+      for (int64_t r = 0; r < m; ++r) std::copy_n(ptr<S>(bias), n, c + r * ld_out);
+    return CpuBackend::gemm<S>(false, trans, m, n, k, S(1), ptr<S>(x), x.stride(0), ptr<S>(w), trans ? k : n,
+                               S(bias.defined() ? 1 : 0), c, ld_out);
   }
   if (!panels.defined()) {
     const at::Tensor op_w = trans ? w.t() : w;

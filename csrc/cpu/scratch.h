@@ -36,8 +36,13 @@ inline at::Tensor cpu_scratch(Scratch slot, at::IntArrayRef sizes, const at::Ten
     buffer = at::Tensor();  // free the old one first
     buffer = at::empty({bytes}, options.dtype(at::kByte));
   }
-  // A view of the kept bytes as the requested type and shape (it keeps them alive).
-  return buffer.narrow(0, 0, bytes).view(options.dtype().toScalarType()).view(sizes);
+  // The kept bytes as the requested type and shape, sharing (and keeping alive) their storage:
+  // built directly rather than by view ops, each a dispatcher round trip, as small calls make
+  // several of these.
+  at::Tensor view = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(buffer.storage()), buffer.key_set(),
+                                                             options.dtype());
+  view.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
+  return view;
 }
 
 // Freed blocks kept for reuse; shared by all threads (a tensor may be freed on any thread).
