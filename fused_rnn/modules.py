@@ -47,7 +47,7 @@ _CPU_AUTOCAST_FROM_OTHER_HALF = {"LSTM": False, "RNN": True, "GRU": False, "RNNC
 
 def _cpu_autocasting(input):
     """Whether a CPU autocast region casts this input (not float64 or non-floating input)."""
-    return (input.device.type == "cpu" and torch.is_autocast_enabled("cpu") and input.is_floating_point()
+    return (torch.is_autocast_enabled("cpu") and input.device.type == "cpu" and input.is_floating_point()
             and input.dtype != torch.float64)
 
 
@@ -67,11 +67,18 @@ def _cast(tensors, dtype):
 
 
 def _check_hidden_dtype(hidden, dtype):
-    if _autocasting():  # the ops' autocast casts every floating input
-        return
     for h in hidden:
-        if h.dtype != dtype:
+        if h.dtype != dtype and not _autocasting():  # the ops' autocast casts every floating input
             raise RuntimeError(f"Expected hidden state of dtype {dtype} (the parameters' dtype), got {h.dtype}")
+
+
+def _tensors(module, names):
+    """The module's tensors `names` (None where one is None): from its parameters, where
+    torch.func.functional_call also puts the tensors it swaps in, else as attributes (a
+    parametrization's property). Cheaper than attribute lookups through nn.Module.__getattr__,
+    which small calls feel."""
+    found = module._parameters
+    return [found[name] if name in found else getattr(module, name, None) for name in names]
 
 
 class RNNBase(nn.Module):
@@ -148,7 +155,7 @@ class RNNBase(nn.Module):
     # never leave a stale copy behind.
     @property
     def _flat_weights(self):
-        return [getattr(self, name, None) for name in self._flat_weights_names]
+        return _tensors(self, self._flat_weights_names)
 
     @property
     def all_weights(self):
@@ -176,7 +183,7 @@ class RNNBase(nn.Module):
     # ---- torch.nn-compatible validation ---------------------------------------------
 
     def check_input(self, input, batch_sizes):
-        weight = self.weight_ih_l0
+        weight = _tensors(self, ("weight_ih_l0",))[0]
         if input.dtype != weight.dtype and not _autocasting() and not _cpu_autocasting(input):
             # Inside a CPU autocast region (float64 input) torch.nn fails later, in a GEMM.
             error = RuntimeError if torch.is_autocast_enabled(input.device.type) else ValueError
@@ -243,6 +250,8 @@ class RNNBase(nn.Module):
             x = outputs[0] if directions == 1 else torch.cat(outputs, -1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, True)
+        if len(h_n) == 1:  # one layer, one direction: a view, cheaper than a stack of one
+            return x, h_n[0].unsqueeze(0), (c_n[0].unsqueeze(0) if c0 is not None else None)
         return x, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
 
     def forward(self, input, hx=None):
@@ -297,7 +306,7 @@ class RNNBase(nn.Module):
         else:
             self.check_hidden_size(h0, expected)
         states = (h0,) if c0 is None else (h0, c0)
-        _check_devices(input, states, self.weight_ih_l0)
+        _check_devices(input, states, _tensors(self, ("weight_ih_l0",))[0])
         _check_hidden_dtype(states, input.dtype)
 
         if batch_sizes is None and self.batch_first:
@@ -354,6 +363,10 @@ class GRU(RNNBase):
 # ---- cells ----------------------------------------------------------------------------------
 
 
+_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+_CELL_NAMES = {"LSTM": "LSTMCell", "GRU": "GRUCell", "RNN_TANH": "RNNCell", "RNN_RELU": "RNNCell"}
+
+
 class RNNCellBase(nn.Module):
     """Single-step cell over the fused kernels (see torch.nn.RNNCellBase)."""
 
@@ -389,8 +402,8 @@ class RNNCellBase(nn.Module):
     def _step(self, mode, input, hidden):
         """Validates like ATen's cell ops and runs one fused step: (input [B, I], hidden states
         [B, H]) -> new states."""
-        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
-        run_dtype = _cpu_autocast_dtype({"LSTM": "LSTMCell", "GRU": "GRUCell"}.get(mode, "RNNCell"), input)
+        weights = (*_tensors(self, _CELL_WEIGHTS), None)
+        run_dtype = _cpu_autocast_dtype(_CELL_NAMES[mode], input)
         if run_dtype is not None:
             input, hidden, weights = input.to(run_dtype), _cast(hidden, run_dtype), _cast(weights, run_dtype)
         if input.size(1) != self.input_size:
@@ -405,7 +418,7 @@ class RNNCellBase(nn.Module):
             raise RuntimeError(f"Expected input of dtype {self.weight_ih.dtype} (the parameters' dtype), "
                                f"got {input.dtype}")
         _check_hidden_dtype(hidden, input.dtype)
-        _check_devices(input, hidden, self.weight_ih)
+        _check_devices(input, hidden, weights[0])
         _, h, c = run_layer(mode, input.unsqueeze(0), None, hidden[0], hidden[1] if len(hidden) > 1 else None,
                             weights, False)
         return h, c

@@ -4,6 +4,8 @@ torch.export can trace them, and autograd that ties each layer op to its backwar
 The ops themselves are declared in csrc/ops.cpp. Each *_layer op runs one direction of one
 layer over a whole sequence; see there for argument conventions.
 """
+from typing import Any, Callable, NamedTuple
+
 import torch
 
 from . import composite
@@ -145,9 +147,9 @@ def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_reserve):
         return gi, None, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, None, None
     grad_out, grad_hy, grad_cy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx), _or_zeros(grad_cy, cx)
     input_grad, weight_grads = _needed(ctx, slice(4, 9))
-    gi, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = _ops.lstm_layer_backward(
-        grad_out, grad_hy, grad_cy, input, ctx.batch_sizes, hx, cx, w_ih, w_hh, w_hr, out, reserve,
-        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, input_grad, weight_grads)
+    gi, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = _call(
+        _ops.lstm_layer_backward.default, grad_out, grad_hy, grad_cy, input, ctx.batch_sizes, hx, cx, w_ih, w_hh,
+        w_hr, out, reserve, ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, input_grad, weight_grads)
     weights = _kept(weight_grads, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), gw_hr if ctx.has_w_hr else None)
     return (*_kept(input_grad, gi), None, ghx, gcx, *weights, None, None)
 
@@ -174,8 +176,8 @@ def _gru_backward(ctx, grad_out, grad_hy, _grad_reserve):
     input, hx, w_ih, w_hh, out, reserve, _, _ = ctx.saved_tensors
     grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
     input_grad, weight_grads = _needed(ctx, slice(3, 7))
-    gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.gru_layer_backward(
-        grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
+    gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _call(
+        _ops.gru_layer_backward.default, grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
         ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, input_grad, weight_grads)
     weights = _kept(weight_grads, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh))
     return (*_kept(input_grad, gi), None, ghx, *weights, None, None)
@@ -195,8 +197,8 @@ def _rnn_backward(ctx, grad_out, grad_hy, _grad_reserve):
     input, hx, w_ih, w_hh, out, reserve, _, _ = ctx.saved_tensors
     grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
     input_grad, weight_grads = _needed(ctx, slice(3, 7))
-    gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _ops.rnn_layer_backward(
-        grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
+    gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _call(
+        _ops.rnn_layer_backward.default, grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
         ctx.has_b_ih or ctx.has_b_hh, ctx.relu, ctx.reverse, input_grad, weight_grads)
     weights = _kept(weight_grads, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh))
     return (*_kept(input_grad, gi), None, ghx, *weights, None, None, None)
@@ -212,11 +214,68 @@ def _no_context(ctx, inputs, output):
     pass
 
 
-torch.library.register_autograd("fused_rnn::lstm_layer", _lstm_backward, setup_context=_lstm_setup)
-torch.library.register_autograd("fused_rnn::gru_layer", _gru_backward, setup_context=_gru_setup)
-torch.library.register_autograd("fused_rnn::rnn_layer", _rnn_backward, setup_context=_rnn_setup)
+class _Autograd(NamedTuple):
+    op: Any  # a layer op's OpOverload
+    setup_context: Callable
+    backward: Callable
+
+
+_LAYERS = {"lstm": _Autograd(_ops.lstm_layer.default, _lstm_setup, _lstm_backward),
+           "gru": _Autograd(_ops.gru_layer.default, _gru_setup, _gru_backward),
+           "rnn": _Autograd(_ops.rnn_layer.default, _rnn_setup, _rnn_backward)}
+for _mode, _layer in _LAYERS.items():
+    torch.library.register_autograd(f"fused_rnn::{_mode}_layer", _layer.backward, setup_context=_layer.setup_context)
 for _name in ("lstm_layer_backward", "gru_layer_backward", "rnn_layer_backward"):
     torch.library.register_autograd(f"fused_rnn::{_name}", _no_double_backward, setup_context=_no_context)
+
+
+class _EagerLayer(torch.autograd.Function):
+    """A layer op called eagerly with something to differentiate: the autograd registered for it
+    above (the same setup_context and backward), without the Python wrapper torch.library puts
+    around them, which costs about 20 us a call (it re-reads the op's schema to fill in defaults),
+    more than a whole small step. The last argument is the op's _Autograd."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        *args, layer = args
+        with torch._C._AutoDispatchBelowAutograd():
+            output = layer.op(*args)
+        layer.setup_context(ctx, args, output)
+        ctx.layer = layer
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # ctx.needs_input_grad has one more entry, for the _Autograd, which the backward does not read.
+        return (*ctx.layer.backward(ctx, *grads), None)
+
+
+def _eager():
+    """Whether this is a plain eager call, which may skip torch.library's autograd wrapper: not
+    traced (torch.compile, torch.jit.trace) nor inside a torch.func transform, which need every call
+    to go through the dispatcher as registered."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+def _call(op, *args):
+    """op(*args) where nothing is to be differentiated; called eagerly, straight to the kernel below
+    autograd, where the registered autograd would send it, without its Python round trip (a few
+    microseconds, as much as a whole small step)."""
+    if not _eager():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def _call_layer(mode, save, *args):
+    """The `mode` layer op on args, which end with save_reserve = save: differentiable when save."""
+    layer = _LAYERS[mode]
+    if not save:
+        return _call(layer.op, *args)
+    if not _eager():
+        return layer.op(*args)
+    return _EagerLayer.apply(*args, layer)
 
 
 # ---- one layer direction, as the modules call it -----------------------------------------
@@ -232,10 +291,12 @@ def run_layer(mode, input, batch_sizes, hx, cx, weights, reverse):
     save = torch.jit.is_tracing() or (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, hx, cx, *weights)))
     if mode == "LSTM":
-        out, hy, cy, _ = _ops.lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save)
+        out, hy, cy, _ = _call_layer("lstm", save, input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+                                     save)
         return out, hy, cy
     if mode == "GRU":
-        out, hy, _ = _ops.gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, save)
+        out, hy, _ = _call_layer("gru", save, input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, save)
     else:
-        out, hy, _ = _ops.rnn_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, mode == "RNN_RELU", reverse, save)
+        out, hy, _ = _call_layer("rnn", save, input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, mode == "RNN_RELU",
+                                 reverse, save)
     return out, hy, None

@@ -275,3 +275,38 @@ def test_public_names():
         assert issubclass(getattr(fused_rnn, name), nn.Module)
     assert issubclass(fused_rnn.LSTM, fused_rnn.RNNBase)
     assert issubclass(fused_rnn.GRUCell, fused_rnn.RNNCellBase)
+
+
+class Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+@pytest.mark.parametrize("kind", list(LAYER_KINDS) + list(CELL_KINDS))
+def test_parametrized_weights_are_used(kind):
+    """A weight behind torch.nn.utils.parametrize (a property, no longer a parameter) is what the
+    layer computes with, in the forward and in its gradients."""
+    _, ours = make_kind_pair(kind, 4, 5, dtype=torch.float64)
+    name = "weight_hh" if kind in CELL_KINDS else "weight_hh_l0"
+    doubled = copy.deepcopy(ours)
+    with torch.no_grad():
+        getattr(doubled, name).mul_(2)
+    torch.nn.utils.parametrize.register_parametrization(ours, name, Doubled())
+    x = sample_input(ours, torch.float64)
+    expected, got = output_tensors(doubled(x)), output_tensors(ours(x))
+    assert_close_nested(got, expected, torch.float64)
+    sum(t.sum() for t in got).backward()
+    sum(t.sum() for t in expected).backward()
+    original = ours.parametrizations[name].original
+    assert_close_nested(original.grad, 2 * getattr(doubled, name).grad, torch.float64)
+
+
+@pytest.mark.parametrize("kind", list(LAYER_KINDS) + list(CELL_KINDS))
+def test_vmap_over_inputs_matches_a_loop(kind):
+    """torch.func.vmap runs the layers (by PyTorch's per-sample fallback: the ops have no batching
+    rule) and gives what a loop over the samples gives."""
+    _, ours = make_kind_pair(kind, 4, 5, dtype=torch.float64)
+    samples = torch.stack([sample_input(ours, torch.float64) for _ in range(3)])
+    mapped = torch.func.vmap(lambda x: tuple(output_tensors(ours(x))))(samples)
+    for k, x in enumerate(samples):
+        assert_close_nested([t[k] for t in mapped], output_tensors(ours(x)), torch.float64)
