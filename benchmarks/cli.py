@@ -16,6 +16,8 @@ from .shapes import CELLS, GRIDS, MODES, custom_grid
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_REPEATS, DEFAULT_WARMUP = 15, 3
 QUICK_REPEATS, QUICK_WARMUP = 8, 2
+# Single steps take tens of microseconds, which scheduling noise moves by as much: more samples.
+STEP_REPEATS, STEP_WARMUP = 200, 20
 # Custom-shape defaults: the fastrnns configuration (input size None = the hidden size).
 SHAPE_DEFAULTS = {"seq_len": [100], "batch": [64], "input_size": [None], "hidden": [512], "layers": [1],
                   "proj_size": [0], "bidirectional": False, "packed": False}
@@ -68,8 +70,10 @@ def build_parser():
     shape.add_argument("--proj-size", type=_list_of(_integer(0)), help="LSTM only: other cells skip these shapes")
     shape.add_argument("--bidirectional", action="store_true")
     shape.add_argument("--packed", action="store_true", help="PackedSequence input with random lengths")
-    parser.add_argument("--repeats", type=_integer(1), help=f"timed repetitions (default {DEFAULT_REPEATS})")
-    parser.add_argument("--warmup", type=_integer(0), help=f"untimed repetitions first (default {DEFAULT_WARMUP})")
+    parser.add_argument("--repeats", type=_integer(1),
+                        help=f"timed repetitions (default {DEFAULT_REPEATS}; step grid {STEP_REPEATS})")
+    parser.add_argument("--warmup", type=_integer(0),
+                        help=f"untimed repetitions first (default {DEFAULT_WARMUP}; step grid {STEP_WARMUP})")
     parser.add_argument("--with-aten", action="store_true", help="CUDA: also time torch.nn with cuDNN disabled")
     parser.add_argument("--no-input-grad", dest="input_grad", action="store_false",
                         help="training: the input needs no gradient, as data fed to a first layer "
@@ -101,8 +105,10 @@ def _resolve(args, parser):
     else:
         grid = "quick" if args.quick else args.grid or ("gpu" if args.device == "cuda" else "cpu")
         shapes = GRIDS[grid]()
-    repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
-    warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else DEFAULT_WARMUP)
+    default_repeats, default_warmup = {"quick": (QUICK_REPEATS, QUICK_WARMUP),
+                                       "step": (STEP_REPEATS, STEP_WARMUP)}.get(grid, (DEFAULT_REPEATS, DEFAULT_WARMUP))
+    repeats = args.repeats or default_repeats
+    warmup = args.warmup if args.warmup is not None else default_warmup
     return grid, shapes, repeats, warmup
 
 

@@ -88,7 +88,14 @@ def quick_grid():
     return batches + hiddens + _variants(base) + [replace(base, proj_size=32)]
 
 
-GRIDS = {"cpu": cpu_grid, "gpu": gpu_grid, "quick": quick_grid}
+def step_grid():
+    """Single time steps, as streaming inference (and training step by step) calls a layer: T=1
+    over the batch × hidden sizes of the CPU grid, where per-call overhead counts most."""
+    return [Shape(seq_len=1, batch=batch, input_size=hidden, hidden_size=hidden)
+            for batch, hidden in product((1, 16, 64), (64, 256, 512))]
+
+
+GRIDS = {"cpu": cpu_grid, "gpu": gpu_grid, "quick": quick_grid, "step": step_grid}
 
 
 def custom_grid(seq_lens, batches, input_sizes, hidden_sizes, layers, proj_sizes, bidirectional, packed):

@@ -111,3 +111,14 @@ def test_training_with_data_input(tmp_path):
                   make_ours=lambda cell, **kwargs: _DoubledGradient(**kwargs))
     failure = json.loads((tmp_path / "results.json").read_text())["points"][0]["failure"]
     assert status == 1 and "differs from the reference in grad of" in failure
+
+
+def test_step_grid_is_single_steps_with_more_repeats():
+    from benchmarks.cli import STEP_REPEATS, STEP_WARMUP, _resolve, build_parser
+    parser = build_parser()
+    grid, shapes, repeats, warmup = _resolve(parser.parse_args(["--grid", "step", "--device", "cpu"]), parser)
+    assert grid == "step" and len(shapes) == 9 and {shape.seq_len for shape in shapes} == {1}
+    assert {(shape.batch, shape.hidden_size) for shape in shapes} == {(b, h) for b in (1, 16, 64) for h in (64, 256, 512)}
+    assert (repeats, warmup) == (STEP_REPEATS, STEP_WARMUP) and repeats > 15
+    explicit = parser.parse_args(["--grid", "step", "--device", "cpu", "--repeats", "3", "--warmup", "0"])
+    assert _resolve(explicit, parser)[2:] == (3, 0)
