@@ -62,3 +62,33 @@ def test_loss_curve_matches_nn(kind, dropout):
     torch.testing.assert_close(our_losses, ref_losses, rtol=1e-9, atol=0)
     torch.testing.assert_close(our_pred, ref_pred, rtol=1e-8, atol=1e-10)
     assert our_losses[-1] < 0.5 * our_losses[0], our_losses
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "GRUCell"])
+def test_activation_checkpointing_gives_the_same_gradients(kind):
+    """torch.utils.checkpoint (both implementations) recomputes the layer in the backward pass and
+    gets the gradients of a plain backward; torch.inference_mode gets the plain outputs."""
+    torch.manual_seed(0)
+    module = getattr(fused_rnn, kind)(3, 4, dtype=torch.float64)
+    shape = (2, 3) if kind.endswith("Cell") else (5, 2, 3)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    def loss(input):
+        out = module(input)
+        return (out[0] if isinstance(out, tuple) else out).pow(2).sum()
+
+    def gradients(compute):  # by .backward(), which the reentrant checkpoint needs
+        wrt = [x, *module.parameters()]
+        for t in wrt:
+            t.grad = None
+        compute().backward()
+        return [t.grad for t in wrt]
+
+    plain = gradients(lambda: loss(x))
+    for reentrant in (False, True):
+        checkpointed = gradients(lambda: torch.utils.checkpoint.checkpoint(loss, x, use_reentrant=reentrant))
+        for a, b in zip(checkpointed, plain):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.inference_mode():
+        in_inference_mode = loss(x)
+    torch.testing.assert_close(in_inference_mode, loss(x).detach(), rtol=0, atol=0)
