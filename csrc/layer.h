@@ -349,22 +349,22 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
 }
 
 // Returns {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
-// gradients of absent tensors (cx, biases, w_hr), grad_input without input_grad and the weights' and
-// biases' without weight_grads are empty.
+// gradients of absent tensors (cx, biases, w_hr), grad_input without input_grad, grad_hx without
+// hx_grad and the weights' and biases' without weight_grads are empty.
 template <class Cell, class Backend>
 std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& grad_cy,
                                    const Tensor& input, const c10::optional<Tensor>& batch_sizes,
                                    const Tensor& hx, const Tensor& cx, const LayerWeights& w,
                                    const Tensor& output, const Tensor& reserve, bool has_bias,
                                    bool reverse, bool relu, bool input_grad = true, bool weight_grads = true,
-                                   at::ScalarType operands = at::ScalarType::Undefined) {
+                                   bool hx_grad = true, at::ScalarType operands = at::ScalarType::Undefined) {
   const at::ScalarType storage = input.scalar_type(), compute = compute_type<Backend>(storage);
   if (compute != storage) {
     const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
     return to_type<Backend>(layer_backward<Cell, Backend>(up(grad_output), up(grad_hy), up(grad_cy), up(input),
                                                           batch_sizes, up(hx), up(cx), to_type<Backend>(w, compute),
                                                           up(output), up(reserve), has_bias, reverse, relu,
-                                                          input_grad, weight_grads, storage),
+                                                          input_grad, weight_grads, hx_grad, storage),
                             storage);
   }
   Backend::check_dtype(storage);
@@ -481,11 +481,13 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
           pending = step.grad_hidden_gates;
           pending_end = end;
           if (project) {  // the next step's dL/dy needs dL/dh_prev first
-            grad_h_prev_from_gates<Cell>(w_hh_step, pending, a.grad_h_state, row_begin, pending_end);
+            if (hx_grad || k + 1 < T) grad_h_prev_from_gates<Cell>(w_hh_step, pending, a.grad_h_state, row_begin, pending_end);
             pending = nullptr;
           }
         }
-        if (pending != nullptr) grad_h_prev_from_gates<Cell>(w_hh_step, pending, a.grad_h_state, row_begin, pending_end);
+        // After the sequence's first step, dL/dh_prev is dL/dhx: wanted only with hx_grad.
+        if (pending != nullptr && (hx_grad || last < T))
+          grad_h_prev_from_gates<Cell>(w_hh_step, pending, a.grad_h_state, row_begin, pending_end);
       });
       const int64_t n = row_hi - row_lo;
       const Tensor dg = part(grad_gates, 0, 0, n), dgh = part(grad_hidden_gates, 0, 0, n);
@@ -516,7 +518,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   if (T == 0 && weight_grads) grad_w_ih.zero_(), grad_w_hh.zero_();  // an empty packed sequence
   if (T == 0 && bias_grads) grad_b_ih.zero_(), grad_b_hh.zero_();
   Tensor grad_cx = Cell::kHasCell ? grad_c_state : empty();
-  return {grad_input, grad_h_state, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
+  return {grad_input, hx_grad ? grad_h_state : empty(), grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
 }
 
 }  // namespace fused_rnn

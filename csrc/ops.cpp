@@ -7,7 +7,8 @@
 // (0 rows when save_reserve is false: inference, where nothing will differentiate; rnn_layer's
 // has 0 columns, as its backward reads only the output). The *_layer_backward ops return the
 // gradients of the layer op's inputs; with input_grad false, that of `input` is left out (an
-// empty tensor), and so is its GEMM; with weight_grads false, those of the weights and biases.
+// empty tensor), and so is its GEMM; with weight_grads false, those of the weights and biases;
+// with hx_grad false, that of hx, and the GEMM of the first step's dL/dh_prev.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -23,14 +24,15 @@ TORCH_LIBRARY(fused_rnn, m) {
   m.def("lstm_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, "
         "Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor output, "
         "Tensor reserve, bool has_bias, bool reverse, bool input_grad=True, "
-        "bool weight_grads=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool weight_grads=True, bool hx_grad=True) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("gru_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor? batch_sizes, Tensor hx, "
         "Tensor w_ih, Tensor w_hh, Tensor output, Tensor reserve, bool has_bias, bool reverse, bool input_grad=True, "
-        "bool weight_grads=True) "
+        "bool weight_grads=True, bool hx_grad=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("rnn_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor? batch_sizes, Tensor hx, "
         "Tensor w_ih, Tensor w_hh, Tensor output, Tensor reserve, bool has_bias, bool relu, bool reverse, "
-        "bool input_grad=True, bool weight_grads=True) "
+        "bool input_grad=True, bool weight_grads=True, bool hx_grad=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

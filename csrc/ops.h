@@ -110,11 +110,11 @@ LstmGrads lstm_layer_backward(const Tensor& grad_output, const Tensor& grad_hy, 
                               const Tensor& input, const c10::optional<Tensor>& batch_sizes, const Tensor& hx,
                               const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh,
                               const c10::optional<Tensor>& w_hr, const Tensor& output, const Tensor& reserve,
-                              bool has_bias, bool reverse, bool input_grad, bool weight_grads) {
+                              bool has_bias, bool reverse, bool input_grad, bool weight_grads, bool hx_grad) {
   const OpGuard guard;
   const LayerWeights w = weights(w_ih, w_hh, c10::nullopt, c10::nullopt, w_hr);
   auto g = layer_backward<LstmCell, Backend>(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w, output,
-                                             reserve, has_bias, reverse, false, input_grad, weight_grads);
+                                             reserve, has_bias, reverse, false, input_grad, weight_grads, hx_grad);
   return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
 }
 
@@ -122,11 +122,11 @@ template <class Cell, class Backend>
 Grads simple_layer_backward(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input,
                             const c10::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& w_ih,
                             const Tensor& w_hh, const Tensor& output, const Tensor& reserve, bool has_bias,
-                            bool relu, bool reverse, bool input_grad, bool weight_grads) {
+                            bool relu, bool reverse, bool input_grad, bool weight_grads, bool hx_grad) {
   const OpGuard guard;
   const LayerWeights w = weights(w_ih, w_hh, c10::nullopt, c10::nullopt, c10::nullopt);
   auto g = layer_backward<Cell, Backend>(grad_output, grad_hy, Tensor(), input, batch_sizes, hx, Tensor(), w,
-                                         output, reserve, has_bias, reverse, relu, input_grad, weight_grads);
+                                         output, reserve, has_bias, reverse, relu, input_grad, weight_grads, hx_grad);
   return {g[0], g[1], g[3], g[4], g[5], g[6]};
 }
 
@@ -134,18 +134,18 @@ template <class Backend>
 Grads gru_layer_backward(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input,
                          const c10::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& w_ih,
                          const Tensor& w_hh, const Tensor& output, const Tensor& reserve, bool has_bias,
-                         bool reverse, bool input_grad, bool weight_grads) {
+                         bool reverse, bool input_grad, bool weight_grads, bool hx_grad) {
   return simple_layer_backward<GruCell, Backend>(grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output,
-                                                 reserve, has_bias, false, reverse, input_grad, weight_grads);
+                                                 reserve, has_bias, false, reverse, input_grad, weight_grads, hx_grad);
 }
 
 template <class Backend>
 Grads rnn_layer_backward(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input,
                          const c10::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& w_ih,
                          const Tensor& w_hh, const Tensor& output, const Tensor& reserve, bool has_bias, bool relu,
-                         bool reverse, bool input_grad, bool weight_grads) {
+                         bool reverse, bool input_grad, bool weight_grads, bool hx_grad) {
   return simple_layer_backward<RnnCell, Backend>(grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output,
-                                                 reserve, has_bias, relu, reverse, input_grad, weight_grads);
+                                                 reserve, has_bias, relu, reverse, input_grad, weight_grads, hx_grad);
 }
 
 // Registers every op for one dispatch key (CPU, CUDA).

@@ -49,31 +49,32 @@ def _(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, relu, reverse, save_reserv
     return _fake_forward("rnn", input, batch_sizes, hx, w_ih, w_hh, save_reserve)
 
 
-def _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad, weight_grads):
+def _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad, weight_grads, hx_grad):
     def grad_of(t, wanted=True):
         return t.new_empty(t.shape if wanted else (0,))
     bias = (w_ih.new_empty((w_ih.shape[0] if has_bias and weight_grads else 0,)) for _ in range(2))
-    return (grad_of(input, input_grad), grad_of(hx), grad_of(w_ih, weight_grads), grad_of(w_hh, weight_grads), *bias)
+    return (grad_of(input, input_grad), grad_of(hx, hx_grad), grad_of(w_ih, weight_grads), grad_of(w_hh, weight_grads),
+            *bias)
 
 
 @torch.library.register_fake("fused_rnn::lstm_layer_backward")
 def _(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w_ih, w_hh, w_hr, output, reserve,
-      has_bias, reverse, input_grad=True, weight_grads=True):
-    gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad, weight_grads)
+      has_bias, reverse, input_grad=True, weight_grads=True, hx_grad=True):
+    gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad, weight_grads, hx_grad)
     gw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None and weight_grads else w_ih.new_empty((0,))
     return gi, ghx, cx.new_empty(cx.shape), gw_ih, gw_hh, gb_ih, gb_hh, gw_hr
 
 
 @torch.library.register_fake("fused_rnn::gru_layer_backward")
 def _(grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output, reserve, has_bias, reverse,
-      input_grad=True, weight_grads=True):
-    return _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad, weight_grads)
+      input_grad=True, weight_grads=True, hx_grad=True):
+    return _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad, weight_grads, hx_grad)
 
 
 @torch.library.register_fake("fused_rnn::rnn_layer_backward")
 def _(grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output, reserve, has_bias, relu, reverse,
-      input_grad=True, weight_grads=True):
-    return _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad, weight_grads)
+      input_grad=True, weight_grads=True, hx_grad=True):
+    return _fake_grads(input, hx, w_ih, w_hh, has_bias, input_grad, weight_grads, hx_grad)
 
 
 # ---- autograd ---------------------------------------------------------------------------
@@ -85,11 +86,13 @@ def _bias_grads(ctx, gb_ih, gb_hh):
 
 # The backward ops leave out the gradients nothing needs, and the GEMMs that make them (each as
 # large as the input gradient's): the input's for a first layer on data, the weights' and biases'
-# for a frozen layer (its input's then still flows back, e.g. to a trainable embedding).
+# for a frozen layer (its input's then still flows back, e.g. to a trainable embedding), hx's
+# where the initial state is zeros or data (the first step's dL/dh_prev GEMM).
 def _needed(ctx, weights):
     """(whether the input needs a gradient, whether any of the weights and biases, the op's
-    inputs in the slice `weights`, does): the backward op's input_grad and weight_grads."""
-    return ctx.needs_input_grad[0], any(ctx.needs_input_grad[weights])
+    inputs in the slice `weights`, does, whether hx does): the backward op's input_grad,
+    weight_grads and hx_grad."""
+    return ctx.needs_input_grad[0], any(ctx.needs_input_grad[weights]), ctx.needs_input_grad[2]
 
 
 def _kept(wanted, *grads):
@@ -146,12 +149,12 @@ def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_reserve):
             ctx, "lstm", (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr), (grad_out, grad_hy, grad_cy))
         return gi, None, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, None, None
     grad_out, grad_hy, grad_cy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx), _or_zeros(grad_cy, cx)
-    input_grad, weight_grads = _needed(ctx, slice(4, 9))
+    input_grad, weight_grads, hx_grad = _needed(ctx, slice(4, 9))
     gi, ghx, gcx, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = _call(
         _ops.lstm_layer_backward.default, grad_out, grad_hy, grad_cy, input, ctx.batch_sizes, hx, cx, w_ih, w_hh,
-        w_hr, out, reserve, ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, input_grad, weight_grads)
+        w_hr, out, reserve, ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, input_grad, weight_grads, hx_grad)
     weights = _kept(weight_grads, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh), gw_hr if ctx.has_w_hr else None)
-    return (*_kept(input_grad, gi), None, ghx, gcx, *weights, None, None)
+    return (*_kept(input_grad, gi), None, *_kept(hx_grad, ghx), gcx, *weights, None, None)
 
 
 def _gru_setup(ctx, inputs, output):
@@ -175,12 +178,12 @@ def _gru_backward(ctx, grad_out, grad_hy, _grad_reserve):
         return (*_simple_differentiable_grads(ctx, "gru", grad_out, grad_hy), None, None)
     input, hx, w_ih, w_hh, out, reserve, _, _ = ctx.saved_tensors
     grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
-    input_grad, weight_grads = _needed(ctx, slice(3, 7))
+    input_grad, weight_grads, hx_grad = _needed(ctx, slice(3, 7))
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _call(
         _ops.gru_layer_backward.default, grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
-        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, input_grad, weight_grads)
+        ctx.has_b_ih or ctx.has_b_hh, ctx.reverse, input_grad, weight_grads, hx_grad)
     weights = _kept(weight_grads, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh))
-    return (*_kept(input_grad, gi), None, ghx, *weights, None, None)
+    return (*_kept(input_grad, gi), None, *_kept(hx_grad, ghx), *weights, None, None)
 
 
 def _rnn_setup(ctx, inputs, output):
@@ -196,12 +199,12 @@ def _rnn_backward(ctx, grad_out, grad_hy, _grad_reserve):
         return (*_simple_differentiable_grads(ctx, "rnn", grad_out, grad_hy, ctx.relu), None, None, None)
     input, hx, w_ih, w_hh, out, reserve, _, _ = ctx.saved_tensors
     grad_out, grad_hy = _or_zeros(grad_out, out), _or_zeros(grad_hy, hx)
-    input_grad, weight_grads = _needed(ctx, slice(3, 7))
+    input_grad, weight_grads, hx_grad = _needed(ctx, slice(3, 7))
     gi, ghx, gw_ih, gw_hh, gb_ih, gb_hh = _call(
         _ops.rnn_layer_backward.default, grad_out, grad_hy, input, ctx.batch_sizes, hx, w_ih, w_hh, out, reserve,
-        ctx.has_b_ih or ctx.has_b_hh, ctx.relu, ctx.reverse, input_grad, weight_grads)
+        ctx.has_b_ih or ctx.has_b_hh, ctx.relu, ctx.reverse, input_grad, weight_grads, hx_grad)
     weights = _kept(weight_grads, gw_ih, gw_hh, *_bias_grads(ctx, gb_ih, gb_hh))
-    return (*_kept(input_grad, gi), None, ghx, *weights, None, None, None)
+    return (*_kept(input_grad, gi), None, *_kept(hx_grad, ghx), *weights, None, None, None)
 
 
 def _no_double_backward(ctx, *grads):

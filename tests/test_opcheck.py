@@ -43,16 +43,21 @@ def test_backward_op_reads_any_layout_of_the_output_gradient(kind, packed, rever
     assert_opcheck_passes(BACKWARD_OPS[kind], (_strided_like(grad_out), *args[1:]))
 
 
-@pytest.mark.parametrize("input_grad, weight_grads", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("input_grad, weight_grads, hx_grad", [(False, True, True), (True, False, True),
+                                                                (False, False, True), (True, True, False),
+                                                                (False, False, False)])
 @pytest.mark.parametrize(OPCHECK_CASE_ARGS, OPCHECK_CASES, ids=OPCHECK_CASE_IDS)
-def test_backward_op_leaves_out_unwanted_gradients(kind, packed, reverse, bias, proj, input_grad, weight_grads):
+def test_backward_op_leaves_out_unwanted_gradients(kind, packed, reverse, bias, proj, input_grad, weight_grads,
+                                                   hx_grad):
     tensors = layer_op_tensors(kind, packed, bias, proj, requires_grad=False)
     args = layer_backward_op_args(kind, tensors, reverse)
-    full, partial = BACKWARD_OPS[kind](*args), BACKWARD_OPS[kind](*args, input_grad, weight_grads)
+    flags = (input_grad, weight_grads, hx_grad)
+    full, partial = BACKWARD_OPS[kind](*args), BACKWARD_OPS[kind](*args, *flags)
     # (input, hx[, cx]) come first, then the weights' and biases' gradients.
     states = 3 if kind == "LSTM" else 2
-    wanted = [input_grad] + [True] * (states - 1) + [weight_grads] * (len(full) - states)
+    wanted = [input_grad, hx_grad] + [True] * (states - 2) + [weight_grads] * (len(full) - states)
     for f, p, want in zip(full, partial, wanted):
         assert torch.equal(f, p) if want else p.numel() == 0
-    assert full[0].shape == tensors["input"].shape and full[states].shape == tensors["w_ih"].shape
-    assert_opcheck_passes(BACKWARD_OPS[kind], (*args, input_grad, weight_grads))
+    assert full[0].shape == tensors["input"].shape and full[1].shape == tensors["hx"].shape
+    assert full[states].shape == tensors["w_ih"].shape
+    assert_opcheck_passes(BACKWARD_OPS[kind], (*args, *flags))

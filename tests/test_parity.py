@@ -290,7 +290,7 @@ def test_layer_matches_nn_across_kernel_blocks_and_backward_chunks(kind, form):
 
 
 class BackwardOpCalls(TorchDispatchMode):
-    """Records the (input_grad, weight_grads) arguments of every fused_rnn backward op call."""
+    """Records the (input_grad, weight_grads, hx_grad) arguments of every fused_rnn backward op call."""
 
     def __init__(self):
         super().__init__()
@@ -301,7 +301,7 @@ class BackwardOpCalls(TorchDispatchMode):
         if func.namespace == "fused_rnn" and func.__name__.endswith("_backward.default"):
             named = {a.name: a.default_value for a in func._schema.arguments}
             named.update(zip([a.name for a in func._schema.arguments], args), **kwargs)
-            self.flags.append((named["input_grad"], named["weight_grads"]))
+            self.flags.append((named["input_grad"], named["weight_grads"], named["hx_grad"]))
         return func(*args, **kwargs)
 
 
@@ -309,13 +309,31 @@ class BackwardOpCalls(TorchDispatchMode):
 def test_data_input_needs_no_input_gradient(kind):
     # The first layer's input is data: its backward ops leave out the input gradient, the next
     # layer's compute it (for the first layer's output); the parameters' gradients match torch.nn.
+    # The initial states are zeros: no op computes their gradient.
     ref, ours = make_kind_pair(kind, INPUT_SIZE, HIDDEN[torch.float64], num_layers=2, bidirectional=True,
                                dtype=torch.float64)
     x = torch.randn(STEPS, BATCH, INPUT_SIZE, dtype=torch.float64)
     recorder = BackwardOpCalls()
     with recorder:
         assert_same_outputs_and_grads(ref, ours, {}, lambda m: m(x), torch.float64)
-    assert recorder.flags == [(True, True)] * 2 + [(False, True)] * 2
+    assert recorder.flags == [(True, True, False)] * 2 + [(False, True, False)] * 2
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_initial_state_gradients_are_computed_where_wanted(kind):
+    # Initial states that need a gradient get it from every layer's op (and match torch.nn's);
+    # without one passed (zeros), no op computes it (data_input test above).
+    ref, ours = make_kind_pair(kind, INPUT_SIZE, HIDDEN[torch.float64], num_layers=2, bidirectional=True,
+                               dtype=torch.float64)
+    x = torch.randn(STEPS, BATCH, INPUT_SIZE, dtype=torch.float64)
+    leaves = {"h0": leaf(4, BATCH, HIDDEN[torch.float64])}
+    if kind == "LSTM":
+        leaves["c0"] = leaf(4, BATCH, HIDDEN[torch.float64])
+    state = (leaves["h0"], leaves["c0"]) if kind == "LSTM" else leaves["h0"]
+    recorder = BackwardOpCalls()
+    with recorder:
+        assert_same_outputs_and_grads(ref, ours, leaves, lambda m: m(x, state), torch.float64)
+    assert recorder.flags == [(True, True, True)] * 2 + [(False, True, True)] * 2
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
@@ -330,5 +348,5 @@ def test_frozen_layers_compute_no_weight_gradients(kind):
     recorder = BackwardOpCalls()
     with recorder:
         assert_same_outputs_and_grads(ref, ours, {"input": x}, lambda m: m(x), torch.float64, module_params=False)
-    assert recorder.flags == [(True, False)] * 4
+    assert recorder.flags == [(True, False, False)] * 4
     assert all(p.grad is None for p in ours.parameters())
