@@ -231,6 +231,30 @@ def test_single_step_and_single_sequence(kind, steps, batch, form):
     assert_same_outputs_and_grads(ref, ours, leaves, call, torch.float64)
 
 
+# Calls of fewer than 4 steps lay the per-step weights out in panels only from 16 rows in all
+# (forward; 32 for the backward's), else their GEMMs go to BLAS: each side of both thresholds,
+# with a partial register block of rows (17, 33), both directions and the LSTM projection.
+@pytest.mark.parametrize("steps,batch", [(1, 15), (1, 17), (1, 33), (2, 8), (3, 11)])
+@pytest.mark.parametrize("form", ["3d", "packed_unsorted"])
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_few_steps_either_side_of_the_panel_thresholds(kind, form, steps, batch):
+    proj = {"proj_size": 7} if kind == "LSTM" else {}
+    ref, ours = make_kind_pair(kind, INPUT_SIZE, 20, num_layers=2, bidirectional=True, dtype=torch.float64, **proj)
+    leaves = {"input": leaf(steps, batch, INPUT_SIZE)}
+    assert_same_outputs_and_grads(ref, ours, leaves, call_with_mixed_lengths(leaves["input"], form), torch.float64)
+
+
+@pytest.mark.parametrize("batch", [15, 17, 33])
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_cell_either_side_of_the_panel_thresholds(kind, batch):
+    ref, ours = make_kind_pair(kind, INPUT_SIZE, 20, dtype=torch.float64)
+    leaves = {"input": leaf(batch, INPUT_SIZE), "h0": leaf(batch, 20)}
+    if kind == "LSTMCell":
+        leaves["c0"] = leaf(batch, 20)
+    state = lambda: (leaves["h0"], leaves["c0"]) if kind == "LSTMCell" else leaves["h0"]  # noqa: E731
+    assert_same_outputs_and_grads(ref, ours, leaves, lambda m: m(leaves["input"], state()), torch.float64)
+
+
 @pytest.mark.parametrize("kind", list(LAYER_KINDS))
 def test_expanded_and_partial_upstream_gradients(kind):
     """Losses whose upstream gradients are stride-0 expansions (plain .sum()), or that use
