@@ -187,11 +187,12 @@ at::ScalarType compute_type(at::ScalarType t) {
   return !Backend::kHalfKernels && (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
-// A copy in another scalar type, in memory from Backend::empty: on CPU the float32 copies of a
-// half-precision layer then reuse the blocks that earlier ones (the forward's) gave back.
+// A copy in another scalar type (t itself where it already has it), in memory from
+// Backend::empty: on CPU the float32 copies of a half-precision layer then reuse the blocks that
+// earlier ones (the forward's) gave back.
 template <class Backend>
 Tensor to_type(const Tensor& t, at::ScalarType type) {
-  if (!t.defined()) return t;
+  if (!t.defined() || t.scalar_type() == type) return t;
   Tensor copy = Backend::empty(t.sizes(), t.options().dtype(type));
   copy.copy_(t);
   return copy;
@@ -235,14 +236,16 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
                                   bool reverse, bool relu, bool save_reserve,
                                   at::ScalarType operands = at::ScalarType::Undefined) {
   // A storage type computed in a wider one: the state is carried between steps unrounded, and
-  // only the results (reserve included) are rounded to the storage type.
+  // the results are rounded to the storage type, except the reserve: only the backward reads it,
+  // and rounding it would cost a copy here and one back there, both alive with it at the peak.
   const at::ScalarType storage = input_.scalar_type(), compute = compute_type<Backend>(storage);
   if (compute != storage) {
     const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
-    return to_type<Backend>(layer_forward<Cell, Backend>(up(input_), batch_sizes, up(hx), up(cx),
-                                                         to_type<Backend>(w, compute), reverse, relu, save_reserve,
-                                                         storage),
-                            storage);
+    std::vector<Tensor> results = layer_forward<Cell, Backend>(up(input_), batch_sizes, up(hx), up(cx),
+                                                               to_type<Backend>(w, compute), reverse, relu,
+                                                               save_reserve, storage);
+    for (size_t i = 0; i + 1 < results.size(); ++i) results[i] = to_type<Backend>(results[i], storage);
+    return results;
   }
   Backend::check_dtype(storage);
   const auto device_guard = Backend::guard(input_.device());

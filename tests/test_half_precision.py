@@ -1,5 +1,6 @@
 """float16 and bfloat16 on CPU, and CPU autocast. fused_rnn runs half-precision layers in float32
-(state carried between steps unrounded, results rounded to the storage type; on AVX512-BF16 the
+(state carried between steps unrounded, results rounded to the storage type but the activations
+saved for the backward kept in float32; on AVX512-BF16 the
 bfloat16 GEMMs multiply operands rounded to bfloat16); torch.nn runs them through oneDNN or per-step
 ATen ops that round every intermediate. So: close to torch.nn in the same
 dtype, at least as accurate as it against float64, same dtypes out, and inside torch.autocast("cpu")
@@ -11,10 +12,11 @@ import torch
 
 import fused_rnn
 
-from helpers import (CELL_KINDS, INPUT_SIZE, LAYER_GRID_ARGS, LAYER_KINDS, OPCHECK_CASE_ARGS, OPCHECK_CASE_IDS,
-                     OPCHECK_CASES, PROJ_SIZE, SCALED_TOLERANCE, assert_backward_op_opcheck_passes,
-                     assert_layer_op_opcheck_passes, assert_same_results, layer_call, layer_grid, layer_leaves,
-                     make_kind_pair, named_outputs_and_grads, output_tensors)
+from helpers import (BACKWARD_OPS, CELL_KINDS, INPUT_SIZE, LAYER_GRID_ARGS, LAYER_KINDS, LAYER_OPS, OPCHECK_CASE_ARGS,
+                     OPCHECK_CASE_IDS, OPCHECK_CASES, PROJ_SIZE, SCALED_TOLERANCE, assert_backward_op_opcheck_passes,
+                     assert_layer_op_opcheck_passes, assert_same_results, layer_backward_op_args, layer_call,
+                     layer_grid, layer_leaves, layer_op_args, layer_op_tensors, make_kind_pair,
+                     named_outputs_and_grads, output_tensors)
 
 pytestmark = pytest.mark.usefixtures("torch_test_state")
 
@@ -125,16 +127,36 @@ def test_state_is_not_rounded_between_steps():
 
 # ---- the raw ops ---------------------------------------------------------------------------------
 
+# Every LSTM case, and packed, reversed, with biases for the other ops.
+HALF_OPCHECK = [i for i, case in enumerate(OPCHECK_CASES) if case[0] == "LSTM" or case[1:] == (True, True, True, False)]
+
+
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=HALF_IDS)
-@pytest.mark.parametrize(OPCHECK_CASE_ARGS, OPCHECK_CASES[:6], ids=OPCHECK_CASE_IDS[:6])
+@pytest.mark.parametrize(OPCHECK_CASE_ARGS, [OPCHECK_CASES[i] for i in HALF_OPCHECK],
+                         ids=[OPCHECK_CASE_IDS[i] for i in HALF_OPCHECK])
 def test_forward_op_opcheck(kind, packed, reverse, bias, proj, dtype):
     assert_layer_op_opcheck_passes(kind, packed, reverse, bias, proj, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=HALF_IDS)
-@pytest.mark.parametrize(OPCHECK_CASE_ARGS, OPCHECK_CASES[:6], ids=OPCHECK_CASE_IDS[:6])
+@pytest.mark.parametrize(OPCHECK_CASE_ARGS, [OPCHECK_CASES[i] for i in HALF_OPCHECK],
+                         ids=[OPCHECK_CASE_IDS[i] for i in HALF_OPCHECK])
 def test_backward_op_opcheck(kind, packed, reverse, bias, proj, dtype):
     assert_backward_op_opcheck_passes(kind, packed, reverse, bias, proj, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=HALF_IDS)
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_reserve_stays_float32_and_the_rest_is_rounded(kind, dtype):
+    """A half-precision layer op on CPU returns its outputs and states in the storage dtype but
+    keeps the activations for the backward in float32, as it computed them (no rounding copy, no
+    copy back); the backward op reads that reserve and returns gradients in the storage dtype."""
+    tensors = layer_op_tensors(kind, False, True, False, requires_grad=False, dtype=dtype)
+    *results, reserve = LAYER_OPS[kind](*layer_op_args(kind, tensors, False))
+    assert [t.dtype for t in results] == [dtype] * len(results)
+    assert reserve.dtype == torch.float32 and reserve.shape[0] == (0 if kind.startswith("RNN") else 12)
+    grads = BACKWARD_OPS[kind](*layer_backward_op_args(kind, tensors, False))
+    assert [g.dtype for g in grads] == [dtype] * len(grads)
 
 
 # ---- CPU autocast --------------------------------------------------------------------------------
