@@ -117,19 +117,22 @@ inline Steps make_steps(const Tensor& input, const c10::optional<Tensor>& batch_
 inline int64_t max_batch(const Steps& s) { return s.count() ? s.batch[0] : 0; }
 
 // For each row of the steps [t_lo, t_hi), the state it started from: the same row of the step
-// before it in processing order, or the initial state for rows that begin there. Unpacked, this
-// is a view of `seq` except in the chunk holding the first step; packed, it is gathered.
+// before it in processing order, or the initial state for rows that begin there, in init's
+// dtype. Unpacked, this is a view of `seq` (where it has that dtype) except in the chunk holding
+// the first step; packed, it is gathered.
 inline Tensor previous_states(const Tensor& seq, const Tensor& init, const Steps& s, bool reverse, int64_t t_lo,
                               int64_t t_hi) {
   const int64_t T = s.count(), B = max_batch(s);
   const int64_t row_lo = s.offset[t_lo], row_hi = t_hi < T ? s.offset[t_hi] : s.rows, n = row_hi - row_lo;
+  const auto in_init_type = [&](const Tensor& t) { return t.to(init.scalar_type()); };
   if (!s.packed) {
     const int64_t from = reverse ? row_lo + B : row_lo - B;  // first row of the step before
-    if (reverse ? t_hi < T : t_lo > 0) return seq.narrow(0, from, n);
+    if (reverse ? t_hi < T : t_lo > 0) return in_init_type(seq.narrow(0, from, n));
     if (n == B) return init;
-    return reverse ? at::cat({seq.narrow(0, from, n - B), init}) : at::cat({init, seq.narrow(0, row_lo, n - B)});
+    return reverse ? at::cat({in_init_type(seq.narrow(0, from, n - B)), init})
+                   : at::cat({init, in_init_type(seq.narrow(0, row_lo, n - B))});
   }
-  Tensor prev = at::empty({n, seq.size(1)}, seq.options());
+  Tensor prev = at::empty({n, seq.size(1)}, init.options());
   for (int64_t t = t_lo; t < t_hi; ++t) {
     const int64_t bs = s.batch[t], row = s.offset[t] - row_lo;
     const int64_t before = reverse ? t + 1 : t - 1;
@@ -236,16 +239,14 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
                                   bool reverse, bool relu, bool save_reserve,
                                   at::ScalarType operands = at::ScalarType::Undefined) {
   // A storage type computed in a wider one: the state is carried between steps unrounded, and
-  // the results are rounded to the storage type, except the reserve: only the backward reads it,
-  // and rounding it would cost a copy here and one back there, both alive with it at the peak.
+  // the results are rounded to the storage type (the reserve a chunk of steps at a time, below).
   const at::ScalarType storage = input_.scalar_type(), compute = compute_type<Backend>(storage);
   if (compute != storage) {
     const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
-    std::vector<Tensor> results = layer_forward<Cell, Backend>(up(input_), batch_sizes, up(hx), up(cx),
-                                                               to_type<Backend>(w, compute), reverse, relu,
-                                                               save_reserve, storage);
-    for (size_t i = 0; i + 1 < results.size(); ++i) results[i] = to_type<Backend>(results[i], storage);
-    return results;
+    return to_type<Backend>(layer_forward<Cell, Backend>(up(input_), batch_sizes, up(hx), up(cx),
+                                                         to_type<Backend>(w, compute), reverse, relu, save_reserve,
+                                                         storage),
+                            storage);
   }
   Backend::check_dtype(storage);
   const auto device_guard = Backend::guard(input_.device());
@@ -291,16 +292,21 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     const auto w_hh_t = Backend::template recurrent_weight<Cell, S>(ptr<S>(w.w_hh), H_out, H, B, T,
                                                                     may_fold ? w.w_ih : Tensor(), bias, operands);
     const bool folded = w_hh_t.folded_input > 0;
-    // The gate buffer: the reserve itself when it is kept (its rows start as the gate
-    // pre-activations and end as what backward reads). Else, with the input folded in, a step's
-    // gates come from its own GEMM alone: every step reuses the same rows, which stay in cache.
-    // Else a reused buffer takes the projected input of a chunk of steps at a time, about
-    // Backend::kForwardChunkValues gate values.
-    const bool reuse_rows = folded && !keep;
-    const int64_t chunk = keep || reuse_rows ? std::max<int64_t>(T, 1)
-                                             : std::max<int64_t>(1, Backend::kForwardChunkValues / std::max<int64_t>(1, B * width));
-    reserve = keep ? Backend::empty({s.rows, R}, opts)
-                   : Backend::scratch(Scratch::kGates, {reuse_rows ? B : std::min(s.rows, chunk * B), width}, opts);
+    // The gate buffer: the reserve itself when it is kept in the compute type (its rows start as
+    // the gate pre-activations and end as what backward reads). Else, with the input folded in
+    // and no reserve, a step's gates come from its own GEMM alone: every step reuses the same
+    // rows, which stay in cache. Else a reused buffer takes the projected input of a chunk of
+    // steps at a time, about Backend::kForwardChunkValues gate values; a reserve in the storage
+    // type gets each chunk's saved values, rounded, after the chunk.
+    const bool round_reserve = keep && operands != at::ScalarType::Undefined;
+    const bool gates_in_reserve = keep && !round_reserve, reuse_rows = folded && !keep;
+    const int64_t chunk = gates_in_reserve || reuse_rows
+                              ? std::max<int64_t>(T, 1)
+                              : std::max<int64_t>(1, Backend::kForwardChunkValues / std::max<int64_t>(1, B * width));
+    if (keep) reserve = Backend::empty({s.rows, R}, round_reserve ? opts.dtype(operands) : opts);
+    const Tensor gates = gates_in_reserve ? reserve
+                                          : Backend::scratch(Scratch::kGates,
+                                                             {reuse_rows ? B : std::min(s.rows, chunk * B), width}, opts);
     const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias, folded ? 0 : s.rows, operands);
     const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? T : 0,
                                                          Scratch::kProjectionWeight, at::ScalarType::Undefined);
@@ -309,9 +315,9 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
       const int64_t last = std::min(T, first + chunk);
       const int64_t t_lo = reverse ? T - last : first, t_hi = reverse ? T - first : last;
       const int64_t row_lo = s.offset[t_lo], row_hi = t_hi < T ? s.offset[t_hi] : s.rows;
-      const int64_t reserve_lo = keep ? row_lo : 0;  // gate buffer row of row_lo
+      const int64_t gates_lo = gates_in_reserve ? row_lo : 0;  // gate buffer row of row_lo
       if (!folded) {
-        Tensor chunk_gates = part(part(reserve, 0, reserve_lo, row_hi - row_lo), 1, 0, G * H);
+        Tensor chunk_gates = part(part(gates, 0, gates_lo, row_hi - row_lo), 1, 0, G * H);
         w_ih_t.apply_out(chunk_gates, part(x, 0, row_lo, row_hi - row_lo));
       }
       Backend::for_each_row_group(s, t_lo, t_hi, w_hh_t.row_groups, [&](int64_t row_begin, int64_t row_end) {
@@ -320,7 +326,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
           const int64_t t = reverse ? T - 1 - k : k;
           const int64_t end = std::min(s.batch[t], row_end), row = s.offset[t];
           if (end <= row_begin) continue;
-          step.reserve = ptr<S>(reserve) + (reuse_rows ? 0 : (row - row_lo + reserve_lo) * width);
+          step.reserve = ptr<S>(gates) + (reuse_rows ? 0 : (row - row_lo + gates_lo) * width);
           step.output = ptr<S>(output) + row * H_out;
           // h_prev in place for the GEMM: hx at the first step, else the previous step's output
           // rows; none where some rows start from hx mid-sequence (packed, time reversed).
@@ -343,6 +349,8 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
           }
         }
       });
+      if (round_reserve)
+        part(reserve, 0, row_lo, row_hi - row_lo).copy_(part(part(gates, 0, 0, row_hi - row_lo), 1, 0, R));
     }
   });
 
@@ -351,26 +359,19 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
   return {output, h_state, c_state, reserve};
 }
 
-// Returns {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
-// gradients of absent tensors (cx, biases, w_hr), grad_input without input_grad, grad_hx without
-// hx_grad and the weights' and biases' without weight_grads are empty.
+// layer_backward with every tensor in the type the layer computes in, except perhaps `input`,
+// `grad_output` and `reserve` (their storage type `operands`, else undefined: see
+// Backend::recurrent_weight).
 template <class Cell, class Backend>
-std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& grad_cy,
-                                   const Tensor& input, const c10::optional<Tensor>& batch_sizes,
-                                   const Tensor& hx, const Tensor& cx, const LayerWeights& w,
-                                   const Tensor& output, const Tensor& reserve, bool has_bias,
-                                   bool reverse, bool relu, bool input_grad = true, bool weight_grads = true,
-                                   bool hx_grad = true, at::ScalarType operands = at::ScalarType::Undefined) {
-  const at::ScalarType storage = input.scalar_type(), compute = compute_type<Backend>(storage);
-  if (compute != storage) {
-    const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
-    return to_type<Backend>(layer_backward<Cell, Backend>(up(grad_output), up(grad_hy), up(grad_cy), up(input),
-                                                          batch_sizes, up(hx), up(cx), to_type<Backend>(w, compute),
-                                                          up(output), up(reserve), has_bias, reverse, relu,
-                                                          input_grad, weight_grads, hx_grad, storage),
-                            storage);
-  }
-  Backend::check_dtype(storage);
+std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, const Tensor& grad_hy,
+                                                   const Tensor& grad_cy, const Tensor& input,
+                                                   const c10::optional<Tensor>& batch_sizes, const Tensor& hx,
+                                                   const Tensor& cx, const LayerWeights& w, const Tensor& output,
+                                                   const Tensor& reserve, bool has_bias, bool reverse, bool relu,
+                                                   bool input_grad, bool weight_grads, bool hx_grad,
+                                                   at::ScalarType operands) {
+  const at::ScalarType compute = hx.scalar_type();
+  Backend::check_dtype(compute);
   const auto device_guard = Backend::guard(input.device());
   const Steps s = make_steps(input, batch_sizes);
   const int64_t I = w.w_ih.size(1), G = Cell::kGates, H = w.w_ih.size(0) / G;
@@ -378,13 +379,16 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   const bool project = w.w_hr.defined();
   const int64_t B = hx.size(0), R = reserve.size(1);
   const Tensor x = input.reshape({s.rows, I}).contiguous();
-  const auto opts = x.options();
+  const auto opts = hx.options();
   const Tensor out = output.reshape({s.rows, H_out}).contiguous();
   // dL/d output read in place where its rows are evenly spaced with unit column stride (as a
   // direction's half of a bidirectional layer's gradient is); the projection's sums need it dense.
   Tensor grad_out = grad_output.reshape({s.rows, H_out});
   if (project || (grad_out.stride(1) != 1 && H_out > 1) || grad_out.stride(0) < H_out) grad_out = grad_out.contiguous();
-  const int64_t ld_grad_out = grad_out.stride(0);
+  // Rows [row, row + n) of x, grad_out or the reserve, in the compute type (in place where they have it).
+  const auto rows_in_compute_type = [&](const Tensor& t, int64_t row, int64_t n) {
+    return to_type<Backend>(part(t, 0, row, n), compute);
+  };
   const Tensor res = reserve.contiguous();
 
   const Tensor h_init = hx.contiguous(), c_init = Cell::kHasCell ? cx.contiguous() : Tensor();
@@ -419,7 +423,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   Tensor grad_b_hh = bias_grads ? Backend::empty({G * H}, opts) : empty();
   Tensor grad_w_hr = project && weight_grads ? Backend::empty(w.w_hr.sizes(), opts) : empty();
 
-  dispatch_kernel_type<Backend>(x.scalar_type(), [&](auto zero) {
+  dispatch_kernel_type<Backend>(compute, [&](auto zero) {
     using S = decltype(zero);
     StepBackward<S> a{};
     a.ld_reserve = R;
@@ -447,6 +451,9 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
       // c_prev, and W_hh's gradient h_prev.
       const Tensor h_prev = previous_states(out, h_init, s, reverse, t_lo, t_hi);
       const Tensor c_prev = Cell::kHasCell ? previous_states(res.narrow(1, 4 * H, H), c_init, s, reverse, t_lo, t_hi) : Tensor();
+      const Tensor grad_out_rows = rows_in_compute_type(grad_out, row_lo, row_hi - row_lo);
+      const Tensor res_rows = R > 0 ? rows_in_compute_type(res, row_lo, row_hi - row_lo) : res;  // RNN: none
+      const int64_t ld_grad_out = grad_out_rows.stride(0);
       a.ld_prev = Cell::kHasCell ? c_prev.stride(0) : h_prev.stride(0);
       Backend::for_each_row_group(s, t_lo, t_hi, w_hh_step.row_groups, [&](int64_t row_begin, int64_t row_end) {
         StepBackward<S> step = a;
@@ -462,7 +469,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
           if (project) {
             // dL/dy = dL/dy from above + from the next step, then back through W_hr.
             S* dy = ptr<S>(grad_projected) + (row + row_begin) * H_out;
-            const S* from_above = ptr<S>(grad_out) + (row + row_begin) * H_out;
+            const S* from_above = ptr<S>(grad_out_rows) + (row - row_lo + row_begin) * H_out;
             const S* from_next = ptr<S>(grad_h_state) + row_begin * H_out;
             Backend::template add<S>(dy, from_above, from_next, n * H_out);
             w_hr_step.gemm(n, dy, H_out, S(0), ptr<S>(grad_unprojected) + row_begin * H, H);
@@ -470,11 +477,11 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
             step.ld_grad_h = H;
             step.grad_h_rec = nullptr;
           } else {
-            step.grad_h = ptr<S>(grad_out) + row * ld_grad_out;
+            step.grad_h = ptr<S>(grad_out_rows) + (row - row_lo) * ld_grad_out;
             step.ld_grad_h = ld_grad_out;
             step.grad_h_rec = ptr<S>(grad_h_state);
           }
-          step.reserve = ptr<S>(res) + row * R;
+          step.reserve = ptr<S>(res_rows) + (row - row_lo) * R;
           step.output = ptr<S>(out) + row * H_out;
           step.h_prev = ptr<S>(h_prev) + (row - row_lo) * a.ld_prev;
           step.c_prev = Cell::kHasCell ? ptr<S>(c_prev) + (row - row_lo) * a.ld_prev : nullptr;
@@ -499,7 +506,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
         w_ih_step.apply_out(grad_input_rows, dg);
       }
       if (weight_grads) {
-        Backend::template weight_grad_out<S>(grad_w_ih, dg, part(x, 0, row_lo, n), first > 0, operands);
+        Backend::template weight_grad_out<S>(grad_w_ih, dg, rows_in_compute_type(x, row_lo, n), first > 0, operands);
         Backend::template weight_grad_out<S>(grad_w_hh, dgh, h_prev, first > 0, operands);
       }
       if (bias_grads) {
@@ -513,7 +520,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
       }
     }
     if (project && weight_grads)
-      Backend::template weight_grad_out<S>(grad_w_hr, grad_projected, res.narrow(1, 5 * H, H), false);
+      Backend::template weight_grad_out<S>(grad_w_hr, grad_projected, to_type<Backend>(res.narrow(1, 5 * H, H), compute),
+                                           false);
     if (bias_grads && !Cell::kSeparateHiddenGates && T > 0)
       Backend::template copy<S>(ptr<S>(grad_b_hh), ptr<S>(grad_b_ih), G * H);
   });
@@ -522,6 +530,34 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
   if (T == 0 && bias_grads) grad_b_ih.zero_(), grad_b_hh.zero_();
   Tensor grad_cx = Cell::kHasCell ? grad_c_state : empty();
   return {grad_input, hx_grad ? grad_h_state : empty(), grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
+}
+
+// Returns {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
+// gradients of absent tensors (cx, biases, w_hr), grad_input without input_grad, grad_hx without
+// hx_grad and the weights' and biases' without weight_grads are empty.
+template <class Cell, class Backend>
+std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& grad_cy,
+                                   const Tensor& input, const c10::optional<Tensor>& batch_sizes,
+                                   const Tensor& hx, const Tensor& cx, const LayerWeights& w,
+                                   const Tensor& output, const Tensor& reserve, bool has_bias,
+                                   bool reverse, bool relu, bool input_grad = true, bool weight_grads = true,
+                                   bool hx_grad = true) {
+  const at::ScalarType storage = input.scalar_type(), compute = compute_type<Backend>(storage);
+  for (const Tensor* t : {&grad_output, &grad_hy, &grad_cy, &hx, &cx, &w.w_ih, &w.w_hh, &w.w_hr, &output, &reserve})
+    TORCH_CHECK(!t->defined() || t->scalar_type() == storage, "fused_rnn: expected all tensors to be ", storage,
+                ", got ", t->scalar_type());
+  if (compute == storage)
+    return layer_backward_in_compute_type<Cell, Backend>(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w,
+                                                         output, reserve, has_bias, reverse, relu, input_grad,
+                                                         weight_grads, hx_grad, at::ScalarType::Undefined);
+  // A storage type computed in a wider one: the input, dL/d output and the reserve, the largest
+  // tensors, are converted a chunk of rows at a time as the backward reaches them; the rest up front.
+  const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
+  return to_type<Backend>(layer_backward_in_compute_type<Cell, Backend>(
+                              grad_output, up(grad_hy), up(grad_cy), input, batch_sizes, up(hx), up(cx),
+                              to_type<Backend>(w, compute), up(output), reserve, has_bias, reverse, relu,
+                              input_grad, weight_grads, hx_grad, storage),
+                          storage);
 }
 
 }  // namespace fused_rnn

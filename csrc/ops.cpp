@@ -5,8 +5,7 @@
 // is given; `reverse` runs time backwards. Outputs: output [T, B, H_out] or [N, H_out],
 // the final state(s) [B, ·], and `reserve`, the saved activations the backward op reads
 // (0 rows when save_reserve is false: inference, where nothing will differentiate; rnn_layer's
-// has 0 columns, as its backward reads only the output), in float32 for a float16 or bfloat16
-// layer on CPU (which computes in float32), else in the input's dtype. The *_layer_backward ops return the
+// has 0 columns, as its backward reads only the output). The *_layer_backward ops return the
 // gradients of the layer op's inputs; with input_grad false, that of `input` is left out (an
 // empty tensor), and so is its GEMM; with weight_grads false, those of the weights and biases;
 // with hx_grad false, that of hx, and the GEMM of the first step's dL/dh_prev.

@@ -29,10 +29,7 @@ def _fake_forward(mode, input, batch_sizes, hx, w_ih, w_hh, save_reserve, w_hr=N
     else:
         rows, out_shape = input.shape[0] * input.shape[1], (input.shape[0], input.shape[1], h_out)
     width = _reserve_width(mode, hidden, w_hr is not None)
-    # A float16/bfloat16 layer on CPU computes in float32 and keeps its reserve so.
-    computes_wider = input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16)
-    reserve = input.new_empty((rows if save_reserve and width else 0, width),
-                              dtype=torch.float32 if computes_wider else input.dtype)
+    reserve = input.new_empty((rows if save_reserve and width else 0, width))
     return input.new_empty(out_shape), hx.new_empty((hx.shape[0], h_out)), reserve
 
 

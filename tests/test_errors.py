@@ -12,6 +12,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
 
+from helpers import BACKWARD_OPS, layer_backward_op_args, layer_op_tensors
+
 pytestmark = pytest.mark.usefixtures("torch_test_state")
 
 LAYERS = ["LSTM", "GRU", "RNN"]
@@ -174,3 +176,25 @@ def test_dropout_with_two_layers_does_not_warn(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         getattr(fused_rnn, name)(4, 6, 2, dropout=0.3)
+
+
+# ---- the raw ops (what the modules' checks leave to them) ----------------------------------------
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
+def test_backward_op_refuses_tensors_of_another_dtype(kind):
+    """A direct backward op call with a tensor of another dtype than the input (which the op would
+    read with the wrong element size), the reserve included, raises a RuntimeError naming both
+    dtypes instead of reading out of bounds."""
+    args = list(layer_backward_op_args(kind, layer_op_tensors(kind, False, True, False, requires_grad=False), False))
+    hx_at = 5 if kind == "LSTM" else 4
+    for position in (0, hx_at):  # grad_output, hx
+        bad = list(args)
+        bad[position] = bad[position].float()
+        with pytest.raises(RuntimeError, match=r"expected all tensors to be Double, got Float"):
+            BACKWARD_OPS[kind](*bad)
+    half = list(layer_backward_op_args(kind, layer_op_tensors(kind, False, True, False, requires_grad=False,
+                                                              dtype=torch.bfloat16), False))
+    reserve_at = 11 if kind == "LSTM" else 8
+    half[reserve_at] = half[reserve_at].float()
+    with pytest.raises(RuntimeError, match=r"expected all tensors to be BFloat16, got Float"):
+        BACKWARD_OPS[kind](*half)
