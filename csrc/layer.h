@@ -228,27 +228,16 @@ Tensor fold_biases(const LayerWeights& w, int64_t H, const at::TensorOptions& op
   return bias;
 }
 
-// Returns {output, h_n, c_n (LSTM only, else undefined), reserve}. Without `save_reserve`
-// (inference), and for cells whose backward reads none (RNN), the reserve comes back with 0 rows:
-// the gates are then computed a chunk of time steps at a time into a small reused buffer.
-// `operands`: the layer's storage type where it computes in a wider one (else undefined); the
-// backend may round the forward GEMMs' operands to it (see Backend::recurrent_weight).
+// layer_forward with every tensor in the type the layer computes in, except perhaps `input_`
+// (in its storage type `operands`, else undefined; the backend may round the forward GEMMs'
+// operands to it, see Backend::recurrent_weight).
 template <class Cell, class Backend>
-std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tensor>& batch_sizes,
-                                  const Tensor& hx, const Tensor& cx, const LayerWeights& w,
-                                  bool reverse, bool relu, bool save_reserve,
-                                  at::ScalarType operands = at::ScalarType::Undefined) {
-  // A storage type computed in a wider one: the state is carried between steps unrounded, and
-  // the results are rounded to the storage type (the reserve a chunk of steps at a time, below).
-  const at::ScalarType storage = input_.scalar_type(), compute = compute_type<Backend>(storage);
-  if (compute != storage) {
-    const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
-    return to_type<Backend>(layer_forward<Cell, Backend>(up(input_), batch_sizes, up(hx), up(cx),
-                                                         to_type<Backend>(w, compute), reverse, relu, save_reserve,
-                                                         storage),
-                            storage);
-  }
-  Backend::check_dtype(storage);
+std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c10::optional<Tensor>& batch_sizes,
+                                                  const Tensor& hx, const Tensor& cx, const LayerWeights& w,
+                                                  bool reverse, bool relu, bool save_reserve,
+                                                  at::ScalarType operands) {
+  const at::ScalarType compute = hx.scalar_type();
+  Backend::check_dtype(compute);
   const auto device_guard = Backend::guard(input_.device());
   const Steps s = make_steps(input_, batch_sizes);
   const int64_t T = s.count(), I = w.w_ih.size(1), G = Cell::kGates, H = w.w_ih.size(0) / G;
@@ -256,7 +245,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
   const bool project = w.w_hr.defined();
   const int64_t B = hx.size(0);
   const Tensor x = input_.reshape({s.rows, I}).contiguous();
-  const auto opts = x.options();
+  const auto opts = hx.options();
 
   // RNN keeps no reserve: its backward reads only h.
   const int64_t R = Cell::reserve_width(H, project), width = std::max<int64_t>(R, G * H);
@@ -269,7 +258,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
   Tensor output = Backend::empty({s.rows, H_out}, opts);
   Tensor hidden_gates = Cell::kSeparateHiddenGates ? Backend::scratch(Scratch::kHiddenGates, {B, G * H}, opts) : Tensor();
 
-  dispatch_kernel_type<Backend>(x.scalar_type(), [&](auto zero) {
+  dispatch_kernel_type<Backend>(compute, [&](auto zero) {
     using S = decltype(zero);
     StepForward<S> a{};
     a.ld_reserve = width;
@@ -297,7 +286,9 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
     // and no reserve, a step's gates come from its own GEMM alone: every step reuses the same
     // rows, which stay in cache. Else a reused buffer takes the projected input of a chunk of
     // steps at a time, about Backend::kForwardChunkValues gate values; a reserve in the storage
-    // type gets each chunk's saved values, rounded, after the chunk.
+    // type gets each chunk's saved values, rounded, after the chunk. An input in the storage type
+    // is converted a chunk at a time (all at once with reused rows: one chunk keeps the threads
+    // on their own rows for the whole sequence).
     const bool round_reserve = keep && operands != at::ScalarType::Undefined;
     const bool gates_in_reserve = keep && !round_reserve, reuse_rows = folded && !keep;
     const int64_t chunk = gates_in_reserve || reuse_rows
@@ -316,9 +307,10 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
       const int64_t t_lo = reverse ? T - last : first, t_hi = reverse ? T - first : last;
       const int64_t row_lo = s.offset[t_lo], row_hi = t_hi < T ? s.offset[t_hi] : s.rows;
       const int64_t gates_lo = gates_in_reserve ? row_lo : 0;  // gate buffer row of row_lo
+      const Tensor x_rows = to_type<Backend>(part(x, 0, row_lo, row_hi - row_lo), compute);
       if (!folded) {
         Tensor chunk_gates = part(part(gates, 0, gates_lo, row_hi - row_lo), 1, 0, G * H);
-        w_ih_t.apply_out(chunk_gates, part(x, 0, row_lo, row_hi - row_lo));
+        w_ih_t.apply_out(chunk_gates, x_rows);
       }
       Backend::for_each_row_group(s, t_lo, t_hi, w_hh_t.row_groups, [&](int64_t row_begin, int64_t row_end) {
         StepForward<S> step = a;
@@ -341,7 +333,7 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
                                                       nullptr, h_prev);
           else
             Backend::template recurrent_step<Cell, S>(w_hh_t, step, row_begin, end, step.reserve, width, S(folded ? 0 : 1),
-                                                      ptr<S>(x) + row * I, h_prev);
+                                                      ptr<S>(x_rows) + (row - row_lo) * I, h_prev);
           if (project) {
             S* out_rows = step.output + row_begin * H_out;
             w_hr_t.gemm(end - row_begin, step.reserve + row_begin * width + 5 * H, width, S(0), out_rows, H_out);
@@ -357,6 +349,27 @@ std::vector<Tensor> layer_forward(const Tensor& input_, const c10::optional<Tens
   if (!s.packed) output = output.view({T, B, H_out});
   if (!keep) reserve = at::empty({0, R}, opts);
   return {output, h_state, c_state, reserve};
+}
+
+// Returns {output, h_n, c_n (LSTM only, else undefined), reserve}. Without `save_reserve`
+// (inference), and for cells whose backward reads none (RNN), the reserve comes back with 0 rows:
+// the gates are then computed a chunk of time steps at a time into a small reused buffer.
+template <class Cell, class Backend>
+std::vector<Tensor> layer_forward(const Tensor& input, const c10::optional<Tensor>& batch_sizes, const Tensor& hx,
+                                  const Tensor& cx, const LayerWeights& w, bool reverse, bool relu,
+                                  bool save_reserve) {
+  const at::ScalarType storage = input.scalar_type(), compute = compute_type<Backend>(storage);
+  if (compute == storage)
+    return layer_forward_in_compute_type<Cell, Backend>(input, batch_sizes, hx, cx, w, reverse, relu, save_reserve,
+                                                        at::ScalarType::Undefined);
+  // A storage type computed in a wider one: the state is carried between steps unrounded, and
+  // the results are rounded to the storage type. The input and the reserve, the largest tensors,
+  // are converted a chunk of steps at a time (below); the rest up front.
+  const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
+  return to_type<Backend>(layer_forward_in_compute_type<Cell, Backend>(input, batch_sizes, up(hx), up(cx),
+                                                                       to_type<Backend>(w, compute), reverse, relu,
+                                                                       save_reserve, storage),
+                          storage);
 }
 
 // layer_backward with every tensor in the type the layer computes in, except perhaps `input`,
@@ -410,7 +423,7 @@ std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, co
   Tensor grad_hidden_gates = Cell::kSeparateHiddenGates ? Backend::scratch(Scratch::kHiddenGates, {chunk_rows, G * H}, opts) : grad_gates;
   // In the input's shape, and returned as it is: autograd adds another gradient of the input (the
   // other direction's) into it in place, which it does not into a view. Without input_grad, empty.
-  const Tensor grad_input = input_grad ? Backend::empty(input.sizes(), opts) : at::empty({0}, opts);
+  const Tensor grad_input = input_grad ? Backend::empty(input.sizes(), input.options()) : at::empty({0}, opts);
   const Tensor grad_input_by_row = input_grad ? grad_input.view({s.rows, I}) : Tensor();
   // Each chunk adds its share to the weight and bias gradients (the first one writes them).
   const auto empty = [&] { return at::empty({0}, opts); };
@@ -501,9 +514,11 @@ std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, co
       });
       const int64_t n = row_hi - row_lo;
       const Tensor dg = part(grad_gates, 0, 0, n), dgh = part(grad_hidden_gates, 0, 0, n);
-      if (input_grad) {
+      if (input_grad) {  // computed in the compute type, then rounded to the input's
         Tensor grad_input_rows = part(grad_input_by_row, 0, row_lo, n);
-        w_ih_step.apply_out(grad_input_rows, dg);
+        Tensor computed = grad_input.scalar_type() == compute ? grad_input_rows : Backend::empty({n, I}, opts);
+        w_ih_step.apply_out(computed, dg);
+        if (!computed.is_same(grad_input_rows)) grad_input_rows.copy_(computed);
       }
       if (weight_grads) {
         Backend::template weight_grad_out<S>(grad_w_ih, dg, rows_in_compute_type(x, row_lo, n), first > 0, operands);
@@ -550,8 +565,9 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
     return layer_backward_in_compute_type<Cell, Backend>(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w,
                                                          output, reserve, has_bias, reverse, relu, input_grad,
                                                          weight_grads, hx_grad, at::ScalarType::Undefined);
-  // A storage type computed in a wider one: the input, dL/d output and the reserve, the largest
-  // tensors, are converted a chunk of rows at a time as the backward reaches them; the rest up front.
+  // A storage type computed in a wider one: the input, dL/d output, the reserve and dL/d input,
+  // the largest tensors, are converted a chunk of rows at a time as the backward reaches them;
+  // the rest up front.
   const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
   return to_type<Backend>(layer_backward_in_compute_type<Cell, Backend>(
                               grad_output, up(grad_hy), up(grad_cy), input, batch_sizes, up(hx), up(cx),

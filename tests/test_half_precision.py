@@ -67,15 +67,17 @@ def test_cell_matches_nn(kind, dtype):
 
 # ---- accuracy against float64 --------------------------------------------------------------------
 
-def relative_errors(result, exact):
-    """max |a - e| / max(1, max |e|) over the outputs, and over the gradients, of two
-    named_outputs_and_grads results."""
-    def error(a, e):
-        return ((a.double() - e).abs().max() / max(1.0, e.abs().max().item())).item()
+def relative_error(a, e):
+    """max |a - e| / max(1, max |e|)."""
+    return ((a.double() - e).abs().max() / max(1.0, e.abs().max().item())).item()
 
+
+def relative_errors(result, exact):
+    """relative_error over the outputs, and over the gradients, of two named_outputs_and_grads
+    results."""
     (outputs, grads), (exact_outputs, exact_grads) = result, exact
-    return (max(error(a, e) for a, e in zip(outputs, exact_outputs)),
-            max(error(grads[name], exact_grads[name]) for name in exact_grads))
+    return (max(relative_error(a, e) for a, e in zip(outputs, exact_outputs)),
+            max(relative_error(grads[name], exact_grads[name]) for name in exact_grads))
 
 
 ACCURACY_CASES = ([(kind, form) for kind in LAYER_KINDS for form in ("3d", "packed_unsorted")] +
@@ -104,22 +106,30 @@ def test_at_least_as_accurate_as_nn(kind, form, dtype):
         assert our_error <= 1.5 * their_error, f"{what}: error {our_error:.2e}, torch.nn's {their_error:.2e}"
 
 
+@pytest.mark.parametrize("batch", [3, 16])
 @pytest.mark.parametrize("kind", list(LAYER_KINDS) + ["LSTM_PROJ"])
-def test_long_sequence_at_least_as_accurate_as_nn(kind):
-    """400 steps of batch 3, hidden 64 in bfloat16, both directions: a training forward rounds its
-    saved activations to bfloat16 a chunk of 227-341 steps at a time and the backward converts
-    them back 170-227 steps at a time, so both cross chunk borders (40 steps stay in one)."""
+def test_long_sequence_at_least_as_accurate_as_nn(kind, batch):
+    """400 steps, hidden 64 in bfloat16, both directions, in training and in inference: a training
+    forward converts the input to float32 and rounds the saved activations to bfloat16 a chunk of
+    51-341 steps at a time, and the backward converts them back 32-227 steps at a time. So the
+    conversions cross chunk borders (40 steps stay in one chunk), and at batch 16 LSTM and RNN
+    fold the input projection into each step's GEMM, which reads the converted rows."""
     proj = {"proj_size": 16} if kind == "LSTM_PROJ" else {}
     kind = kind.replace("_PROJ", "")
     reference, fused = make_kind_pair(kind, 8, 64, bidirectional=True, dtype=torch.bfloat16, **proj)
     exact = copy.deepcopy(reference).double()
-    leaves, call = layer_leaves(kind, fused, "3d", True, torch.bfloat16, steps=400), layer_call(kind, "3d")
+    leaves = layer_leaves(kind, fused, "3d", True, torch.bfloat16, steps=400, batch=batch)
+    call = layer_call(kind, "3d")
     exact_leaves = {name: t.detach().double().requires_grad_() for name, t in leaves.items()}
     exact_result = named_outputs_and_grads(exact, exact_leaves, call)
     ours = relative_errors(named_outputs_and_grads(fused, leaves, call), exact_result)
     theirs = relative_errors(named_outputs_and_grads(reference, leaves, call), exact_result)
     for what, our_error, their_error in zip(("outputs", "gradients"), ours, theirs):
         assert our_error <= 1.5 * their_error, f"{what}: error {our_error:.2e}, torch.nn's {their_error:.2e}"
+    with torch.no_grad():
+        inference = output_tensors(call(fused, leaves))
+    inference_error = max(relative_error(a, e) for a, e in zip(inference, exact_result[0]))
+    assert inference_error <= 1.5 * theirs[0], f"inference: error {inference_error:.2e}, torch.nn's {theirs[0]:.2e}"
 
 
 def test_state_is_not_rounded_between_steps():
