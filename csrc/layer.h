@@ -255,7 +255,9 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
   const Tensor h_init = hx.contiguous();
   Tensor h_state = Backend::empty(h_init.sizes(), opts);
   Tensor c_state = Cell::kHasCell ? Backend::empty(cx.sizes(), opts) : Tensor();
-  Tensor output = Backend::empty({s.rows, H_out}, opts);
+  // In training, a storage type's output is computed a chunk of steps at a time (below) and rounded.
+  const bool round_output = save_reserve && operands != at::ScalarType::Undefined;
+  Tensor output = Backend::empty({s.rows, H_out}, round_output ? opts.dtype(operands) : opts);
   Tensor hidden_gates = Cell::kSeparateHiddenGates ? Backend::scratch(Scratch::kHiddenGates, {B, G * H}, opts) : Tensor();
 
   dispatch_kernel_type<Backend>(compute, [&](auto zero) {
@@ -291,9 +293,10 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     // on their own rows for the whole sequence).
     const bool round_reserve = keep && operands != at::ScalarType::Undefined;
     const bool gates_in_reserve = keep && !round_reserve, reuse_rows = folded && !keep;
-    const int64_t chunk = gates_in_reserve || reuse_rows
+    const int64_t chunk = (gates_in_reserve || reuse_rows) && !round_output
                               ? std::max<int64_t>(T, 1)
                               : std::max<int64_t>(1, Backend::kForwardChunkValues / std::max<int64_t>(1, B * width));
+    const Tensor chunk_output = round_output ? Backend::empty({std::min(s.rows, chunk * B), H_out}, opts) : output;
     if (keep) reserve = Backend::empty({s.rows, R}, round_reserve ? opts.dtype(operands) : opts);
     const Tensor gates = gates_in_reserve ? reserve
                                           : Backend::scratch(Scratch::kGates,
@@ -319,13 +322,16 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
           const int64_t end = std::min(s.batch[t], row_end), row = s.offset[t];
           if (end <= row_begin) continue;
           step.reserve = ptr<S>(gates) + (reuse_rows ? 0 : (row - row_lo + gates_lo) * width);
-          step.output = ptr<S>(output) + row * H_out;
+          const int64_t output_lo = round_output ? row_lo : 0;  // chunk_output row 0
+          step.output = ptr<S>(chunk_output) + (row - output_lo) * H_out;
           // h_prev in place for the GEMM: hx at the first step, else the previous step's output
-          // rows; none where some rows start from hx mid-sequence (packed, time reversed).
+          // rows; none (h_state is read) where some rows start from hx mid-sequence (packed, time
+          // reversed) or the previous step's output has been rounded with its chunk.
           const int64_t before = reverse ? t + 1 : t - 1;
           const S* h_prev = k == 0 ? ptr<S>(h_init)
-                            : s.batch[before] >= end ? ptr<S>(output) + s.offset[before] * H_out
-                                                     : nullptr;
+                            : s.batch[before] >= end && !(round_output && k == first)
+                                ? ptr<S>(chunk_output) + (s.offset[before] - output_lo) * H_out
+                                : nullptr;
           // Recurrent GEMM, h_prev W_hh^T, straight into the gate rows (or GRU's hidden gates),
           // then the pointwise step.
           if (Cell::kSeparateHiddenGates)
@@ -343,6 +349,7 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
       });
       if (round_reserve)
         part(reserve, 0, row_lo, row_hi - row_lo).copy_(part(part(gates, 0, 0, row_hi - row_lo), 1, 0, R));
+      if (round_output) part(output, 0, row_lo, row_hi - row_lo).copy_(part(chunk_output, 0, 0, row_hi - row_lo));
     }
   });
 
@@ -373,7 +380,7 @@ std::vector<Tensor> layer_forward(const Tensor& input, const c10::optional<Tenso
 }
 
 // layer_backward with every tensor in the type the layer computes in, except perhaps `input`,
-// `grad_output` and `reserve` (their storage type `operands`, else undefined: see
+// `grad_output`, `output` and `reserve` (their storage type `operands`, else undefined: see
 // Backend::recurrent_weight).
 template <class Cell, class Backend>
 std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, const Tensor& grad_hy,
@@ -398,7 +405,8 @@ std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, co
   // direction's half of a bidirectional layer's gradient is); the projection's sums need it dense.
   Tensor grad_out = grad_output.reshape({s.rows, H_out});
   if (project || (grad_out.stride(1) != 1 && H_out > 1) || grad_out.stride(0) < H_out) grad_out = grad_out.contiguous();
-  // Rows [row, row + n) of x, grad_out or the reserve, in the compute type (in place where they have it).
+  // Rows [row, row + n) of x, grad_out, out or the reserve, in the compute type (in place where
+  // they have it).
   const auto rows_in_compute_type = [&](const Tensor& t, int64_t row, int64_t n) {
     return to_type<Backend>(part(t, 0, row, n), compute);
   };
@@ -463,6 +471,7 @@ std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, co
       // The states each row of the chunk started from: GRU's pointwise step needs h_prev, LSTM's
       // c_prev, and W_hh's gradient h_prev.
       const Tensor h_prev = previous_states(out, h_init, s, reverse, t_lo, t_hi);
+      const Tensor out_rows = rows_in_compute_type(out, row_lo, row_hi - row_lo);
       const Tensor c_prev = Cell::kHasCell ? previous_states(res.narrow(1, 4 * H, H), c_init, s, reverse, t_lo, t_hi) : Tensor();
       const Tensor grad_out_rows = rows_in_compute_type(grad_out, row_lo, row_hi - row_lo);
       const Tensor res_rows = R > 0 ? rows_in_compute_type(res, row_lo, row_hi - row_lo) : res;  // RNN: none
@@ -495,7 +504,7 @@ std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, co
             step.grad_h_rec = ptr<S>(grad_h_state);
           }
           step.reserve = ptr<S>(res_rows) + (row - row_lo) * R;
-          step.output = ptr<S>(out) + row * H_out;
+          step.output = ptr<S>(out_rows) + (row - row_lo) * H_out;
           step.h_prev = ptr<S>(h_prev) + (row - row_lo) * a.ld_prev;
           step.c_prev = Cell::kHasCell ? ptr<S>(c_prev) + (row - row_lo) * a.ld_prev : nullptr;
           step.grad_gates = ptr<S>(grad_gates) + (row - row_lo) * G * H;
@@ -565,13 +574,13 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
     return layer_backward_in_compute_type<Cell, Backend>(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w,
                                                          output, reserve, has_bias, reverse, relu, input_grad,
                                                          weight_grads, hx_grad, at::ScalarType::Undefined);
-  // A storage type computed in a wider one: the input, dL/d output, the reserve and dL/d input,
-  // the largest tensors, are converted a chunk of rows at a time as the backward reaches them;
-  // the rest up front.
+  // A storage type computed in a wider one: the input, the output, dL/d output, the reserve and
+  // dL/d input, the largest tensors, are converted a chunk of rows at a time as the backward
+  // reaches them; the rest up front.
   const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
   return to_type<Backend>(layer_backward_in_compute_type<Cell, Backend>(
                               grad_output, up(grad_hy), up(grad_cy), input, batch_sizes, up(hx), up(cx),
-                              to_type<Backend>(w, compute), up(output), reserve, has_bias, reverse, relu,
+                              to_type<Backend>(w, compute), output, reserve, has_bias, reverse, relu,
                               input_grad, weight_grads, hx_grad, storage),
                           storage);
 }
