@@ -370,8 +370,8 @@ std::vector<Tensor> layer_forward(const Tensor& input, const c10::optional<Tenso
     return layer_forward_in_compute_type<Cell, Backend>(input, batch_sizes, hx, cx, w, reverse, relu, save_reserve,
                                                         at::ScalarType::Undefined);
   // A storage type computed in a wider one: the state is carried between steps unrounded, and
-  // the results are rounded to the storage type. The input and the reserve, the largest tensors,
-  // are converted a chunk of steps at a time (below); the rest up front.
+  // the results are rounded to the storage type. The input, and in training the output and the
+  // reserve, the largest tensors, are converted a chunk of steps at a time (below); the rest whole.
   const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
   return to_type<Backend>(layer_forward_in_compute_type<Cell, Backend>(input, batch_sizes, up(hx), up(cx),
                                                                        to_type<Backend>(w, compute), reverse, relu,
