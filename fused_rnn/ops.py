@@ -253,6 +253,12 @@ class _EagerLayer(torch.autograd.Function):
         return (*ctx.layer.backward(ctx, *grads), None)
 
 
+# _EagerLayer.apply without autograd.Function.apply's Python prologue (~5 us a call: it looks for
+# functorch wrappers to unwrap, and there are none in an _eager() call): torch._C._FunctionBase's
+# apply, bound to the class, as Function.apply itself ends by calling it.
+_eager_layer_apply = super(torch.autograd.Function, _EagerLayer).apply
+
+
 def _eager():
     """Whether this is a plain eager call, which may skip torch.library's autograd wrapper: not
     traced (torch.compile, torch.jit.trace) nor inside a torch.func transform, which need every call
@@ -278,7 +284,7 @@ def _call_layer(mode, save, *args):
         return _call(layer.op, *args)
     if not _eager():
         return layer.op(*args)
-    return _EagerLayer.apply(*args, layer)
+    return _eager_layer_apply(*args, layer)
 
 
 # ---- one layer direction, as the modules call it -----------------------------------------
