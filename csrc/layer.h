@@ -310,6 +310,7 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
       const int64_t t_lo = reverse ? T - last : first, t_hi = reverse ? T - first : last;
       const int64_t row_lo = s.offset[t_lo], row_hi = t_hi < T ? s.offset[t_hi] : s.rows;
       const int64_t gates_lo = gates_in_reserve ? row_lo : 0;  // gate buffer row of row_lo
+      const int64_t output_lo = round_output ? row_lo : 0;      // chunk_output's first row
       const Tensor x_rows = to_type<Backend>(part(x, 0, row_lo, row_hi - row_lo), compute);
       if (!folded) {
         Tensor chunk_gates = part(part(gates, 0, gates_lo, row_hi - row_lo), 1, 0, G * H);
@@ -322,7 +323,6 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
           const int64_t end = std::min(s.batch[t], row_end), row = s.offset[t];
           if (end <= row_begin) continue;
           step.reserve = ptr<S>(gates) + (reuse_rows ? 0 : (row - row_lo + gates_lo) * width);
-          const int64_t output_lo = round_output ? row_lo : 0;  // chunk_output row 0
           step.output = ptr<S>(chunk_output) + (row - output_lo) * H_out;
           // h_prev in place for the GEMM: hx at the first step, else the previous step's output
           // rows; none (h_state is read) where some rows start from hx mid-sequence (packed, time
@@ -567,9 +567,6 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
                                    bool reverse, bool relu, bool input_grad = true, bool weight_grads = true,
                                    bool hx_grad = true) {
   const at::ScalarType storage = input.scalar_type(), compute = compute_type<Backend>(storage);
-  for (const Tensor* t : {&grad_output, &grad_hy, &grad_cy, &hx, &cx, &w.w_ih, &w.w_hh, &w.w_hr, &output, &reserve})
-    TORCH_CHECK(!t->defined() || t->scalar_type() == storage, "fused_rnn: expected all tensors to be ", storage,
-                ", got ", t->scalar_type());
   if (compute == storage)
     return layer_backward_in_compute_type<Cell, Backend>(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w,
                                                          output, reserve, has_bias, reverse, relu, input_grad,

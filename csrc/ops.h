@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <tuple>
 
 #include "layer.h"
@@ -22,7 +23,14 @@ inline LayerWeights weights(const Tensor& w_ih, const Tensor& w_hh, const c10::o
 }
 
 // Shape and dtype agreement between the layer's tensors (torch.nn-style checks with
-// user-facing messages live in the Python modules; these guard direct op calls).
+// user-facing messages live in the Python modules; these guard direct op calls, whose kernels
+// would read a tensor of another dtype with the wrong element size).
+inline void check_dtypes(const Tensor& input, std::initializer_list<const Tensor*> tensors) {
+  for (const Tensor* t : tensors)
+    TORCH_CHECK(!t->defined() || t->scalar_type() == input.scalar_type(), "fused_rnn: expected all tensors to be ",
+                input.scalar_type(), ", got ", t->scalar_type());
+}
+
 inline void check_layer(int64_t gates, const Tensor& input, const Tensor& hx, const LayerWeights& w) {
   TORCH_CHECK(w.w_ih.dim() == 2 && w.w_hh.dim() == 2 && w.w_ih.size(0) % gates == 0 &&
                   w.w_hh.size(0) == w.w_ih.size(0),
@@ -36,13 +44,10 @@ inline void check_layer(int64_t gates, const Tensor& input, const Tensor& hx, co
   TORCH_CHECK(!w.w_hr.defined() || (w.w_hr.dim() == 2 && w.w_hr.size(1) == H),
               "fused_rnn: w_hr must be [proj_size, ", H, "], got ", w.w_hr.sizes());
   TORCH_CHECK(hx.dim() == 2 && hx.size(1) == H_out, "fused_rnn: hx must be [batch, ", H_out, "], got ", hx.sizes());
-  for (const Tensor* t : {&hx, &w.w_ih, &w.w_hh, &w.b_ih, &w.b_hh, &w.w_hr}) {
-    if (!t->defined()) continue;
-    TORCH_CHECK(t->scalar_type() == input.scalar_type(), "fused_rnn: expected all tensors to be ",
-                input.scalar_type(), ", got ", t->scalar_type());
-    TORCH_CHECK(t->device() == input.device(), "fused_rnn: expected all tensors on ", input.device(),
-                ", got one on ", t->device());
-  }
+  check_dtypes(input, {&hx, &w.w_ih, &w.w_hh, &w.b_ih, &w.b_hh, &w.w_hr});
+  for (const Tensor* t : {&hx, &w.w_ih, &w.w_hh, &w.b_ih, &w.b_hh, &w.w_hr})
+    TORCH_CHECK(!t->defined() || t->device() == input.device(), "fused_rnn: expected all tensors on ",
+                input.device(), ", got one on ", t->device());
   for (const Tensor* b : {&w.b_ih, &w.b_hh})
     TORCH_CHECK(!b->defined() || (b->dim() == 1 && b->size(0) == gates * H), "fused_rnn: bias must be [",
                 gates * H, "], got ", b->sizes());
@@ -113,6 +118,7 @@ LstmGrads lstm_layer_backward(const Tensor& grad_output, const Tensor& grad_hy, 
                               bool has_bias, bool reverse, bool input_grad, bool weight_grads, bool hx_grad) {
   const OpGuard guard;
   const LayerWeights w = weights(w_ih, w_hh, c10::nullopt, c10::nullopt, w_hr);
+  check_dtypes(input, {&grad_output, &grad_hy, &grad_cy, &hx, &cx, &w.w_ih, &w.w_hh, &w.w_hr, &output, &reserve});
   auto g = layer_backward<LstmCell, Backend>(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w, output,
                                              reserve, has_bias, reverse, false, input_grad, weight_grads, hx_grad);
   return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
@@ -125,6 +131,7 @@ Grads simple_layer_backward(const Tensor& grad_output, const Tensor& grad_hy, co
                             bool relu, bool reverse, bool input_grad, bool weight_grads, bool hx_grad) {
   const OpGuard guard;
   const LayerWeights w = weights(w_ih, w_hh, c10::nullopt, c10::nullopt, c10::nullopt);
+  check_dtypes(input, {&grad_output, &grad_hy, &hx, &w.w_ih, &w.w_hh, &output, &reserve});
   auto g = layer_backward<Cell, Backend>(grad_output, grad_hy, Tensor(), input, batch_sizes, hx, Tensor(), w,
                                          output, reserve, has_bias, reverse, relu, input_grad, weight_grads, hx_grad);
   return {g[0], g[1], g[3], g[4], g[5], g[6]};

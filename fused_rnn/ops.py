@@ -277,10 +277,10 @@ def _call(op, *args):
         return op(*args)
 
 
-def _call_layer(mode, save, *args):
-    """The `mode` layer op on args, which end with save_reserve = save: differentiable when save."""
+def _call_layer(mode, *args):
+    """The `mode` layer op on args, which end with save_reserve: differentiable when that is true."""
     layer = _LAYERS[mode]
-    if not save:
+    if not args[-1]:
         return _call(layer.op, *args)
     if not _eager():
         return layer.op(*args)
@@ -300,12 +300,11 @@ def run_layer(mode, input, batch_sizes, hx, cx, weights, reverse):
     save = torch.jit.is_tracing() or (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, hx, cx, *weights)))
     if mode == "LSTM":
-        out, hy, cy, _ = _call_layer("lstm", save, input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
-                                     save)
+        out, hy, cy, _ = _call_layer("lstm", input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save)
         return out, hy, cy
     if mode == "GRU":
-        out, hy, _ = _call_layer("gru", save, input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, save)
+        out, hy, _ = _call_layer("gru", input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, save)
     else:
-        out, hy, _ = _call_layer("rnn", save, input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, mode == "RNN_RELU",
-                                 reverse, save)
+        out, hy, _ = _call_layer("rnn", input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, mode == "RNN_RELU", reverse,
+                                 save)
     return out, hy, None
