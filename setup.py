@@ -112,7 +112,7 @@ def extensions():
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_archs()
-        sources += ["csrc/cuda/kernels.cu", "csrc/cuda/backend.cpp"]
+        sources += ["csrc/cuda/kernels.cu", "csrc/cuda/persistent.cu", "csrc/cuda/backend.cpp"]
         # No --use_fast_math: it turns tanhf into tanh.approx.f32 (error ~2^-11) and divisions
         # into approximations, which breaks float32 parity with cuDNN; the pointwise kernels
         # are bound by memory traffic, not arithmetic.

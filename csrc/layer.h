@@ -44,6 +44,11 @@
 //       over n values of the op's device memory (in order with the backend's other work)
 //   Backend::kForwardChunkValues, kBackwardChunkValues: about how many gate values the reused
 //       buffers of inference (unfolded input) and of the backward pass hold, a chunk of steps at a time
+//   Backend::kPersistentRecurrence: whether the backend can run a chunk's steps in one call
+//       (CUDA's persistent kernels). If so, Backend::persistent_recurrence<Cell, S>(w_hh, hidden,
+//       h_out, max_rows, backward) -> an object whose .forward(chunk) / .backward(chunk) run the
+//       recurrence of a chunk (RecurrenceChunk) in place of the per-step calls below, and return
+//       false, doing nothing, where it does not (unsupported type or shape, not chosen).
 // The Step structs point at row 0 of a step; the row range says which rows to compute.
 //
 // Sequences are processed as rows: an unpacked [T, B, I] input is T steps of B rows; a
@@ -172,6 +177,27 @@ void grad_h_prev_from_gates(const StepWeight& w_hh, const S* grad_gates, S* grad
                             int64_t row_end) {
   w_hh.gemm(row_end - row_begin, grad_gates + row_begin * w_hh.k, w_hh.k, grad_h_prev_beta<Cell, S>(),
             grad_h_state + row_begin * w_hh.n, w_hh.n);
+}
+
+// The steps k in [first, last) of a chunk, for a backend that runs them in one call: step k is time
+// step T - 1 - k where the processing runs time backwards (a reversed layer's forward, a forward
+// layer's backward), else k. `step` points at the chunk's first row (row_lo) as a step's pointers
+// point at its own row 0.
+template <class Step>
+struct RecurrenceChunk {
+  Step step;
+  const Steps& steps;
+  bool time_backwards;
+  int64_t first, last, row_lo;
+  bool last_product;  // backward: whether dL/dh_prev of the chunk's last step is wanted
+};
+
+template <class Backend, class Cell, typename S>
+auto persistent_recurrence(const Tensor& w_hh, int64_t hidden, int64_t h_out, int64_t max_rows, bool backward) {
+  if constexpr (Backend::kPersistentRecurrence)
+    return Backend::template persistent_recurrence<Cell, S>(w_hh, hidden, h_out, max_rows, backward);
+  else
+    return nullptr;  // never called: see the uses
 }
 
 // Calls f(S()) for the scalar type S of `type`, among those the backend has kernels for.
@@ -304,6 +330,7 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias, folded ? 0 : s.rows, operands);
     const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? T : 0,
                                                          Scratch::kProjectionWeight, at::ScalarType::Undefined);
+    [[maybe_unused]] const auto persistent = persistent_recurrence<Backend, Cell, S>(w.w_hh, H, H_out, B, false);
     for (int64_t first = 0; first < T; first += chunk) {
       // This chunk's time steps [t_lo, t_hi) and rows [row_lo, row_hi), in processing order.
       const int64_t last = std::min(T, first + chunk);
@@ -316,7 +343,15 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
         Tensor chunk_gates = part(part(gates, 0, gates_lo, row_hi - row_lo), 1, 0, G * H);
         w_ih_t.apply_out(chunk_gates, x_rows);
       }
-      Backend::for_each_row_group(s, t_lo, t_hi, w_hh_t.row_groups, [&](int64_t row_begin, int64_t row_end) {
+      bool ran = false;
+      if constexpr (Backend::kPersistentRecurrence) {
+        StepForward<S> step = a;
+        step.reserve = ptr<S>(gates) + gates_lo * width;
+        step.output = ptr<S>(chunk_output) + (row_lo - output_lo) * H_out;
+        ran = persistent.forward(RecurrenceChunk<StepForward<S>>{step, s, reverse, first, last, row_lo, false},
+                                 ptr<S>(hidden_gates));
+      }
+      if (!ran) Backend::for_each_row_group(s, t_lo, t_hi, w_hh_t.row_groups, [&](int64_t row_begin, int64_t row_end) {
         StepForward<S> step = a;
         for (int64_t k = first; k < last; ++k) {
           const int64_t t = reverse ? T - 1 - k : k;
@@ -463,6 +498,7 @@ std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, co
                                                             Scratch::kRecurrentWeight, operands);
     const auto w_hr_step = Backend::template step_weight<S>(ptr<S>(w.w_hr), false, H_out, H, B, project ? T : 0,
                                                             Scratch::kProjectionWeight, at::ScalarType::Undefined);
+    [[maybe_unused]] const auto persistent = persistent_recurrence<Backend, Cell, S>(w.w_hh, H, H_out, B, true);
     for (int64_t first = 0; first < T; first += chunk) {
       // This chunk's time steps, in backward order, and the rows [row_lo, row_hi) they cover.
       const int64_t last = std::min(T, first + chunk);
@@ -477,7 +513,23 @@ std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, co
       const Tensor res_rows = R > 0 ? rows_in_compute_type(res, row_lo, row_hi - row_lo) : res;  // RNN: none
       const int64_t ld_grad_out = grad_out_rows.stride(0);
       a.ld_prev = Cell::kHasCell ? c_prev.stride(0) : h_prev.stride(0);
-      Backend::for_each_row_group(s, t_lo, t_hi, w_hh_step.row_groups, [&](int64_t row_begin, int64_t row_end) {
+      bool ran = false;
+      if constexpr (Backend::kPersistentRecurrence) {
+        StepBackward<S> step = a;  // without a projection (persistent kernels have none)
+        step.grad_h = ptr<S>(grad_out_rows);
+        step.ld_grad_h = ld_grad_out;
+        step.grad_h_rec = ptr<S>(grad_h_state);
+        step.reserve = ptr<S>(res_rows);
+        step.output = ptr<S>(out_rows);
+        step.h_prev = ptr<S>(h_prev);
+        step.c_prev = ptr<S>(c_prev);
+        step.grad_gates = ptr<S>(grad_gates);
+        step.grad_hidden_gates = ptr<S>(grad_hidden_gates);
+        // After the sequence's first step, dL/dh_prev is dL/dhx: wanted only with hx_grad.
+        ran = persistent.backward(
+            RecurrenceChunk<StepBackward<S>>{step, s, !reverse, first, last, row_lo, hx_grad || last < T});
+      }
+      if (!ran) Backend::for_each_row_group(s, t_lo, t_hi, w_hh_step.row_groups, [&](int64_t row_begin, int64_t row_end) {
         StepBackward<S> step = a;
         // dL/dh_prev = dgates W_hh: without a projection each step's product is left pending and
         // done by the next step's backward_step, in the same pass as its pointwise step; the

@@ -36,10 +36,18 @@ TORCH_LIBRARY(fused_rnn, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+#ifdef FUSED_RNN_WITH_CUDA
+namespace fused_rnn {
+std::vector<int64_t> cuda_recurrence_counts();  // cuda/backend.cpp
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_rnn's op schemas (torch.ops.fused_rnn) and CUDA kernels; the CPU kernels are in _cpu_*";
 #ifdef FUSED_RNN_WITH_CUDA
   m.attr("with_cuda") = true;
+  m.def("cuda_recurrence_counts", &fused_rnn::cuda_recurrence_counts,
+        "[persistent launches, steps run per step] by the CUDA backend in this process");
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -57,10 +57,20 @@ def backends():
     return {"cpu": True, "cuda": bool(_C.with_cuda)}
 
 
+def cuda_recurrence_counts():
+    """How the CUDA backend has run recurrences in this process so far: {"persistent_launches": launches
+    of the persistent kernels (each runs many steps of one layer direction), "stepwise_steps": steps run
+    as a GEMM and a pointwise kernel each}. Zeros in a build without CUDA. FUSED_RNN_CUDA_KERNEL
+    (auto, persistent, stepwise) chooses the path; see the README."""
+    persistent, stepwise = _C.cuda_recurrence_counts() if _C.with_cuda else (0, 0)
+    return {"persistent_launches": persistent, "stepwise_steps": stepwise}
+
+
 def cpu_instruction_set():
     """The instruction set of the CPU kernels in use: "avx512", "avx2" or "default"."""
     return _cpu.instruction_set
 
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "RNNBase", "RNNCellBase",
-           "to_fused", "to_torch", "backends", "cpu_instruction_set", "empty_cache", "__version__"]
+           "to_fused", "to_torch", "backends", "cpu_instruction_set", "cuda_recurrence_counts", "empty_cache",
+           "__version__"]

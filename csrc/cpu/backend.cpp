@@ -369,6 +369,8 @@ struct CpuBackend {
   // The kernels are built for float and double; float16 and bfloat16 layers run in float32, their
   // tensors converted on the way in and the results rounded on the way out (layer.h).
   static constexpr bool kHalfKernels = false;
+  // No call that runs many steps: for_each_row_group already lets a row group run its steps alone.
+  static constexpr bool kPersistentRecurrence = false;
 
   // Row-major C[m, n] = alpha op(A) op(B) + beta C, as the column-major product C^T = op(B)^T op(A)^T.
   template <typename S>

@@ -9,12 +9,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "../ops.h"
 #include "kernels.h"
+#include "persistent.h"
 
 namespace fused_rnn {
 namespace {
@@ -48,7 +52,117 @@ Step<typename CudaScalar<S>::type> as_cuda(const Step<S>& step) {
   return target;
 }
 
+// Which path runs the recurrence, from FUSED_RNN_CUDA_KERNEL (read at every call, so that a
+// process can compare both): "persistent" where the persistent kernels can (else per step),
+// "stepwise" always per step, "auto" (the default) the planner's choice.
+enum class KernelChoice { kAuto, kPersistent, kStepwise };
+
+KernelChoice kernel_choice() {
+  const char* value = std::getenv("FUSED_RNN_CUDA_KERNEL");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return KernelChoice::kAuto;
+  if (std::strcmp(value, "persistent") == 0) return KernelChoice::kPersistent;
+  if (std::strcmp(value, "stepwise") == 0) return KernelChoice::kStepwise;
+  TORCH_CHECK_VALUE(false, "FUSED_RNN_CUDA_KERNEL must be auto, persistent or stepwise, got '", value, "'");
+}
+
+// What "auto" runs: the per-step path until the persistent kernels have passed .ci/gpu on a GPU
+// (tests, compute-sanitizer, benchmarks) with FUSED_RNN_CUDA_KERNEL=persistent.
+constexpr bool kAutoPersistent = false;
+
+// The persistent kernels' grid barrier, from FUSED_RNN_CUDA_BARRIER: "grid" (the default,
+// cooperative groups' grid.sync()) or "counter" (an arrival counter), for measuring both.
+bool grid_sync_barrier() {
+  const char* value = std::getenv("FUSED_RNN_CUDA_BARRIER");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "grid") == 0) return true;
+  TORCH_CHECK_VALUE(std::strcmp(value, "counter") == 0, "FUSED_RNN_CUDA_BARRIER must be grid or counter, got '",
+                    value, "'");
+  return false;
+}
+
+// Which path ran (fused_rnn.cuda_recurrence_counts()): persistent launches, and steps run by a
+// GEMM and a pointwise kernel each.
+std::atomic<int64_t> persistent_launches{0};
+std::atomic<int64_t> stepwise_steps{0};
+
 }  // namespace
+
+std::vector<int64_t> cuda_recurrence_counts() { return {persistent_launches.load(), stepwise_steps.load()}; }
+
+// A layer's recurrence on the persistent kernels (persistent.h), where they run it: each chunk
+// of steps in one launch (or a few, for packed sequences of many lengths) instead of a GEMM and
+// a pointwise kernel per step. Off (forward/backward return false) for float64, LSTM projections,
+// GPUs before compute capability 8.0, and where W_hh does not fit the GPU's shared memory.
+template <class Cell, typename S>
+struct CudaPersistentRecurrence {
+  using T = typename CudaScalar<S>::type;
+
+  bool on = false;
+  bool grid_sync = true;
+  persistent::Layout layout{};
+  const S* w_hh = nullptr;
+  at::Tensor h_other;  // forward: the second state buffer
+  at::Tensor barrier;  // the counter barrier's word
+
+  // The batch and row (from the chunk's first row) of each of its steps, in processing order.
+  template <class Step>
+  static void chunk_steps(const RecurrenceChunk<Step>& chunk, std::vector<int64_t>& batch, std::vector<int64_t>& row) {
+    const Steps& s = chunk.steps;
+    for (int64_t k = chunk.first; k < chunk.last; ++k) {
+      const int64_t t = chunk.time_backwards ? s.count() - 1 - k : k;
+      batch.push_back(s.batch[t]);
+      row.push_back(s.offset[t] - chunk.row_lo);
+    }
+  }
+
+  unsigned long long* barrier_word() const { return reinterpret_cast<unsigned long long*>(barrier.data_ptr()); }
+
+  bool forward(const RecurrenceChunk<StepForward<S>>& chunk, S* hidden_gates) const {
+    if (!on) return false;
+    std::vector<int64_t> batch, row;
+    chunk_steps(chunk, batch, row);
+    persistent::ForwardArgs<T> args{};
+    args.step = as_cuda(chunk.step);
+    args.hidden_gates = reinterpret_cast<T*>(hidden_gates);
+    args.w_hh = reinterpret_cast<const T*>(w_hh);
+    args.state_rows = max_batch(chunk.steps);
+    args.layout = layout;
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const size_t state_bytes = args.state_rows * chunk.step.hidden * sizeof(T);
+    persistent::run_forward_chunk(
+        args, batch.data(), row.data(), static_cast<int64_t>(batch.size()), chunk.time_backwards, args.step.h_state,
+        reinterpret_cast<T*>(h_other.data_ptr()),
+        [&](T* dst, const T* src) {
+          C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, state_bytes, cudaMemcpyDeviceToDevice, stream));
+        },
+        [&](const persistent::ForwardArgs<T>& launch) {
+          const cudaError_t launched = persistent::launch_forward<Cell, T>(launch, grid_sync, barrier_word(), stream);
+          C10_CUDA_CHECK(launched);
+          persistent_launches.fetch_add(1, std::memory_order_relaxed);
+        });
+    return true;
+  }
+
+  bool backward(const RecurrenceChunk<StepBackward<S>>& chunk) const {
+    if (!on) return false;
+    std::vector<int64_t> batch, row;
+    chunk_steps(chunk, batch, row);
+    persistent::BackwardArgs<T> args{};
+    args.step = as_cuda(chunk.step);
+    args.w_hh = reinterpret_cast<const T*>(w_hh);
+    args.grad_h_prev_beta = grad_h_prev_beta<Cell, float>();
+    args.last_product = chunk.last_product;
+    args.layout = layout;
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    persistent::run_backward_chunk<Cell>(
+        args, batch.data(), row.data(), static_cast<int64_t>(batch.size()), chunk.time_backwards,
+        [&](const persistent::BackwardArgs<T>& launch) {
+          const cudaError_t launched = persistent::launch_backward<Cell, T>(launch, grid_sync, barrier_word(), stream);
+          C10_CUDA_CHECK(launched);
+          persistent_launches.fetch_add(1, std::memory_order_relaxed);
+        });
+    return true;
+  }
+};
 
 // A weight W used as the right operand of every step's GEMM: C[m, n] = A[m, k] op(W) + beta C,
 // with W row-major [n, k] when trans (op(W) = W^T), else [k, n].
@@ -81,6 +195,44 @@ struct CudaBackend {
 
   // Every type computes natively (half types with float accumulation and float pointwise math).
   static constexpr bool kHalfKernels = true;
+
+  static constexpr bool kPersistentRecurrence = true;
+
+  // The persistent kernels for this layer, on where FUSED_RNN_CUDA_KERNEL (see kernel_choice)
+  // asks for them and the planner finds a layout for W_hh that the GPU holds with every CTA
+  // co-resident.
+  template <class Cell, typename S>
+  static CudaPersistentRecurrence<Cell, S> persistent_recurrence(const at::Tensor& w_hh, int64_t hidden,
+                                                                 int64_t h_out, int64_t max_rows, bool backward) {
+    CudaPersistentRecurrence<Cell, S> p;
+    if constexpr (!std::is_same_v<S, double>) {
+      const KernelChoice choice = kernel_choice();
+      if (choice == KernelChoice::kStepwise || (choice == KernelChoice::kAuto && !kAutoPersistent)) return p;
+      const cudaDeviceProp* device = at::cuda::getCurrentDeviceProperties();
+      if (h_out != hidden || max_rows <= 0 || device->major < 8) return p;
+      using T = typename CudaScalar<S>::type;
+      const auto math = std::is_same_v<S, float> ? persistent::Math::kFma : persistent::Math::kMma;
+      const auto element_bytes = static_cast<int32_t>(sizeof(S));
+      const persistent::Pass pass = backward ? persistent::backward_pass(Cell::kGates, hidden, element_bytes, math)
+                                             : persistent::forward_pass(Cell::kGates, hidden, element_bytes, math);
+      p.layout = persistent::plan_layout(pass, max_rows, device->multiProcessorCount,
+                                         static_cast<int64_t>(device->sharedMemPerBlockOptin));
+      if (p.layout.verdict != persistent::Verdict::kFits) return p;
+      p.grid_sync = grid_sync_barrier();
+      int blocks = 0;
+      if (persistent::blocks_per_multiprocessor<Cell, T>(backward, p.grid_sync, p.layout.smem_bytes, &blocks) !=
+          cudaSuccess) {
+        (void)cudaGetLastError();  // cleared: this layer runs per step
+        return p;
+      }
+      if (int64_t(blocks) * device->multiProcessorCount < p.layout.ctas) return p;
+      p.w_hh = ptr<S>(w_hh);
+      if (!backward) p.h_other = at::empty({max_rows, hidden}, w_hh.options());
+      p.barrier = at::empty({1}, w_hh.options().dtype(at::kLong));
+      p.on = true;
+    }
+    return p;
+  }
 
   static c10::cuda::CUDAGuard guard(const c10::Device& device) { return c10::cuda::CUDAGuard(device); }
 
@@ -190,6 +342,7 @@ struct CudaBackend {
                              int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* /*input*/,
                              const S* /*h_prev*/) {
     TORCH_INTERNAL_ASSERT(row_begin == 0);
+    stepwise_steps.fetch_add(1, std::memory_order_relaxed);
     w_hh.gemm(row_end, step.h_state, w_hh.k, beta, gates, ld_gates);
     C10_CUDA_CHECK(launch_forward_step<Cell>(as_cuda(step), row_end, at::cuda::getCurrentCUDAStream()));
   }
@@ -198,6 +351,7 @@ struct CudaBackend {
   static void backward_step(const CudaStepWeight<S>& w_hh, const S* grad_gates_after, int64_t after_end,
                             const StepBackward<S>& step, int64_t row_begin, int64_t row_end) {
     TORCH_INTERNAL_ASSERT(row_begin == 0);
+    stepwise_steps.fetch_add(1, std::memory_order_relaxed);
     if (grad_gates_after != nullptr) grad_h_prev_from_gates<Cell>(w_hh, grad_gates_after, step.grad_h_state, 0, after_end);
     C10_CUDA_CHECK(launch_backward_step<Cell>(as_cuda(step), row_end, at::cuda::getCurrentCUDAStream()));
   }

@@ -2,43 +2,14 @@
 // running the cell's shared gate math from cells.h on a single element.
 #include "kernels.h"
 
+#include "element_io.h"
+
 namespace fused_rnn {
 namespace {
 
 constexpr int kThreads = 256;
 // Enough blocks to fill any current GPU several times over; larger steps grid-stride.
 constexpr int64_t kMaxBlocks = 1 << 16;
-
-// The type the gate math runs in: half-precision storage computes in float.
-template <typename S>
-struct MathType {
-  using type = S;
-};
-template <>
-struct MathType<__half> {
-  using type = float;
-};
-template <>
-struct MathType<__nv_bfloat16> {
-  using type = float;
-};
-
-// Moves one element between storage S and math type V (loads widen, stores round to nearest).
-template <typename S, typename V>
-struct ElementIO {
-  static FR_HD V load(const S* p) { return *p; }
-  static FR_HD void store(S* p, V v) { *p = v; }
-};
-template <>
-struct ElementIO<__half, float> {
-  static FR_HD float load(const __half* p) { return __half2float(*p); }
-  static FR_HD void store(__half* p, float v) { *p = __float2half_rn(v); }
-};
-template <>
-struct ElementIO<__nv_bfloat16, float> {
-  static FR_HD float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-  static FR_HD void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-};
 
 template <class Cell, typename V, typename IO, typename S>
 FR_HD void run_cell(const StepForward<S>& step, int64_t b, int64_t j) {
