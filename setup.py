@@ -9,6 +9,7 @@ Environment switches:
                        build; the package then runs only on CPUs that have that instruction set
   TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured as in torch.utils.cpp_extension.
 """
+import copy
 import os
 import platform
 import re
@@ -127,15 +128,14 @@ def build_ext_class():
 
     class Build(BuildExtension.with_options(use_ninja=True)):
         """Each extension gets its own build directory: the CPU backends compile the same source
-        with different flags, and would otherwise share one object file and ninja build."""
+        with different flags, and would otherwise share one object file and ninja build. It is
+        set on a copy of this command, so that `build_ext --parallel N` can build them at once
+        (each in a thread of its own)."""
 
         def build_extension(self, ext):
-            build_temp = self.build_temp
-            self.build_temp = os.path.join(build_temp, ext.name.rsplit(".", 1)[-1])
-            try:
-                super().build_extension(ext)
-            finally:
-                self.build_temp = build_temp
+            own = copy.copy(self)
+            own.build_temp = os.path.join(self.build_temp, ext.name.rsplit(".", 1)[-1])
+            super(Build, own).build_extension(ext)
 
     return Build
 

@@ -270,19 +270,33 @@ def _eager():
 def _call(op, *args):
     """op(*args) where nothing is to be differentiated; called eagerly, straight to the kernel below
     autograd, where the registered autograd would send it, without its Python round trip (a few
-    microseconds, as much as a whole small step)."""
+    microseconds, as much as a whole small step). An autocast rule (autocast.py) still applies:
+    autocast dispatches above autograd, and with nothing saved for backward it may cast here."""
     if not _eager():
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
 
+def _autocast_rule_applies(op, input):
+    """Whether an autocast region is on for `input`'s device and `op` has an autocast rule for that
+    device (autocast.py). The rule casts above autograd, so that autograd saves the cast tensors;
+    below it, as in _EagerLayer.forward, the op would run on cast tensors while setup_context saved
+    the uncast ones, and the backward op would get gradients and saved tensors of different dtypes.
+    Looked up on every call: registrations can come and go (a torch.library.Library's lifetime)."""
+    device = input.device.type
+    return (torch._C._is_autocast_available(device) and torch.is_autocast_enabled(device)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(
+                op.name(), "Autocast" + torch._C._dispatch_key_for_device(device)))
+
+
 def _call_layer(mode, *args):
-    """The `mode` layer op on args, which end with save_reserve: differentiable when that is true."""
+    """The `mode` layer op on args, which end with save_reserve: differentiable when that is true.
+    Eagerly through _EagerLayer, except where an autocast rule applies: that needs the dispatcher."""
     layer = _LAYERS[mode]
     if not args[-1]:
         return _call(layer.op, *args)
-    if not _eager():
+    if not _eager() or (torch._C._is_any_autocast_enabled() and _autocast_rule_applies(layer.op, args[0])):
         return layer.op(*args)
     return _eager_layer_apply(*args, layer)
 

@@ -221,6 +221,116 @@ def assert_twins_agree(reference, fused, call, leaves, **tolerance):
     assert_all_close(fused_grads, ref_grads, **tolerance)
 
 
+# ---- accuracy against a float64 truth ------------------------------------------------------------
+
+def relative_error(a, e):
+    """max |a - e| / max(1, max |e|), on e's device."""
+    return ((a.detach().to(e.device, torch.float64) - e).abs().max() / max(1.0, e.abs().max().item())).item()
+
+
+def relative_errors(result, exact):
+    """relative_error over the outputs, and over the gradients (0 where there are none), of two
+    named_outputs_and_grads results."""
+    (outputs, grads), (exact_outputs, exact_grads) = result, exact
+    return (max(relative_error(a, e) for a, e in zip(outputs, exact_outputs)),
+            max((relative_error(grads[name], exact_grads[name]) for name in exact_grads), default=0.0))
+
+
+def rounding_floor(dtype):
+    """An error that two correct results in `dtype` can both have from rounding alone, below which
+    the ratio of their errors says nothing: half a unit of `dtype`'s rounding of the results
+    (relative_error divides by max(1, max |truth|)) plus 8 units of float32 rounding for the
+    arithmetic, which fused_rnn does in float32 for every type (its float32 errors at the CUDA
+    tests' sizes: 2.1-2.4 units on the first GPU run; its CPU kernels': 0.5-6.6 units). So 1.0e-6
+    for float32, 4.9e-4 for float16, 3.9e-3 for bfloat16; a wrong term, or products in a lower
+    precision (TF32: 1e-3), are orders of magnitude above."""
+    return torch.finfo(dtype).eps / 2 + 8 * torch.finfo(torch.float32).eps
+
+
+def assert_results_at_least_as_accurate(ours, theirs, exact, floor=0.0, factor=1.5):
+    """Of two named_outputs_and_grads results, `ours` has the dtypes of `theirs` and is within
+    `factor` times their error against `exact` plus `floor` (relative_errors: outputs, and
+    gradients, apart). Returns their errors (outputs, gradients)."""
+    (our_outputs, our_grads), (their_outputs, their_grads) = ours, theirs
+    assert [t.dtype for t in our_outputs] == [t.dtype for t in their_outputs], "output dtypes differ"
+    assert {n: g.dtype for n, g in our_grads.items()} == {n: g.dtype for n, g in their_grads.items()}, \
+        "gradient dtypes differ"
+    their_errors = relative_errors(theirs, exact)
+    for what, our_error, their_error in zip(("outputs", "gradients"), relative_errors(ours, exact), their_errors):
+        assert our_error <= factor * their_error + floor, \
+            f"{what}: error {our_error:.2e}, torch.nn's {their_error:.2e} (allowed: {factor} x that + {floor:.1e})"
+    return their_errors
+
+
+def assert_at_least_as_accurate(fused, reference, exact, leaves, call, floor=0.0):
+    """fused's outputs and gradients are within 1.5x of torch.nn's error, plus `floor`, against
+    `exact` (a float64 reference) run on the same inputs in float64 on its own device (on single
+    elements the two round differently). Returns the exact outputs and torch.nn's output error."""
+    device = next(exact.parameters()).device
+    exact_leaves = {name: t.detach().to(device, torch.float64).requires_grad_() for name, t in leaves.items()}
+    exact_result = named_outputs_and_grads(exact, exact_leaves, call)
+    their_errors = assert_results_at_least_as_accurate(named_outputs_and_grads(fused, leaves, call),
+                                                       named_outputs_and_grads(reference, leaves, call),
+                                                       exact_result, floor)
+    return exact_result[0], their_errors[0]
+
+
+def rounded(t, dtype):
+    """t with its values rounded to `dtype` (kept in t's dtype) and t's gradient: the rounding is
+    not differentiated, so gradients through it stay exact."""
+    return t + (t.detach().to(dtype).to(t.dtype) - t.detach())
+
+
+class Float64Truth(nn.Module):
+    """The float64 truth for a torch.nn recurrent layer (LSTM, GRU or RNN) that computes in
+    `dtype`: a float64 CPU copy run one layer at a time, exactly, on the values each layer receives
+    rounded to `dtype`, as the module under test receives them: its inputs, states and weights
+    (already in `dtype`, unless autocast casts them) and, past the first layer, the previous
+    layer's output, which a module in `dtype` hands on as a `dtype` tensor. Without that rounding
+    a ReLU unit whose pre-activation lies within a rounding of 0 has its gradient on in the module
+    and off in the truth by chance, a whole gradient step of error in a half type; with it, what is
+    left is each implementation's own error. Parameters: the module's, as float64 copies, by name."""
+
+    def __init__(self, module, dtype):
+        super().__init__()
+        self.dtype, self.batch_first, self.lstm = dtype, module.batch_first, isinstance(module, nn.LSTM)
+        self.directions = 2 if module.bidirectional else 1
+        for name, p in module.named_parameters():
+            self.register_parameter(name, nn.Parameter(p.detach().to("cpu", torch.float64, copy=True)))
+        options = dict(hidden_size=module.hidden_size, bias=module.bias, batch_first=module.batch_first,
+                       bidirectional=module.bidirectional, dtype=torch.float64)
+        if self.lstm:
+            options["proj_size"] = module.proj_size
+        if isinstance(module, nn.RNN):
+            options["nonlinearity"] = module.nonlinearity
+        layer_output = (module.proj_size or module.hidden_size) * self.directions
+        # One single-layer module per layer, run with that layer's parameters swapped in; listed
+        # rather than registered, so that their own parameters are not the truth's.
+        self._layers = [type(module)(module.input_size if k == 0 else layer_output, **options)
+                        for k in range(module.num_layers)]
+
+    def _rounded_input(self, x):
+        if isinstance(x, PackedSequence):
+            return PackedSequence(rounded(x.data, self.dtype), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+        return rounded(x, self.dtype)
+
+    def forward(self, input, hx=None):
+        states = hx if self.lstm else (hx,)
+        x, h_n, c_n = input, [], []
+        for k, layer in enumerate(self._layers):
+            params = {name: rounded(getattr(self, name.replace("_l0", f"_l{k}")), self.dtype)
+                      for name, _ in layer.named_parameters()}
+            hidden = None
+            if hx is not None:  # this layer's directions' states
+                own = [rounded(s[k * self.directions:(k + 1) * self.directions], self.dtype) for s in states]
+                hidden = tuple(own) if self.lstm else own[0]
+            x, state = functional_call(layer, params, (self._rounded_input(x), hidden))
+            h_n.append(state[0] if self.lstm else state)
+            c_n.append(state[1] if self.lstm else None)
+        h_n = torch.cat(h_n)
+        return (x, (h_n, torch.cat(c_n))) if self.lstm else (x, h_n)
+
+
 # ---- layer inputs ------------------------------------------------------------------------------
 
 def leaf(*shape, dtype=torch.float64, device=None, requires_grad=True):

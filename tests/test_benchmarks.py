@@ -2,6 +2,7 @@
 and the correctness guard refusing wrong implementations."""
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,26 @@ def test_step_grid_is_single_steps_with_more_repeats():
     assert (repeats, warmup) == (STEP_REPEATS, STEP_WARMUP) and repeats > 15
     explicit = parser.parse_args(["--grid", "step", "--device", "cpu", "--repeats", "3", "--warmup", "0"])
     assert _resolve(explicit, parser)[2:] == (3, 0)
+
+
+def test_progress_is_one_line_per_point_off_a_terminal(tmp_path, capsys):
+    """In a log (stderr not a terminal) a progress bar's carriage returns would pile up: one plain
+    line per point instead, with its times and ratio, or why it failed."""
+    assert main(TINY + ["--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert "\r" not in "".join(lines)
+    progress = [line for line in lines if line.startswith("[")]
+    assert len(progress) == 2
+    for index, (line, mode) in enumerate(zip(progress, ("inference", "training")), 1):
+        assert re.fullmatch(rf"\[{index}/2\] LSTM {mode} T6 B3 I8 H8: ref \d+\.\d{{3}} ms, ours \d+\.\d{{3}} ms, "
+                            r"\d+\.\d\dx", line), line
+    main(TINY + ["--modes", "training", "--out", str(tmp_path)], make_ours=lambda cell, **kwargs: _Raising(**kwargs))
+    failed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert failed == ["[1/1] LSTM training T6 B3 I8 H8: FAILED: ours raised RuntimeError: kernel exploded"]
+
+
+def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(TINY + ["--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "\r" in err and "benchmarking" in err and not re.search(r"^\[1/2\]", err, re.MULTILINE)

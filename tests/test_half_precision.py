@@ -12,9 +12,9 @@ import torch
 import fused_rnn
 
 from helpers import (CELL_KINDS, INPUT_SIZE, LAYER_GRID_ARGS, LAYER_KINDS, OPCHECK_CASE_ARGS, OPCHECK_CASE_IDS,
-                     OPCHECK_CASES, PROJ_SIZE, SCALED_TOLERANCE, assert_backward_op_opcheck_passes,
-                     assert_layer_op_opcheck_passes, assert_same_results, layer_call, layer_grid, layer_leaves,
-                     make_kind_pair, named_outputs_and_grads, output_tensors)
+                     OPCHECK_CASES, PROJ_SIZE, SCALED_TOLERANCE, assert_at_least_as_accurate,
+                     assert_backward_op_opcheck_passes, assert_layer_op_opcheck_passes, assert_same_results, layer_call,
+                     layer_grid, layer_leaves, make_kind_pair, named_outputs_and_grads, output_tensors, relative_error)
 
 pytestmark = pytest.mark.usefixtures("torch_test_state")
 
@@ -66,32 +66,6 @@ def test_cell_matches_nn(kind, dtype):
 
 
 # ---- accuracy against float64 --------------------------------------------------------------------
-
-def relative_error(a, e):
-    """max |a - e| / max(1, max |e|)."""
-    return ((a.double() - e).abs().max() / max(1.0, e.abs().max().item())).item()
-
-
-def relative_errors(result, exact):
-    """relative_error over the outputs, and over the gradients, of two named_outputs_and_grads
-    results."""
-    (outputs, grads), (exact_outputs, exact_grads) = result, exact
-    return (max(relative_error(a, e) for a, e in zip(outputs, exact_outputs)),
-            max(relative_error(grads[name], exact_grads[name]) for name in exact_grads))
-
-
-def assert_at_least_as_accurate(fused, reference, exact, leaves, call):
-    """fused's outputs and gradients are within 1.5x of torch.nn's error against `exact` (the
-    reference in float64) run on the same inputs in float64 (on single elements the two round
-    differently). Returns the exact outputs and torch.nn's output error."""
-    exact_leaves = {name: t.detach().double().requires_grad_() for name, t in leaves.items()}
-    exact_result = named_outputs_and_grads(exact, exact_leaves, call)
-    ours = relative_errors(named_outputs_and_grads(fused, leaves, call), exact_result)
-    theirs = relative_errors(named_outputs_and_grads(reference, leaves, call), exact_result)
-    for what, our_error, their_error in zip(("outputs", "gradients"), ours, theirs):
-        assert our_error <= 1.5 * their_error, f"{what}: error {our_error:.2e}, torch.nn's {their_error:.2e}"
-    return exact_result[0], theirs[0]
-
 
 ACCURACY_CASES = ([(kind, form) for kind in LAYER_KINDS for form in ("3d", "packed_unsorted")] +
                   [(kind, "cell") for kind in CELL_KINDS])
