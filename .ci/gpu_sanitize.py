@@ -4,10 +4,15 @@ tanh and relu) over 2 stacked layers in both directions, packed and not, forward
 training and forward in inference; each cell forward and backward; in float32, float64, float16
 and bfloat16 (--dtypes picks some: racecheck and synccheck are slow, .ci/gpu gives them float32).
 
-    python .ci/gpu_sanitize.py [--device cuda] [--dtypes float32,bfloat16] [--list]
+    python .ci/gpu_sanitize.py [--device cuda] [--dtypes float32,bfloat16] [--barriers grid,counter] [--list]
+
+FUSED_RNN_CUDA_KERNEL chooses the recurrence's path as always (.ci/gpu watches the persistent
+kernels with it set to persistent, float64 and the projected LSTM then running per step);
+--barriers runs every case once per FUSED_RNN_CUDA_BARRIER value (the persistent kernels' barrier).
 """
 import argparse
 import itertools
+import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -75,23 +80,36 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated: " + ", ".join(DTYPES))
+    parser.add_argument("--barriers", default="grid", help="comma-separated FUSED_RNN_CUDA_BARRIER values: grid, counter")
     parser.add_argument("--list", action="store_true", help="print the cases, run nothing")
     args = parser.parse_args(argv)
+    barriers = args.barriers.split(",")
+    if any(b not in ("grid", "counter") for b in barriers):
+        parser.error(f"unknown barrier(s) in {args.barriers!r}; choose from grid, counter")
     dtypes = args.dtypes.split(",")
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         parser.error(f"unknown dtype(s) {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
-    for case in cases(dtypes):
-        if args.list:
-            print(f"{case.kind} {'packed' if case.packed else 'unpacked'} {'+'.join(case.directions)} {case.dtype}")
-            continue
-        checksum = run(case, torch.device(args.device))
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        print(f"{case.kind:12} {'packed' if case.packed else 'unpacked':8} {case.dtype:8} checksum {checksum:.6g}",
-              flush=True)
+    previous = os.environ.get("FUSED_RNN_CUDA_BARRIER")
+    try:
+        for barrier, case in itertools.product(barriers, cases(dtypes)):
+            if args.list:
+                print(f"{case.kind} {'packed' if case.packed else 'unpacked'} {'+'.join(case.directions)} "
+                      f"{case.dtype} {barrier}")
+                continue
+            os.environ["FUSED_RNN_CUDA_BARRIER"] = barrier
+            checksum = run(case, torch.device(args.device))
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            print(f"{case.kind:12} {'packed' if case.packed else 'unpacked':8} {case.dtype:8} {barrier:7} "
+                  f"checksum {checksum:.6g}", flush=True)
+    finally:
+        if previous is None:
+            os.environ.pop("FUSED_RNN_CUDA_BARRIER", None)
+        else:
+            os.environ["FUSED_RNN_CUDA_BARRIER"] = previous
     if not args.list:
-        print(f"done: {len(cases(dtypes))} cases on {args.device}")
+        print(f"done: {len(barriers) * len(cases(dtypes))} cases on {args.device}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Command line of `python -m benchmarks`; see benchmarks/README.md."""
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 from rich.console import Console
 from tqdm import tqdm
 
-from .measure import Settings, make_fused_module, measure_point
+from .measure import CUDA_KERNELS, Settings, make_fused_module, measure_point
 from .report import environment, plot, point_label, print_report, summarize
 from .schema import SCHEMA_VERSION, validate
 from .shapes import CELLS, GRIDS, MODES, custom_grid
@@ -75,6 +76,9 @@ def build_parser():
     parser.add_argument("--warmup", type=_integer(0),
                         help=f"untimed repetitions first (default {DEFAULT_WARMUP}; step grid {STEP_WARMUP})")
     parser.add_argument("--with-aten", action="store_true", help="CUDA: also time torch.nn with cuDNN disabled")
+    parser.add_argument("--cuda-kernel", choices=CUDA_KERNELS,
+                        help="CUDA: how fused_rnn runs the recurrence (FUSED_RNN_CUDA_KERNEL; default: as set, "
+                             "else auto); each point records which path ran")
     parser.add_argument("--no-input-grad", dest="input_grad", action="store_false",
                         help="training: the input needs no gradient, as data fed to a first layer "
                              "(default: it does, as a later layer's input)")
@@ -92,6 +96,11 @@ def _resolve(args, parser):
         parser.error("--device cuda, but CUDA is not available")
     if args.with_aten and args.device != "cuda":
         parser.error("--with-aten compares against cuDNN-less torch.nn and needs --device cuda")
+    if args.cuda_kernel and args.device != "cuda":
+        parser.error("--cuda-kernel chooses how fused_rnn runs on CUDA and needs --device cuda")
+    if os.environ.get("FUSED_RNN_CUDA_KERNEL", "auto") not in CUDA_KERNELS + ("",) and not args.cuda_kernel:
+        parser.error(f"FUSED_RNN_CUDA_KERNEL must be one of {', '.join(CUDA_KERNELS)}, "
+                     f"got {os.environ['FUSED_RNN_CUDA_KERNEL']!r}")
     custom = any(getattr(args, name) not in (None, False) for name in SHAPE_DEFAULTS)
     if custom and (args.grid or args.quick):
         parser.error("shape options define their own grid; drop --grid/--quick")
@@ -129,7 +138,7 @@ def _point_line(index, total, point):
     else:
         timings = point["timings"]
         outcome = (f"ref {timings['reference']['median_ms']:.3f} ms, ours {timings['ours']['median_ms']:.3f} ms, "
-                   f"{point['ratio']:.2f}x")
+                   f"{point['ratio']:.2f}x" + (f", {point['cuda_path']}" if point.get("cuda_path") else ""))
     return f"[{index}/{total}] {point_label(point)}: {outcome}"
 
 
@@ -155,11 +164,14 @@ def main(argv=None, make_ours=make_fused_module):
             print(f"{cell:4} {mode:9} {shape.label()}")
         return 0
 
+    if args.cuda_kernel:
+        os.environ["FUSED_RNN_CUDA_KERNEL"] = args.cuda_kernel
     settings = Settings(device, dtype, repeats, warmup, args.seed, args.with_aten, args.input_grad)
+    cuda_kernel = (os.environ.get("FUSED_RNN_CUDA_KERNEL") or "auto") if device.type == "cuda" else None
     result = {"schema_version": SCHEMA_VERSION, "environment": environment(device, dtype),
               "config": {"grid": grid, "cells": args.cells, "modes": args.modes, "repeats": repeats,
                          "warmup": warmup, "seed": args.seed, "with_aten": args.with_aten,
-                         "input_grad": args.input_grad},
+                         "input_grad": args.input_grad, "cuda_kernel": cuda_kernel},
               "points": []}
     # A progress bar on a terminal; elsewhere (a log file, a pipe) its carriage returns would pile
     # up, so one line per point instead.

@@ -22,6 +22,10 @@ import fused_rnn
 TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
+# FUSED_RNN_CUDA_KERNEL's values: how fused_rnn runs the recurrence on CUDA.
+CUDA_KERNELS = ("auto", "persistent", "stepwise")
+
+
 def make_fused_module(cell, **module_kwargs):
     """The implementation under test; measure_point() takes another factory in its place (tests)."""
     return getattr(fused_rnn, cell)(**module_kwargs)
@@ -112,8 +116,12 @@ class _Case:
         return tensors
 
     def check(self, tolerance):
-        """Raises PointFailure unless ours matches the reference; returns the largest |difference|."""
-        expected, actual = self._results("reference"), self._results("ours")
+        """Raises PointFailure unless ours matches the reference; returns the largest |difference|
+        and, on CUDA, how ours ran its recurrences (cuda_path)."""
+        expected = self._results("reference")
+        before = fused_rnn.cuda_recurrence_counts()
+        actual = self._results("ours")
+        path = cuda_path(before, fused_rnn.cuda_recurrence_counts()) if self.input_data.is_cuda else None
         largest = 0.0
         for key, want in expected.items():
             got = actual.get(key)
@@ -126,7 +134,7 @@ class _Case:
             if not bool((difference <= bound).all()):  # also catches NaN
                 raise PointFailure(f"ours differs from the reference in {key}: max |difference| "
                                    f"{difference.max().item():.3g} exceeds tolerance {tolerance:g}")
-        return largest
+        return largest, path
 
     def time(self, repeats, warmup, device):
         """Milliseconds per call for each contender, alternating the order every repetition."""
@@ -146,6 +154,14 @@ class _Case:
             self.reset_grads()
             result[name] = _peak_memory_bytes(lambda: self.step(name), device)
         return result
+
+
+def cuda_path(before, after):
+    """How a call ran its recurrences, from fused_rnn.cuda_recurrence_counts() before and after it:
+    "persistent", "stepwise", or "mixed" (some layer directions each way)."""
+    persistent = after["persistent_launches"] > before["persistent_launches"]
+    stepwise = after["stepwise_steps"] > before["stepwise_steps"]
+    return "mixed" if persistent and stepwise else "persistent" if persistent else "stepwise"
 
 
 def _make_input(shape, settings, requires_grad):
@@ -257,10 +273,10 @@ def measure_point(cell, shape, mode, settings, make_ours=make_fused_module):
     tolerance = TOLERANCES[settings.dtype]
     point = {"cell": cell, "mode": mode, "shape": asdict(shape), "status": "ok", "failure": None,
              "max_abs_error": None, "tolerance": tolerance, "timings": {}, "ratio": None, "ratio_aten": None,
-             "peak_memory_bytes": {}}
+             "peak_memory_bytes": {}, "cuda_path": None}
     try:
         case = _attempt("setup", lambda: _Case(cell, shape, mode, settings, make_ours))
-        point["max_abs_error"] = _attempt("the check", lambda: case.check(tolerance))
+        point["max_abs_error"], point["cuda_path"] = _attempt("the check", lambda: case.check(tolerance))
         samples = _attempt("timing", lambda: case.time(settings.repeats, settings.warmup, settings.device))
         memory = _attempt("memory measurement", lambda: case.peak_memory(settings.device))
     except PointFailure as failure:

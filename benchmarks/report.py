@@ -127,10 +127,15 @@ def print_report(result, console: Console):
     with_aten = result["config"]["with_aten"]
     names = ["reference", "ours"] + (["aten"] if with_aten else [])
     data_input = "" if result["config"].get("input_grad", True) else ", training input without gradient"
+    if result["config"].get("cuda_kernel"):
+        data_input += f", FUSED_RNN_CUDA_KERNEL={result['config']['cuda_kernel']}"
     table = Table(title=f"fused_rnn vs torch.nn — {result['environment']['device_name']}, "
                         f"{result['environment']['dtype']}, {result['environment']['num_threads']} threads{data_input}")
+    on_cuda = result["environment"]["device"] == "cuda"
     for header in ("cell", "mode", "shape", "ref ms (IQR)", "ours ms (IQR)", "ratio", "µs/step"):
         table.add_column(header, justify="left" if header in ("cell", "mode", "shape") else "right")
+    if on_cuda:
+        table.add_column("path")
     if with_aten:
         table.add_column("aten ms (IQR)", justify="right")
         table.add_column("ratio aten", justify="right")
@@ -139,10 +144,12 @@ def print_report(result, console: Console):
         row = [point["cell"], point["mode"], Shape(**point["shape"]).label()]
         timings = point["timings"]
         if point["status"] == "failed":
-            row += ["", "", "[bold red]FAILED[/]", ""] + ["", ""] * with_aten + [""]
+            row += ["", "", "[bold red]FAILED[/]", ""] + [""] * on_cuda + ["", ""] * with_aten + [""]
         else:
             row += [_ms(timings["reference"]), _ms(timings["ours"]), _ratio(point["ratio"]),
                     f"{timings['ours']['us_per_step']:.1f}"]
+            if on_cuda:
+                row.append(point.get("cuda_path") or "")
             if with_aten:
                 row += [_ms(timings["aten"]), _ratio(point["ratio_aten"])]
             row.append(_mebibytes(point["peak_memory_bytes"], names))

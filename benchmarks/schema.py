@@ -16,10 +16,12 @@ a change that would break readers bumps SCHEMA_VERSION.
     "cpu_instruction_sets": {"torch": str, "fused_rnn": str, "onednn_cap": str | null,
                              "mkl_cap": str | null}  (added later: absent in older files)
   },
-  "config": {"grid": str ("cpu" | "gpu" | "quick" | "custom"), "cells": [str], "modes": [str],
+  "config": {"grid": str ("cpu" | "gpu" | "gpu-small" | "quick" | "step" | "custom"), "cells": [str], "modes": [str],
              "repeats": int, "warmup": int, "seed": int, "with_aten": bool,
              "input_grad": bool  (training: whether the input needs a gradient; added later, absent
-                                  in older files, which all had it)},
+                                  in older files, which all had it),
+             "cuda_kernel": "auto" | "persistent" | "stepwise" | null  (FUSED_RNN_CUDA_KERNEL on CUDA,
+                                  null on CPU; added later)},
   "points": [{
     "cell": "LSTM" | "GRU" | "RNN", "mode": "inference" | "training",
     "shape": {"seq_len", "batch", "input_size", "hidden_size", "num_layers", "proj_size": int,
@@ -30,7 +32,10 @@ a change that would break readers bumps SCHEMA_VERSION.
                        "us_per_step" (median / seq_len, in µs): float, "samples_ms": [float]}},
     "peak_memory_bytes": {IMPL: int | null},
     "ratio": float | null       (reference median / ours median; > 1 means ours is faster),
-    "ratio_aten": float | null  (aten median / ours median)
+    "ratio_aten": float | null  (aten median / ours median),
+    "cuda_path": "persistent" | "stepwise" | "mixed" | null  (how ours ran its recurrences on CUDA,
+                                from fused_rnn.cuda_recurrence_counts() around the check's call;
+                                null on CPU and for failed points; added later)
   }],
   "summary": {"points": int, "failed": int,
               "geomean_ratio": {MODE: float | null}, "geomean_ratio_aten": {MODE: float | null},
@@ -92,7 +97,7 @@ _ENVIRONMENT = {
 _ENVIRONMENT_ADDED = {"cpu_instruction_sets": _dict_of(_optional(_is_str))}
 _CONFIG = {"grid": _is_str, "cells": _list_of(_one_of(*_CELLS)), "modes": _list_of(_one_of(*_MODES)),
            "repeats": _is_int, "warmup": _is_int, "seed": _is_int, "with_aten": _is_bool}
-_CONFIG_ADDED = {"input_grad": _is_bool}
+_CONFIG_ADDED = {"input_grad": _is_bool, "cuda_kernel": _optional(_one_of("auto", "persistent", "stepwise"))}
 _SHAPE = {"seq_len": _is_int, "batch": _is_int, "input_size": _is_int, "hidden_size": _is_int,
           "num_layers": _is_int, "bidirectional": _is_bool, "proj_size": _is_int, "packed": _is_bool}
 _TIMING = {"median_ms": _is_number, "q1_ms": _is_number, "q3_ms": _is_number, "min_ms": _is_number,
@@ -101,6 +106,7 @@ _POINT = {"cell": _one_of(*_CELLS), "mode": _one_of(*_MODES), "shape": dict, "st
           "failure": _optional(_is_str), "tolerance": _is_number, "max_abs_error": _optional(_is_number),
           "timings": dict, "peak_memory_bytes": _dict_of(_optional(_is_int)),
           "ratio": _optional(_is_number), "ratio_aten": _optional(_is_number)}
+_POINT_ADDED = {"cuda_path": _optional(_one_of("persistent", "stepwise", "mixed"))}
 _SUMMARY = {"points": _is_int, "failed": _is_int, "geomean_ratio": _dict_of(_optional(_is_number)),
             "geomean_ratio_aten": _dict_of(_optional(_is_number)), "min_ratio": _optional(_is_number),
             "min_ratio_point": _optional(_is_int)}
@@ -122,7 +128,7 @@ def _check_fields(obj, fields, where, added=None):
 
 
 def _check_point(point, where):
-    _check_fields(point, _POINT, where)
+    _check_fields(point, _POINT, where, _POINT_ADDED)
     _check_fields(point["shape"], _SHAPE, where + ".shape")
     for impl, timing in point["timings"].items():
         _check_fields(timing, _TIMING, f"{where}.timings.{impl}")

@@ -80,6 +80,16 @@ def gpu_grid():
     return list(dict.fromkeys([fastrnns, *batches, *hiddens, long_sequence]))
 
 
+def gpu_small_grid():
+    """Where persistent kernels pay (one launch per layer call instead of one or more per step):
+    B in {1, 8, 16, 64} x H = I in {256, 512, 1024} x T in {100, 1024}, and cuDNN's own persistent
+    case, T=1024 B=16 I=H=768 (and its B=64 twin)."""
+    sizes = [Shape(seq_len=seq_len, batch=batch, input_size=hidden, hidden_size=hidden)
+             for seq_len, batch, hidden in product((100, 1024), (1, 8, 16, 64), (256, 512, 1024))]
+    cudnn_persistent = [Shape(seq_len=1024, batch=batch, input_size=768, hidden_size=768) for batch in (16, 64)]
+    return sizes + cudnn_persistent
+
+
 def quick_grid():
     """Small versions of every feature (sweeps, variants, projection) for smoke runs and CI."""
     base = Shape(seq_len=32, batch=8, input_size=64, hidden_size=64)
@@ -95,7 +105,7 @@ def step_grid():
             for batch, hidden in product((1, 16, 64), (64, 256, 512))]
 
 
-GRIDS = {"cpu": cpu_grid, "gpu": gpu_grid, "quick": quick_grid, "step": step_grid}
+GRIDS = {"cpu": cpu_grid, "gpu": gpu_grid, "gpu-small": gpu_small_grid, "quick": quick_grid, "step": step_grid}
 
 
 def custom_grid(seq_lens, batches, input_sizes, hidden_sizes, layers, proj_sizes, bidirectional, packed):

@@ -146,3 +146,40 @@ def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
     assert main(TINY + ["--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "\r" in err and "benchmarking" in err and not re.search(r"^\[1/2\]", err, re.MULTILINE)
+
+
+def test_gpu_small_grid_holds_the_persistent_kernels_targets():
+    from benchmarks.shapes import GRIDS
+    shapes = GRIDS["gpu-small"]()
+    sizes = {(s.seq_len, s.batch, s.hidden_size) for s in shapes if s.input_size == s.hidden_size}
+    assert {(t, b, h) for t in (100, 1024) for b in (1, 8, 16, 64) for h in (256, 512, 1024)} <= sizes
+    assert (1024, 16, 768) in sizes and (1024, 64, 768) in sizes  # cuDNN's own persistent case
+    assert len(shapes) == len(set(shapes)) == 26
+
+
+def test_cuda_path_of_a_call():
+    from benchmarks.measure import cuda_path
+    before = {"persistent_launches": 5, "stepwise_steps": 100}
+    assert cuda_path(before, {"persistent_launches": 7, "stepwise_steps": 100}) == "persistent"
+    assert cuda_path(before, {"persistent_launches": 5, "stepwise_steps": 140}) == "stepwise"
+    assert cuda_path(before, {"persistent_launches": 6, "stepwise_steps": 101}) == "mixed"
+
+
+def test_cpu_points_record_no_cuda_path(tmp_path):
+    status, result = _run_tiny(tmp_path)
+    assert status == 0 and result["config"]["cuda_kernel"] is None
+    assert all(p["cuda_path"] is None for p in result["points"])
+    broken = copy.deepcopy(result)
+    broken["points"][0]["cuda_path"] = "fast"
+    with pytest.raises(ValueError, match="cuda_path"):
+        validate(broken)
+
+
+def test_cuda_kernel_option_needs_cuda(capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--cuda-kernel", "persistent"] + TINY)
+    assert "--cuda-kernel chooses how fused_rnn runs on CUDA" in capsys.readouterr().err
+    monkeypatch.setenv("FUSED_RNN_CUDA_KERNEL", "fastest")
+    with pytest.raises(SystemExit):
+        main(TINY)
+    assert "FUSED_RNN_CUDA_KERNEL must be one of auto, persistent, stepwise, got 'fastest'" in capsys.readouterr().err
