@@ -186,8 +186,21 @@ def test_autocast_matches_nn(kind, region_dtype, input_dtype):
         assert [t.dtype for t in ours_outputs] == [t.dtype for t in theirs]
         assert_same_results((ours_outputs, {}), (theirs, {}), 2 * SCALED_TOLERANCE[region_dtype])
         return
-    with torch.autocast("cpu", dtype=region_dtype):
-        theirs = named_outputs_and_grads(reference, leaves, call)
+    try:
+        with torch.autocast("cpu", dtype=region_dtype):
+            theirs = named_outputs_and_grads(reference, leaves, call)
+    except RuntimeError as error:
+        if not (kind == "LSTM" and "could not create a primitive descriptor" in str(error)):
+            raise
+        # torch.nn's LSTM under autocast insists on oneDNN, which has no bfloat16 LSTM on CPUs
+        # without AVX-512: what the region asks of it, an LSTM in bfloat16, torch.nn runs outside
+        # autocast on its own kernels. Its results then have bfloat16 gradients, ours float32 ones.
+        region_leaves = {name: t.detach().to(region_dtype).requires_grad_() for name, t in leaves.items()}
+        theirs = named_outputs_and_grads(copy.deepcopy(reference).to(region_dtype), region_leaves, call)
+        assert all(t.dtype == region_dtype for t in ours[0])
+        assert all(g.dtype == torch.float32 for g in ours[1].values())
+        assert_same_results(ours, theirs, 2 * SCALED_TOLERANCE[region_dtype], same_dtypes=False)
+        return
     assert all(g.dtype == torch.float32 for name, g in ours[1].items() if name.startswith("param."))
     assert_same_results(ours, theirs, 2 * SCALED_TOLERANCE[region_dtype])
 
