@@ -5,6 +5,7 @@
 // that each CTA bumps (release) and waits on (acquire).
 #include <cooperative_groups.h>
 
+#include <atomic>
 #include <cuda/atomic>
 
 #include "element_io.h"
@@ -200,16 +201,35 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
   backward_steps<Cell, S>(x, args);
 }
 
-template <class Args>
-cudaError_t launch(void (*kernel)(Args, unsigned long long*), const Args& args, bool grid_sync,
-                   unsigned long long* barrier, cudaStream_t stream) {
+// Lets kKernel use `bytes` of dynamic shared memory on the current device (more than 48 KiB needs
+// asking). Asked once per device and size reached, so that later launches and occupancy queries,
+// those captured into CUDA graphs included, call nothing but the launch.
+template <auto kKernel>
+cudaError_t allow_shared_memory(int64_t bytes) {
+  constexpr int kDevices = 64;
+  static std::atomic<int64_t> allowed[kDevices] = {};
+  int device = 0;
+  const cudaError_t found = cudaGetDevice(&device);
+  if (found != cudaSuccess) return found;
+  if (device < kDevices && bytes <= allowed[device].load(std::memory_order_relaxed)) return cudaSuccess;
+  const cudaError_t set =
+      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (set == cudaSuccess && device < kDevices) {
+    int64_t before = allowed[device].load(std::memory_order_relaxed);
+    while (before < bytes && !allowed[device].compare_exchange_weak(before, bytes)) {
+    }
+  }
+  return set;
+}
+
+template <auto kKernel, class Args>
+cudaError_t launch(const Args& args, bool grid_sync, unsigned long long* barrier, cudaStream_t stream) {
   const Layout& l = args.layout;
   if (!grid_sync) {
     const cudaError_t zeroed = cudaMemsetAsync(barrier, 0, sizeof(unsigned long long), stream);
     if (zeroed != cudaSuccess) return zeroed;
   }
-  const cudaError_t limit =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l.smem_bytes));
+  const cudaError_t limit = allow_shared_memory<kKernel>(l.smem_bytes);
   if (limit != cudaSuccess) return limit;
   // Cooperative: the launch fails rather than start CTAs that could not all be resident at once
   // (a barrier waiting on a CTA that never starts would hang the GPU).
@@ -223,7 +243,14 @@ cudaError_t launch(void (*kernel)(Args, unsigned long long*), const Args& args, 
   config.stream = stream;
   config.attrs = &cooperative;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, args, barrier);
+  return cudaLaunchKernelEx(&config, kKernel, args, barrier);
+}
+
+template <auto kKernel>
+cudaError_t occupancy(int64_t smem_bytes, int* blocks) {
+  const cudaError_t limit = allow_shared_memory<kKernel>(smem_bytes);
+  if (limit != cudaSuccess) return limit;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kKernel, kThreads, static_cast<size_t>(smem_bytes));
 }
 
 }  // namespace
@@ -231,27 +258,24 @@ cudaError_t launch(void (*kernel)(Args, unsigned long long*), const Args& args, 
 template <class Cell, typename S>
 cudaError_t launch_forward(const ForwardArgs<S>& args, bool grid_sync, unsigned long long* barrier,
                            cudaStream_t stream) {
-  return launch(grid_sync ? forward_kernel<Cell, S, true> : forward_kernel<Cell, S, false>, args, grid_sync, barrier,
-                stream);
+  return grid_sync ? launch<forward_kernel<Cell, S, true>>(args, grid_sync, barrier, stream)
+                   : launch<forward_kernel<Cell, S, false>>(args, grid_sync, barrier, stream);
 }
 
 template <class Cell, typename S>
 cudaError_t launch_backward(const BackwardArgs<S>& args, bool grid_sync, unsigned long long* barrier,
                             cudaStream_t stream) {
-  return launch(grid_sync ? backward_kernel<Cell, S, true> : backward_kernel<Cell, S, false>, args, grid_sync,
-                barrier, stream);
+  return grid_sync ? launch<backward_kernel<Cell, S, true>>(args, grid_sync, barrier, stream)
+                   : launch<backward_kernel<Cell, S, false>>(args, grid_sync, barrier, stream);
 }
 
 template <class Cell, typename S>
 cudaError_t blocks_per_multiprocessor(bool backward, bool grid_sync, int64_t smem_bytes, int* blocks) {
-  const void* kernel = backward ? (grid_sync ? reinterpret_cast<const void*>(backward_kernel<Cell, S, true>)
-                                             : reinterpret_cast<const void*>(backward_kernel<Cell, S, false>))
-                                : (grid_sync ? reinterpret_cast<const void*>(forward_kernel<Cell, S, true>)
-                                             : reinterpret_cast<const void*>(forward_kernel<Cell, S, false>));
-  const cudaError_t limit =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
-  if (limit != cudaSuccess) return limit;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kThreads, static_cast<size_t>(smem_bytes));
+  if (backward)
+    return grid_sync ? occupancy<backward_kernel<Cell, S, true>>(smem_bytes, blocks)
+                     : occupancy<backward_kernel<Cell, S, false>>(smem_bytes, blocks);
+  return grid_sync ? occupancy<forward_kernel<Cell, S, true>>(smem_bytes, blocks)
+                   : occupancy<forward_kernel<Cell, S, false>>(smem_bytes, blocks);
 }
 
 #define FUSED_RNN_INSTANTIATE_PERSISTENT(Cell, S)                                                                  \
