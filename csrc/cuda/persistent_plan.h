@@ -135,17 +135,21 @@ FR_HD Layout plan_layout(const Pass& pass, int64_t batch, int64_t max_ctas, int6
   l.m_offset = 0;
   l.v_offset = align16(int64_t(l.rows_pad) * l.ld_m * pass.element_bytes);
   const int32_t granule = batch_granule(pass.math);
+  const auto with_tile = [&](int64_t tile) {
+    Layout t = l;
+    t.batch_tile = static_cast<int32_t>(tile);
+    t.k_slices = choose_k_slices(pass.math, l.rows_pad, t.batch_tile, l.k_pad);
+    t.red_offset = l.v_offset + align16(tile * l.ld_v * pass.element_bytes);
+    t.smem_bytes = t.red_offset + int64_t(t.k_slices) * l.rows_pad * tile * 4;
+    return t;
+  };
   for (int64_t tile = min64(round_up(batch, granule), kMaxBatchTile); tile >= granule; tile -= granule) {
-    const int32_t slices = choose_k_slices(pass.math, l.rows_pad, static_cast<int32_t>(tile), l.k_pad);
-    const int64_t red = l.v_offset + align16(tile * l.ld_v * pass.element_bytes);
-    const int64_t bytes = red + int64_t(slices) * l.rows_pad * tile * 4;
-    if (bytes <= smem_limit) {
-      l.batch_tile = static_cast<int32_t>(tile);
-      l.k_slices = slices;
-      l.red_offset = red;
-      l.smem_bytes = bytes;
-      return l;
-    }
+    const Layout largest = with_tile(tile);
+    if (largest.smem_bytes > smem_limit) continue;
+    // As many tiles as the largest that fits needs, of about equal size (64 rows in tiles of at
+    // most 20: four of 16, not three of 20 and one of 4), unless their partials take more room.
+    const Layout even = with_tile(round_up(ceil_div(batch, ceil_div(batch, tile)), granule));
+    return even.smem_bytes <= smem_limit ? even : largest;
   }
   l.verdict = Verdict::kNoSharedMemory;
   return l;

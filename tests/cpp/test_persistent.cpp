@@ -837,9 +837,36 @@ void check_steps(const char* type) {
   }
 }
 
+// The plans of the targets' shapes on an H200 (132 multiprocessors, 227 KiB of shared memory a
+// block): how many CTAs, units each, batch tile, k slices and shared memory, for the record.
+void print_h200_plans() {
+  std::printf("H200 plans (pass cell type H B: CTAs x units, batch tile, k slices, shared KiB)\n");
+  const struct {
+    const char* name;
+    int64_t gates;
+  } cells[] = {{"LSTM", 4}, {"GRU", 3}, {"RNN", 1}};
+  for (bool backward : {false, true})
+    for (const auto& cell : cells)
+      for (Math math : {Math::kFma, Math::kMma})
+        for (int64_t hidden : {256, 512, 1024})
+          for (int64_t batch : {1, 16, 64}) {
+            const int32_t es = math == Math::kMma ? 2 : 4;
+            const Layout l = plan_layout(backward ? backward_pass(cell.gates, hidden, es, math)
+                                                  : forward_pass(cell.gates, hidden, es, math),
+                                         batch, 132, 232448);
+            std::printf("  %s %s %s H%lld B%lld: ", backward ? "backward" : "forward", cell.name,
+                        math == Math::kMma ? "half" : "float32", static_cast<long long>(hidden),
+                        static_cast<long long>(batch));
+            if (l.verdict != Verdict::kFits) std::printf("does not fit\n");
+            else std::printf("%d x %d, %d, %d, %.0f\n", l.ctas, l.units_per_cta, l.batch_tile, l.k_slices,
+                             l.smem_bytes / 1024.0);
+          }
+}
+
 }  // namespace
 
 int main() {
+  print_h200_plans();
   const auto timed = [](const char* what, const std::function<void()>& f) {
     const auto start = std::chrono::steady_clock::now();
     f();
