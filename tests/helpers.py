@@ -331,6 +331,24 @@ class Float64Truth(nn.Module):
         return (x, (h_n, torch.cat(c_n))) if self.lstm else (x, h_n)
 
 
+# ---- CUDA graphs ---------------------------------------------------------------------------------
+
+def capture_cuda_graph(run, *args):
+    """(graph, outputs): run(*args) captured into a CUDA graph, whose replays rewrite `outputs`,
+    after two warm-up calls on a side stream, as capture requires (cuBLAS handle, workspace,
+    allocator)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = run(*args)
+    return graph, outputs
+
+
 # ---- layer inputs ------------------------------------------------------------------------------
 
 def leaf(*shape, dtype=torch.float64, device=None, requires_grad=True):

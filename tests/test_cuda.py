@@ -23,8 +23,9 @@ from helpers import (BATCH, INPUT_FORMS, INPUT_SIZE, LAYER_GRID_ARGS, LAYER_KIND
                      OPCHECK_CASE_ARGS, OPCHECK_CASE_IDS, OPCHECK_CASES, PACKED_LENGTHS, PROJ_SIZE, STEPS,
                      Float64Truth, assert_at_least_as_accurate, assert_backward_op_opcheck_passes,
                      assert_layer_op_gradcheck_passes, assert_layer_op_opcheck_passes,
-                     assert_results_at_least_as_accurate, assert_same_results, layer_call, layer_grid, layer_leaves,
-                     leaf, make_kind_pair, module_gradcheck, named_outputs_and_grads, output_tensors, rounding_floor)
+                     assert_results_at_least_as_accurate, assert_same_results, capture_cuda_graph, layer_call,
+                     layer_grid, layer_leaves, leaf, make_kind_pair, module_gradcheck, named_outputs_and_grads,
+                     output_tensors, rounding_floor)
 from helpers import SCALED_TOLERANCE as TOLERANCE
 from helpers import assert_close_scaled as assert_close
 
@@ -287,16 +288,7 @@ def test_forward_captured_in_a_cuda_graph_replays_like_eager(kind, form):
     static_input = make_input()
     static_data = static_input.data if form != "3d" else static_input
     with torch.no_grad():
-        # Warm up on a side stream, as capture requires (cuBLAS handle, workspace, allocator).
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                module(static_input)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_output = output_tensors(module(static_input))
+        graph, static_output = capture_cuda_graph(lambda x: output_tensors(module(x)), static_input)
         for _ in range(3):
             fresh = make_input()
             static_data.copy_(fresh.data if form != "3d" else fresh)

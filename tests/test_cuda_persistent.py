@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fused_rnn
 from helpers import (LAYER_KINDS, OPCHECK_CASE_ARGS, OPCHECK_CASE_IDS, OPCHECK_CASES, Float64Truth,
                      assert_backward_op_opcheck_passes, assert_close_scaled, assert_layer_op_opcheck_passes,
-                     assert_results_at_least_as_accurate, assert_same_results, make_kind_pair,
+                     assert_results_at_least_as_accurate, assert_same_results, capture_cuda_graph, make_kind_pair,
                      named_outputs_and_grads, output_tensors, rounding_floor)
 
 pytestmark = [
@@ -181,15 +181,7 @@ def test_captured_in_a_cuda_graph_replays_like_eager(kind, packed, kernel):
 
     static_input = torch.randn(9, 5, 8, device=CUDA)
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run(static_input)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_output = run(static_input)
+        graph, static_output = capture_cuda_graph(run, static_input)
         for _ in range(3):
             fresh = torch.randn_like(static_input)
             static_input.copy_(fresh)

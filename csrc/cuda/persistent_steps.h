@@ -81,6 +81,14 @@ FR_HD StepBackward<S> backward_at_row(StepBackward<S> a, int64_t row) {
   return a;
 }
 
+// A CTA's shared memory: its slice of W_hh (M), the vector tile and the partial sums.
+template <typename S>
+struct Shared {
+  S* m;
+  S* v;
+  float* partials;
+};
+
 // Loads this CTA's slice of W_hh into M (zeros where M is padding).
 template <typename S, class Exec>
 FR_STEPS void load_matrix(Exec& x, const Layout& l, const S* w_hh, S* m) {
@@ -129,17 +137,27 @@ FR_STEPS void for_each_sum(Exec& x, const Layout& l, const float* partials, int6
   }
 }
 
+// The CTA's shared memory, its slice of W_hh loaded.
+template <typename S, class Exec>
+FR_STEPS Shared<S> hold_matrix(Exec& x, const Layout& l, const S* w_hh) {
+  const Shared<S> shared{x.template shared<S>(l.m_offset), x.template shared<S>(l.v_offset),
+                         x.template shared<float>(l.red_offset)};
+  load_matrix(x, l, w_hh, shared.m);
+  return shared;
+}
+
 // The product of M and `rows` vectors (rows from `vectors`, stride ld), tile by tile: calls
 // sum(r, b, total) for every held row r and vector b.
 template <typename S, class Exec, class F>
-FR_STEPS void multiply(Exec& x, const Layout& l, const S* m, S* v, float* partials, const S* vectors, int64_t ld,
-                       int64_t rows, const F& sum) {
+FR_STEPS void multiply(Exec& x, const Layout& l, const Shared<S>& shared, const S* vectors, int64_t ld, int64_t rows,
+                       const F& sum) {
   for (int64_t b0 = 0; b0 < rows; b0 += l.batch_tile) {
     const int64_t tile_rows = min64(l.batch_tile, rows - b0);
-    x.threads([&](int tid) { stage_vectors(x, l, vectors + b0 * ld, ld, tile_rows, v, tid); });
-    x.threads([&](int tid) { x.products(l, m, v, partials, tid); });
+    x.threads([&](int tid) { stage_vectors(x, l, vectors + b0 * ld, ld, tile_rows, shared.v, tid); });
+    x.threads([&](int tid) { x.products(l, shared.m, shared.v, shared.partials, tid); });
     x.threads([&](int tid) {
-      for_each_sum(x, l, partials, tile_rows, tid, [&](int64_t r, int64_t b, float total) { sum(r, b0 + b, total); });
+      for_each_sum(x, l, shared.partials, tile_rows, tid,
+                   [&](int64_t r, int64_t b, float total) { sum(r, b0 + b, total); });
     });
   }
 }
@@ -153,10 +171,7 @@ FR_STEPS void forward_steps(Exec& x, const ForwardArgs<S>& a) {
   const Layout& l = a.layout;
   const int64_t H = a.step.hidden, G = Cell::kGates, first = first_unit(l, x.cta());
   const int32_t units = static_cast<int32_t>(unit_count(l, x.cta()));
-  S* m = x.template shared<S>(l.m_offset);
-  S* v = x.template shared<S>(l.v_offset);
-  float* partials = x.template shared<float>(l.red_offset);
-  load_matrix(x, l, a.w_hh, m);
+  const Shared<S> shared = hold_matrix(x, l, a.w_hh);
   const int64_t steps = schedule_steps(a.schedule);
   Cursor c = first_step(a.schedule);
   for (int64_t i = 0; i < steps; ++i, c = next_step(a.schedule, c)) {
@@ -173,7 +188,7 @@ FR_STEPS void forward_steps(Exec& x, const ForwardArgs<S>& a) {
     });
     // Gate pre-activations: the input projection's (already in the gate rows) + W_hh h_prev; GRU
     // keeps W_hh h_prev apart (its n gate scales W_hn h + b_hn by r).
-    multiply(x, l, m, v, partials, h_prev, H, c.batch, [&](int64_t r, int64_t b, float total) {
+    multiply(x, l, shared, h_prev, H, c.batch, [&](int64_t r, int64_t b, float total) {
       const RowTarget target = row_target(l, x.cta(), r);
       const int64_t column = target.part * H + target.unit;
       if constexpr (Cell::kSeparateHiddenGates) {
@@ -203,10 +218,7 @@ FR_STEPS void backward_steps(Exec& x, const BackwardArgs<S>& a) {
   const Layout& l = a.layout;
   const int64_t H = a.step.hidden, first = first_unit(l, x.cta());
   const int32_t units = static_cast<int32_t>(unit_count(l, x.cta()));
-  S* m = x.template shared<S>(l.m_offset);
-  S* v = x.template shared<S>(l.v_offset);
-  float* partials = x.template shared<float>(l.red_offset);
-  load_matrix(x, l, a.w_hh, m);
+  const Shared<S> shared = hold_matrix(x, l, a.w_hh);
   const int64_t steps = schedule_steps(a.schedule);
   Cursor c = first_step(a.schedule);
   for (int64_t i = 0; i < steps; ++i, c = next_step(a.schedule, c)) {
@@ -217,7 +229,7 @@ FR_STEPS void backward_steps(Exec& x, const BackwardArgs<S>& a) {
     });
     if (i + 1 == steps && !a.last_product) break;
     x.grid_sync();
-    multiply(x, l, m, v, partials, step.grad_hidden_gates, Cell::kGates * H, c.batch,
+    multiply(x, l, shared, step.grad_hidden_gates, Cell::kGates * H, c.batch,
              [&](int64_t r, int64_t b, float total) {
                S* dh = step.grad_h_state + b * H + row_target(l, x.cta(), r).unit;
                IO::store(dh, a.grad_h_prev_beta * IO::load(dh) + V(total));
