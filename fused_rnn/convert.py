@@ -27,6 +27,9 @@ _TORCH_TO_FUSED = {
 }
 _FUSED_TO_TORCH = {fused: torch_class for torch_class, fused in _TORCH_TO_FUSED.items()}
 
+# The torch.nn class of each layer mode (by mode: a bare RNNBase has nothing else to tell it by).
+_TORCH_LAYERS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN}
+
 _LAYER_OPTIONS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
 _CELL_OPTIONS = ("input_size", "hidden_size", "bias")
 
@@ -97,4 +100,28 @@ def _rebuild(module, target_class):
     twin.load_state_dict(module.state_dict(), strict=True)
     for name, parameter in twin.named_parameters():
         parameter.requires_grad_(module.get_parameter(name).requires_grad)
+    return twin.train(module.training)
+
+
+def torch_twin_sharing_weights(module):
+    """The torch.nn twin of fused_rnn layer or cell `module` (of a subclass too): built on the meta
+    device, in `module`'s training mode, and holding `module`'s own weight tensors as they are set on
+    it now (under torch.export, the tracer's stand-ins), not copies. Its forward computes what
+    `module`'s does, in torch.nn's code."""
+    if isinstance(module, modules.RNNBase):
+        torch_class = _TORCH_LAYERS[module.mode]
+        weight_names = module._flat_weights_names
+    else:
+        torch_class = next(twin for fused, twin in _FUSED_TO_TORCH.items() if isinstance(module, fused))
+        weight_names = modules._CELL_WEIGHTS
+    options = _constructor_options(module)
+    if torch_class is nn.RNN:  # from the mode, which a bare RNNBase has without a nonlinearity attribute
+        options["nonlinearity"] = "relu" if module.mode == "RNN_RELU" else "tanh"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # construction-time warnings the user has seen
+        twin = torch_class(**options, device="meta")
+    for name, weight in zip(weight_names, modules._tensors(module, weight_names)):
+        if weight is not None:
+            delattr(twin, name)  # the meta parameter; torch.nn's layers pick up the replacement on the next forward
+            setattr(twin, name, weight)
     return twin.train(module.training)

@@ -72,6 +72,22 @@ def _check_hidden_dtype(hidden, dtype):
             raise RuntimeError(f"Expected hidden state of dtype {dtype} (the parameters' dtype), got {h.dtype}")
 
 
+def _exporting_to_onnx():
+    """Whether torch.onnx.export is capturing this call: its TorchScript-based exporter traces it with
+    torch.jit, its dynamo=True one with non-strict torch.export (the cheap tests come first: eager calls
+    pay only those)."""
+    return (torch.jit.is_tracing() or torch.compiler.is_exporting()) and torch.onnx.is_in_onnx_export()
+
+
+def _torch_nn_forward(module, *args):
+    """`module`'s forward as torch.nn computes it, on `module`'s weights: under ONNX export the layers
+    and cells run as their torch.nn twins, so that each exporter emits what it emits for torch.nn
+    (ONNX's own LSTM, GRU and RNN ops where it has them) and fails where it fails for torch.nn."""
+    from .convert import torch_twin_sharing_weights  # here: convert imports this module
+    twin = torch_twin_sharing_weights(module)
+    return type(twin).forward(twin, *args)  # in `module`'s call: its hooks and trace scope, none of the twin's
+
+
 def _tensors(module, names):
     """The module's tensors `names` (None where one is None): from its parameters, where
     torch.func.functional_call also puts the tensors it swaps in, else as attributes (a
@@ -255,6 +271,13 @@ class RNNBase(nn.Module):
         return x, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
 
     def forward(self, input, hx=None):
+        if _exporting_to_onnx():
+            if self.proj_size > 0 and not torch.jit.is_tracing():
+                # ONNX's LSTM op has no projection. torch.nn's TorchScript-based export refuses it (so does the
+                # twin's); its dynamo=True export ignores it, writing a model that onnxruntime refuses to run.
+                raise torch.onnx.errors.OnnxExporterError(
+                    "Unsupported: ONNX export of LSTM with proj_size > 0: ONNX's LSTM operator has no projection")
+            return _torch_nn_forward(self, input, hx)
         lstm = self.mode == "LSTM"
         name = "LSTM" if lstm else ("GRU" if self.mode == "GRU" else "RNN")
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -450,6 +473,8 @@ class RNNCell(RNNCellBase):
         self.nonlinearity = nonlinearity
 
     def forward(self, input, hx=None):
+        if _exporting_to_onnx():
+            return _torch_nn_forward(self, input, hx)
         input, (h0,), is_batched = self._prepare("RNNCell", input, None if hx is None else (hx,), 1)
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
@@ -464,6 +489,8 @@ class LSTMCell(RNNCellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
 
     def forward(self, input, hx=None):
+        if _exporting_to_onnx():
+            return _torch_nn_forward(self, input, hx)
         input, hidden, is_batched = self._prepare("LSTMCell", input, hx, 2)
         h, c = self._step("LSTM", input, hidden)
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
@@ -476,6 +503,8 @@ class GRUCell(RNNCellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
 
     def forward(self, input, hx=None):
+        if _exporting_to_onnx():
+            return _torch_nn_forward(self, input, hx)
         input, (h0,), is_batched = self._prepare("GRUCell", input, None if hx is None else (hx,), 1)
         h, _ = self._step("GRU", input, (h0,))
         return h if is_batched else h.squeeze(0)

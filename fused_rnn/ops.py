@@ -21,7 +21,22 @@ def _reserve_width(mode, hidden, project):
     return {"lstm": (6 if project else 5), "gru": 4, "rnn": 0}[mode] * hidden
 
 
+def _refuse_onnx_export(mode):
+    """The fused ops have no ONNX translation: while torch.onnx.export captures a model, fused_rnn's
+    modules run as their torch.nn twins (modules.py). A fused op traced during an export was captured
+    otherwise: it is in an ExportedProgram given to torch.onnx.export, or dynamo=True fell back to
+    strict torch.export (where Dynamo takes is_in_onnx_export() for False) after the non-strict capture
+    failed, as torch.nn's would. It fails here, so that such a fallback fails too (the exporter then
+    reports the non-strict error, as for torch.nn) and an ExportedProgram is refused with a clear message."""
+    if torch.onnx.is_in_onnx_export():
+        raise torch.onnx.errors.OnnxExporterError(
+            f"fused_rnn::{mode}_layer has no ONNX translation: fused_rnn's layers and cells export to ONNX as their "
+            "torch.nn twins do when torch.onnx.export is given the model itself, not an ExportedProgram or a "
+            "traced module that already holds the fused ops")
+
+
 def _fake_forward(mode, input, batch_sizes, hx, w_ih, w_hh, save_reserve, w_hr=None):
+    _refuse_onnx_export(mode)
     hidden = w_ih.shape[0] // _gates(mode)
     h_out = w_hh.shape[1]
     if batch_sizes is not None:
