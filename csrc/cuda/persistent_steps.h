@@ -147,17 +147,25 @@ FR_STEPS Shared<S> hold_matrix(Exec& x, const Layout& l, const S* w_hh) {
 }
 
 // The product of M and `rows` vectors (rows from `vectors`, stride ld), tile by tile: calls
-// sum(r, b, total) for every held row r and vector b.
-template <typename S, class Exec, class F>
+// sum(r, b, total) for every held row r and vector b. Phases: staging the first tile (with
+// first_phase(tid), work of the caller's that touches neither), then per tile its products, then
+// its sums together with staging the next tile (the sums read the partials and write global
+// memory the staging does not read; the staging writes the vector tile the products are done with).
+template <typename S, class Exec, class F, class G>
 FR_STEPS void multiply(Exec& x, const Layout& l, const Shared<S>& shared, const S* vectors, int64_t ld, int64_t rows,
-                       const F& sum) {
+                       const F& sum, const G& first_phase) {
+  const auto tile_rows = [&](int64_t b0) { return min64(l.batch_tile, rows - b0); };
+  x.threads([&](int tid) {
+    first_phase(tid);
+    stage_vectors(x, l, vectors, ld, tile_rows(0), shared.v, tid);
+  });
   for (int64_t b0 = 0; b0 < rows; b0 += l.batch_tile) {
-    const int64_t tile_rows = min64(l.batch_tile, rows - b0);
-    x.threads([&](int tid) { stage_vectors(x, l, vectors + b0 * ld, ld, tile_rows, shared.v, tid); });
     x.threads([&](int tid) { x.products(l, shared.m, shared.v, shared.partials, tid); });
     x.threads([&](int tid) {
-      for_each_sum(x, l, shared.partials, tile_rows, tid,
+      for_each_sum(x, l, shared.partials, tile_rows(b0), tid,
                    [&](int64_t r, int64_t b, float total) { sum(r, b0 + b, total); });
+      const int64_t next = b0 + l.batch_tile;
+      if (next < rows) stage_vectors(x, l, vectors + next * ld, ld, tile_rows(next), shared.v, tid);
     });
   }
 }
@@ -180,12 +188,12 @@ FR_STEPS void forward_steps(Exec& x, const ForwardArgs<S>& a) {
     const StepForward<S> step_rows = forward_at_row(a.step, c.row);
     // The carried state: this CTA's units of every row, which the cell step then overwrites for
     // the step's rows (GRU reads h_prev there).
-    x.threads([&](int tid) {
+    const auto carry = [&](int tid) {
       for (int32_t e = tid; e < a.state_rows * units; e += kThreads) {
         const int64_t at = int64_t(e / units) * H + first + e % units;
         x.put(h_new + at, x.get(h_prev + at));
       }
-    });
+    };
     // Gate pre-activations: the input projection's (already in the gate rows) + W_hh h_prev; GRU
     // keeps W_hh h_prev apart (its n gate scales W_hn h + b_hn by r).
     multiply(x, l, shared, h_prev, H, c.batch, [&](int64_t r, int64_t b, float total) {
@@ -197,7 +205,7 @@ FR_STEPS void forward_steps(Exec& x, const ForwardArgs<S>& a) {
         S* gate = step_rows.reserve + b * step_rows.ld_reserve + column;
         IO::store(gate, IO::load(gate) + V(total));
       }
-    });
+    }, carry);
     x.threads([&](int tid) {
       StepForward<S> step = step_rows;
       step.h_state = h_new;
@@ -233,7 +241,8 @@ FR_STEPS void backward_steps(Exec& x, const BackwardArgs<S>& a) {
              [&](int64_t r, int64_t b, float total) {
                S* dh = step.grad_h_state + b * H + row_target(l, x.cta(), r).unit;
                IO::store(dh, a.grad_h_prev_beta * IO::load(dh) + V(total));
-             });
+             },
+             [](int) {});
   }
 }
 
