@@ -16,7 +16,7 @@ a change that would break readers bumps SCHEMA_VERSION.
     "cpu_instruction_sets": {"torch": str, "fused_rnn": str, "onednn_cap": str | null,
                              "mkl_cap": str | null}  (added later: absent in older files)
   },
-  "config": {"grid": str ("cpu" | "gpu" | "gpu-small" | "quick" | "step" | "custom"), "cells": [str], "modes": [str],
+  "config": {"grid": str ("cpu" | "cpu-large" | "gpu" | "gpu-small" | "quick" | "step" | "custom"), "cells": [str], "modes": [str],
              "repeats": int, "warmup": int, "seed": int, "with_aten": bool,
              "input_grad": bool  (training: whether the input needs a gradient; added later, absent
                                   in older files, which all had it),

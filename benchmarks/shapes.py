@@ -71,6 +71,13 @@ def cpu_grid():
     return sizes + _variants(base)
 
 
+def cpu_large_grid():
+    """Hidden sizes whose weights outgrow the caches (LSTM I=H=1024: W_ih and W_hh 16 MiB each in
+    float32): T=100, B in {1, 16, 64} x H = I in {1024, 2048}."""
+    return [Shape(seq_len=100, batch=batch, input_size=hidden, hidden_size=hidden)
+            for batch, hidden in product((1, 16, 64), (1024, 2048))]
+
+
 def gpu_grid():
     """The fastrnns default, batch and hidden sweeps around it, and a long sequence."""
     fastrnns = Shape(seq_len=100, batch=64, input_size=512, hidden_size=512)
@@ -105,7 +112,7 @@ def step_grid():
             for batch, hidden in product((1, 16, 64), (64, 256, 512))]
 
 
-GRIDS = {"cpu": cpu_grid, "gpu": gpu_grid, "gpu-small": gpu_small_grid, "quick": quick_grid, "step": step_grid}
+GRIDS = {"cpu": cpu_grid, "cpu-large": cpu_large_grid, "gpu": gpu_grid, "gpu-small": gpu_small_grid, "quick": quick_grid, "step": step_grid}
 
 
 def custom_grid(seq_lens, batches, input_sizes, hidden_sizes, layers, proj_sizes, bidirectional, packed):

@@ -157,6 +157,14 @@ def test_gpu_small_grid_holds_the_persistent_kernels_targets():
     assert len(shapes) == len(set(shapes)) == 26
 
 
+def test_cpu_large_grid_is_the_hidden_sizes_beyond_the_caches():
+    from benchmarks.shapes import GRIDS
+    shapes = GRIDS["cpu-large"]()
+    assert {(s.seq_len, s.batch, s.input_size, s.hidden_size) for s in shapes} == {
+        (100, b, h, h) for b in (1, 16, 64) for h in (1024, 2048)}
+    assert len(shapes) == 6 and all(s.num_layers == 1 and not s.bidirectional and not s.packed for s in shapes)
+
+
 def test_cuda_path_of_a_call():
     from benchmarks.measure import cuda_path
     before = {"persistent_launches": 5, "stepwise_steps": 100}

@@ -27,9 +27,8 @@
 #include <limits>
 #include <type_traits>
 
-#include <unistd.h>
-
 #include "../ops.h"
+#include "caches.h"
 #include "panels.h"
 
 // The Fortran BLAS entry points of the MKL that libtorch_cpu carries (LP64). Weak, so a
@@ -274,15 +273,6 @@ class SingleThreadedIfSmall {
   int previous_ = -1;
 };
 
-// The size of one core's L2 cache (1 MiB where the system does not say).
-int64_t l2_cache_bytes() {
-  static const int64_t bytes = [] {
-    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return l2 > 0 ? static_cast<int64_t>(l2) : int64_t(1) << 20;
-  }();
-  return bytes;
-}
-
 // Row groups for the steps of a weight laid out in panels: one per thread when every thread
 // gets at least kMinGroupRows rows and the whole weight fits in half a core's L2 cache. Each
 // thread then runs all the steps of its rows without waiting for the others, reading the whole
@@ -290,7 +280,7 @@ int64_t l2_cache_bytes() {
 // of hidden units, so that each thread reads only its part of a larger weight.
 int64_t row_groups_for(int64_t max_rows, int64_t weight_bytes) {
   constexpr int64_t kMinGroupRows = 8;
-  const int64_t l2_bytes = l2_cache_bytes();
+  const int64_t l2_bytes = cache_sizes().l2;
   const int64_t threads = at::get_num_threads();
   if (threads < 2 || max_rows < kMinGroupRows * threads || 2 * weight_bytes > l2_bytes) return 1;
   return threads;
@@ -328,6 +318,10 @@ struct CpuBackend {
 
   // grad_w = g^T x, or += when accumulating: on the panel kernel with x laid out in panels (A = g
   // read transposed, in place) straight into grad_w, else on MKL. No temporary of the result.
+  // The panel kernel reads all of g once per panel of x: from L2 while g fits in half of it, else
+  // from L3 or memory, where MKL's blocked GEMM, which packs blocks of g to keep them in cache, is
+  // faster (AVX2, T=100, training: LSTM B16 H512 7%, B64 H512 15%, RNN B64 H512 15%, LSTM I=H=1024
+  // B16 10%; g within half of L2, as LSTM B16 H64 and RNN B1 H64, 3-4% slower on MKL).
   // Where bf16_products_for(operands), g and x are rounded to bfloat16 (g transposed, as the
   // kernel reads pairs of k = rows) and multiplied in bfloat16, as torch.nn's bfloat16 layers do.
   template <typename S>
@@ -348,7 +342,8 @@ struct CpuBackend {
         return;
       }
     }
-    if (panels) {
+    const int64_t g_bytes = rows * g.size(1) * static_cast<int64_t>(sizeof(S));
+    if (panels && 2 * g_bytes <= cache_sizes().l2) {
       const Panels<S> x_panels(ptr<S>(x), false, rows, 1, x.size(1), Scratch::kGradientPanels);
       x_panels.multiply(g.size(1), ptr<S>(g), 1, g.stride(0), S(accumulate ? 1 : 0), ptr<S>(grad_w), grad_w.stride(0));
     } else if (x.stride(1) == 1 && g.stride(1) == 1 && grad_w.is_contiguous()) {
@@ -431,27 +426,45 @@ struct CpuBackend {
     sw.row_groups = row_groups_for(max_rows, sw.k * sw.n * static_cast<int64_t>(sizeof(S)));
   }
 
+  // Whether a layer's input projection is folded into each step's GEMM, gates = [h_prev, x_t]
+  // [W_hh, W_ih]^T + bias ([W_hh, W_ih] has joined_values weights), or hoisted out of the steps: one
+  // GEMM over a chunk of steps' inputs (dense_weight), each step then reading W_hh alone. Folded,
+  // a step is one GEMM instead of two passes and the projected input never goes through memory,
+  // but every step reads W_ih as well as W_hh, which the hoisted GEMM reads once per chunk. So it
+  // folds where that costs no memory traffic:
+  //  - batches of at least kMinFoldRows rows: fewer share each weight's reads between too few rows,
+  //    and one GEMM over all steps' inputs is faster (measured);
+  //  - [W_hh, W_ih] as laid out (bfloat16 or S) within half the last-level cache (L3; L2 where
+  //    there is none), so that it stays there from step to step beside all else a step touches:
+  //    from L3 the panel kernel runs at the FMA rate from 16 rows, while beyond, each step would
+  //    stream W_ih from memory as well as W_hh. (AVX2, 32 MiB L3, inference T=50: LSTM I=H=512,
+  //    8 MiB, folds at 1.0-1.05x of hoisted; I=H=768, 18 MiB, B16 86 -> 82 ms hoisted; I=H=1024,
+  //    32 MiB, B16 195 -> 161 ms, B64 628 -> 575 ms.)
+  //  - RNN: only within a quarter of L2 (in S, as measured), where a step is one thin GEMM with
+  //    no gate pass to save (B64 H256 and H512 inference 3-7% faster hoisted; LSTM B64 H256
+  //    inference 2-3% faster folded).
+  template <class Cell, typename S>
+  static bool fold_input_projection(int64_t max_rows, int64_t joined_values, at::ScalarType operands) {
+    constexpr int64_t kMinFoldRows = 16;
+    const CacheSizes caches = cache_sizes();
+    const int64_t last_level = caches.l3 > 0 ? caches.l3 : caches.l2;
+    const int64_t panel_bytes = joined_values * (bf16_products_for(operands) ? sizeof(c10::BFloat16) : sizeof(S));
+    if (max_rows < kMinFoldRows || 2 * panel_bytes > last_level) return false;
+    return Cell::kGates > 1 || 4 * joined_values * static_cast<int64_t>(sizeof(S)) <= caches.l2;
+  }
+
   // W_hh [G*H, H_out] for the recurrent GEMM h_prev W_hh^T, its panels grouped by gate.
-  // With w_ih given and batches of at least kMinFoldRows rows, the input projection is folded
-  // into each step's GEMM: gates = [h_prev, x_t] [W_hh, W_ih]^T + bias. Each weight is then still
-  // read once per block of rows, but there is one GEMM per step instead of two passes, and the
-  // projected input never goes through memory. Fewer rows leave the weights' reads unshared
-  // between enough rows: there a GEMM over all steps' inputs at once is faster. So is it for RNN
-  // once the joined weight outgrows a quarter of L2, where a step is one thin GEMM and no gate
-  // pass to save (measured: B64 H256 and H512 inference 3-7% faster unfolded; LSTM B64 H256
-  // inference 2-3% faster folded).
+  // With w_ih given, the input projection may be folded into each step's GEMM (fold_input_projection):
+  // gates = [h_prev, x_t] [W_hh, W_ih]^T + bias.
   template <class Cell, typename S>
   static CpuStepWeight<S> recurrent_weight(const S* w_hh, int64_t h_out, int64_t hidden, int64_t max_rows,
                                            int64_t steps, const at::Tensor& w_ih, const at::Tensor& bias,
                                            at::ScalarType operands) {
-    constexpr int64_t kMinFoldRows = 16;
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
     const int64_t n = Cell::kGates * hidden;
     CpuStepWeight<S> sw{w_hh, true, h_out, n};
     if (!panels_pay(steps, max_rows, kMinRecurrentPanelRows) || h_out <= 0 || hidden <= 0) return sw;
-    const bool fold = w_ih.defined() && max_rows >= kMinFoldRows &&
-                      (Cell::kGates > 1 || 4 * (h_out + w_ih.size(1)) * n * static_cast<int64_t>(sizeof(S)) <= l2_cache_bytes());
-    if (fold) {
+    if (w_ih.defined() && fold_input_projection<Cell, S>(max_rows, (h_out + w_ih.size(1)) * n, operands)) {
       sw.folded_input = w_ih.size(1);
       sw.k = h_out + sw.folded_input;
       sw.bias = bias.defined() ? bias.contiguous() : at::zeros({n}, opts);
@@ -688,6 +701,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("instruction_set") = "default";
 #endif
   m.attr("bfloat16_products") = fused_rnn::bf16_products_for(at::kBFloat16);
+  m.def("cache_sizes", [] {
+        const fused_rnn::CacheSizes sizes = fused_rnn::cache_sizes();
+        return std::make_pair(sizes.l2, sizes.l3);
+      }, "(L2 bytes per core, shared L3 bytes) as the CPU kernels' rules see them (0: no L3)");
+  m.def("set_cache_sizes", [](int64_t l2, int64_t l3) {
+        fused_rnn::l2_override = l2;
+        fused_rnn::l3_override = l3;
+      }, pybind11::arg("l2") = 0, pybind11::arg("l3") = -1,
+      "Overrides the cache sizes the CPU kernels' rules see (l2 <= 0, l3 < 0: the detected ones)");
   m.def("empty_cache", &fused_rnn::release_cpu_memory,
         "Frees the CPU memory kept between calls: cached blocks of freed outputs and reserves, and "
         "the calling thread's scratch buffers.");

@@ -186,13 +186,19 @@ class Panels {
     kernel<NV, R>(p, first, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail);
   }
 
+  // Asks for the cache lines of `bytes` bytes from p into L2 (a prefetch never faults).
+  static inline __attribute__((always_inline)) void prefetch_to_l2(const void* p, int64_t bytes) {
+    for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(static_cast<const char*>(p) + line, 0, 2);
+  }
+
   // acc[r][v] += sum over `count` values of k of A(r, i) times vector v of the pass at that k (the
-  // panel's k rows are `stride` values apart).
+  // panel's k rows are `stride` values apart). The same vectors `ahead` values on are prefetched.
   template <int NV, int R>
   static inline __attribute__((always_inline)) void multiply_add(V (&acc)[R][NV], const S*& w, int64_t stride,
                                                                  const S* a, int64_t lda, int64_t lda_k,
-                                                                 int64_t count) {
+                                                                 int64_t count, int64_t ahead) {
     for (int64_t i = 0; i < count; ++i, w += stride, a += lda_k) {
+      prefetch_to_l2(w + ahead, NV * kWidth * sizeof(S));
       V wv[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) wv[v] = V::loadu(w + v * kWidth);
@@ -213,7 +219,7 @@ class Panels {
   __attribute__((noinline, target("avx512bf16")))
 #endif
   static void multiply_add_pairs(V (&acc_io)[R][NV], const E* w, int64_t stride, const E* a, int64_t lda,
-                                 int64_t pairs) {
+                                 int64_t pairs, int64_t ahead) {
     static_assert(std::is_same_v<S, float>, "bfloat16 panels accumulate in float32");
 #if defined(CPU_CAPABILITY_AVX512)
     __m512 acc[R][NV];
@@ -222,6 +228,7 @@ class Panels {
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = acc_io[r][v];
     for (int64_t i = 0; i < pairs; ++i, w += stride, a += 2) {
+      prefetch_to_l2(w + ahead, NV * kWidth * 2 * sizeof(E));
       __m512bh wv[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) wv[v] = (__m512bh)_mm512_loadu_si512(w + v * kWidth * 2);
@@ -267,14 +274,19 @@ class Panels {
         else acc[r][v] = at::vec::fmadd(V::loadu(c + r * ldc + col[v], lanes[v]), V(beta), start[v]);
       }
     }
-    const int64_t stride = vectors_ * kWidth * kPack;
-    const E* w = base_ + p * (head_packs_ + tail_packs_) * stride + first * kWidth * kPack;
+    const int64_t stride = vectors_ * kWidth * kPack, panel_size = (head_packs_ + tail_packs_) * stride;
+    const E* w = base_ + p * panel_size + first * kWidth * kPack;
+    // Meanwhile the same part of the next panel is fetched into L2: a weight that outgrows the
+    // caches then streams in from memory while this panel's blocks of rows are multiplied out of
+    // L2, instead of each panel's first block waiting for it.
+    const int64_t ahead = p + 1 < count_ ? panel_size : 0;
     if constexpr (kPack > 1) {
-      multiply_add_pairs<NV, R>(acc, w, stride, a, lda, head_packs_);
-      if (tail_packs_ > 0) multiply_add_pairs<NV, R>(acc, w + head_packs_ * stride, stride, a_tail, lda_tail, tail_packs_);
+      multiply_add_pairs<NV, R>(acc, w, stride, a, lda, head_packs_, ahead);
+      if (tail_packs_ > 0)
+        multiply_add_pairs<NV, R>(acc, w + head_packs_ * stride, stride, a_tail, lda_tail, tail_packs_, ahead);
     } else {
-      multiply_add<NV, R>(acc, w, stride, a, lda, lda_k, k_ - k_tail_);
-      if (k_tail_ > 0) multiply_add<NV, R>(acc, w, stride, a_tail, lda_tail, 1, k_tail_);
+      multiply_add<NV, R>(acc, w, stride, a, lda, lda_k, k_ - k_tail_, ahead);
+      if (k_tail_ > 0) multiply_add<NV, R>(acc, w, stride, a_tail, lda_tail, 1, k_tail_, ahead);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
