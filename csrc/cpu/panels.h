@@ -101,7 +101,12 @@ class Panels {
   // even with zeros.
   void block(int64_t p, int64_t rows, const E* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
              const S* bias = nullptr, const E* a_tail = nullptr, int64_t lda_tail = 0) const {
-    const int64_t pass = pass_vectors();
+    // Rows few enough for the accumulators of 4 vectors (with 16 registers: 2) take one pass of 4
+    // where there would be two of 2: a sweep through the panel in order, with twice the independent
+    // sums, instead of two sweeps each reading every other 64 bytes. A small batch's step is a
+    // matrix-vector product bound by reading W_hh. (Each sum adds the same products in the same
+    // order either way.)
+    const int64_t pass = vectors_ % 4 == 0 && rows <= block_rows_for<4>() ? 4 : pass_vectors();
     for (int64_t first = 0; first < vectors_; first += pass) {
       if (pass == 2) dispatch_rows<2>(p, first, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail);
       else if (pass == 3) dispatch_rows<3>(p, first, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail);
