@@ -88,14 +88,19 @@ def _constructor_options(module):
     return options
 
 
+def _build_on_meta(module_class, options, **factory_kwargs):
+    """module_class(**options) on the meta device, without repeating the construction-time warnings
+    (dropout with one layer) the user has seen when building the module it stands for."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return module_class(**options, device="meta", **factory_kwargs)
+
+
 def _rebuild(module, target_class):
     """A `target_class` twin of `module`: same configuration, device, dtype, training mode,
     weights (bitwise) and requires_grad flags."""
     reference = next(module.parameters())
-    with warnings.catch_warnings():
-        # Rebuilding repeats construction-time warnings (dropout with one layer) the user has seen.
-        warnings.simplefilter("ignore", UserWarning)
-        twin = target_class(**_constructor_options(module), device="meta", dtype=reference.dtype)
+    twin = _build_on_meta(target_class, _constructor_options(module), dtype=reference.dtype)
     twin.to_empty(device=reference.device)
     twin.load_state_dict(module.state_dict(), strict=True)
     for name, parameter in twin.named_parameters():
@@ -117,9 +122,7 @@ def torch_twin_sharing_weights(module):
     options = _constructor_options(module)
     if torch_class is nn.RNN:  # from the mode, which a bare RNNBase has without a nonlinearity attribute
         options["nonlinearity"] = "relu" if module.mode == "RNN_RELU" else "tanh"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # construction-time warnings the user has seen
-        twin = torch_class(**options, device="meta")
+    twin = _build_on_meta(torch_class, options)
     for name, weight in zip(weight_names, modules._tensors(module, weight_names)):
         if weight is not None:
             delattr(twin, name)  # the meta parameter; torch.nn's layers pick up the replacement on the next forward

@@ -447,9 +447,8 @@ struct CpuBackend {
   static bool fold_input_projection(int64_t max_rows, int64_t joined_values, at::ScalarType operands) {
     constexpr int64_t kMinFoldRows = 16;
     const CacheSizes caches = cache_sizes();
-    const int64_t last_level = caches.l3 > 0 ? caches.l3 : caches.l2;
     const int64_t panel_bytes = joined_values * (bf16_products_for(operands) ? sizeof(c10::BFloat16) : sizeof(S));
-    if (max_rows < kMinFoldRows || 2 * panel_bytes > last_level) return false;
+    if (max_rows < kMinFoldRows || 2 * panel_bytes > caches.last_level()) return false;
     return Cell::kGates > 1 || 4 * joined_values * static_cast<int64_t>(sizeof(S)) <= caches.l2;
   }
 

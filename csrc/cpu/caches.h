@@ -18,6 +18,8 @@ namespace fused_rnn {
 
 struct CacheSizes {
   int64_t l2, l3;
+  // The cache the cores share: L3, or L2 where there is none.
+  int64_t last_level() const { return l3 > 0 ? l3 : l2; }
 };
 
 // The unified cache of `level` that core 0 sees, in bytes (0 where sysfs does not list one).

@@ -63,8 +63,7 @@ class Panels {
     const int64_t n = gates_ * units_, panel_size = (head_packs_ + tail_packs_) * vectors_ * kWidth * kPack;
     data_ = cpu_scratch(slot, {count_ * panel_size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<E>::value));
     base_ = data_.data_ptr<E>();
-    const CacheSizes caches = cache_sizes();
-    streams_ = 4 * data_.nbytes() > static_cast<uint64_t>(caches.l3 > 0 ? caches.l3 : caches.l2);
+    streams_ = 4 * data_.nbytes() > static_cast<uint64_t>(cache_sizes().last_level());
     at::parallel_for(0, count_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         if constexpr (kPack > 1) pack_panel(base_ + p * panel_size, p, w, trans, n, w_tail);
@@ -300,13 +299,15 @@ class Panels {
     }
     const int64_t stride = vectors_ * kWidth * kPack, panel_size = (head_packs_ + tail_packs_) * stride;
     const E* w = base_ + p * panel_size + first * kWidth * kPack;
-    // Where the panels outgrow the caches (streams_), a full block of rows meanwhile fetches the
-    // same part of the next panel into L2: the weight then streams in from memory while this
-    // panel's blocks of rows are multiplied out of L2, instead of each panel's first block waiting
-    // for it. A partial block (the last of a panel, or the only one of a small batch) does not.
-    const int64_t ahead = p + 1 < count_ ? panel_size : 0;
-    if (streams_ && ahead > 0 && R == block_rows_for<NV>()) multiply_panel<NV, R, true>(acc, w, stride, a, lda, lda_k, a_tail, lda_tail, ahead);
-    else multiply_panel<NV, R, false>(acc, w, stride, a, lda, lda_k, a_tail, lda_tail, ahead);
+    // Where the panels outgrow the caches (streams_), a block of the pass's full register rows
+    // meanwhile fetches the same part of the next panel into L2: the weight then streams in from
+    // memory while this panel's blocks of rows are multiplied out of L2, instead of each panel's
+    // first block waiting for it. A block of fewer rows (the last of a panel, or a single row)
+    // does not.
+    if (streams_ && p + 1 < count_ && R == block_rows_for<NV>())
+      multiply_panel<NV, R, true>(acc, w, stride, a, lda, lda_k, a_tail, lda_tail, panel_size);
+    else
+      multiply_panel<NV, R, false>(acc, w, stride, a, lda, lda_k, a_tail, lda_tail, panel_size);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
