@@ -109,3 +109,33 @@ def test_hoisted_projection_matches_nn(kind, form, dtype, set_cache_sizes):
     long_call = call_with_mixed_lengths(torch.randn(70, BATCH, INPUT, dtype=dtype), form)
     with torch.no_grad():
         assert_close_nested(long_call(ours), long_call(ref), dtype)
+
+
+# Where a panel, the next and A's rows outgrow L2, each step's blocks of rows sweep a panel a range
+# of its rows at a time (Panels::sweep_rows). With an L2 of one byte every panel of these 17-row
+# products is swept 16 rows at a time: the forward's over k = HIDDEN (+ 40 inputs where the input
+# is folded in, whose columns start inside the second range, and the third and fourth inside
+# them), the backward's over k = gates x HIDDEN. The sums are the same, added in the same order, so the outputs and the gradients the
+# panels compute (input, h0, c0) are bitwise those of whole panels; the weight gradients, which
+# take MKL where L2 is small, match torch.nn. A last-level cache of one byte hoists the input
+# projection and makes the panels stream (prefetching the next range); a large one folds an LSTM's.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("form", ["3d", "packed_unsorted"])
+@pytest.mark.parametrize("kind,l3", [("LSTM", 1 << 40), ("LSTM", 1), ("GRU", 1), ("RNN_TANH", 1)])
+def test_sweeps_through_panels_change_no_sum(kind, l3, form, dtype, set_cache_sizes):
+    ref, ours = make_kind_pair(kind, 40, HIDDEN, bidirectional=True, dtype=dtype)
+    leaves = {"input": leaf(STEPS, BATCH, 40, dtype=dtype), "h0": leaf(2, BATCH, HIDDEN, dtype=dtype)}
+    if kind == "LSTM":
+        leaves["c0"] = leaf(2, BATCH, HIDDEN, dtype=dtype)
+    state = (leaves["h0"], leaves["c0"]) if kind == "LSTM" else leaves["h0"]
+    call = call_with_mixed_lengths(leaves["input"], form)
+    run = lambda m: call(lambda x: m(x, state))  # noqa: E731
+
+    def panel_results(l2):
+        set_cache_sizes(l2, l3)
+        outputs, grads = outputs_and_grads(lambda: run(ours), list(leaves.values()))
+        return [*outputs, *grads]
+
+    assert_all_equal(panel_results(1), panel_results(1 << 40))
+    set_cache_sizes(1, l3)
+    assert_same_outputs_and_grads(ref, ours, leaves, run, dtype)

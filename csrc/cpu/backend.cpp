@@ -515,12 +515,10 @@ struct CpuBackend {
     fused_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input, h_prev);
   }
 
-  // GEMM of one panel's block of rows, then the pointwise step of its units for those rows.
-  template <class Cell, class P, typename E, typename S>
-  static void panel_step(const P& panels, const StepForward<S>& a, int64_t p, int64_t first, int64_t rows,
-                         const E* h_rows, int64_t ld_h, const E* x_rows, int64_t ld_x, S beta, S* gates,
-                         int64_t ld_gates, const S* bias) {
-    panels.block(p, rows, h_rows, ld_h, 1, beta, gates + first * ld_gates, ld_gates, bias, x_rows, ld_x);
+  // The pointwise step of panel p's units for rows [first, first + rows), whose gates its GEMM has
+  // just summed.
+  template <class Cell, class P, typename S>
+  static void panel_forward(const P& panels, const StepForward<S>& a, int64_t p, int64_t first, int64_t rows) {
     for_each_panel_unit(panels, p, first, first + rows, [&](int64_t b, int64_t j, bool vec) {
       if (vec) Cell::template forward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
       else Cell::template forward<S, ScalarIO<S>>(a, b, j);
@@ -533,18 +531,26 @@ struct CpuBackend {
   static void fused_bf16_step(const CpuStepWeight<float>& w_hh, const StepForward<float>& a, int64_t row_begin,
                               int64_t row_end, float* gates, int64_t ld_gates, float beta, const float* input,
                               const float* h_prev) {
-    const Panels<float, c10::BFloat16>& panels = w_hh.bf16_panels;
+    using P = Panels<float, c10::BFloat16>;
+    const P& panels = w_hh.bf16_panels;
     const int64_t input_size = w_hh.folded_input, h_out = w_hh.k - input_size, ld = panels.padded_k();
     c10::BFloat16* operands = w_hh.operands.data_ptr<c10::BFloat16>();
     round_rows_to_bf16(h_prev != nullptr ? h_prev : a.h_state, h_out, operands, ld, row_begin, row_end, h_out);
     if (input_size)
       round_rows_to_bf16(input, input_size, operands + panels.padded_head(), ld, row_begin, row_end, input_size);
     const float* bias = input_size ? ptr<float>(w_hh.bias) : nullptr;
-    for_each_panel_block(panels, row_end - row_begin, [&](int64_t p, int64_t block_first, int64_t rows) {
-      const c10::BFloat16* rows_at = operands + (row_begin + block_first) * ld;
-      panel_step<Cell>(panels, a, p, row_begin + block_first, rows, rows_at, ld, rows_at + panels.padded_head(), ld,
-                       beta, gates, ld_gates, bias);
-    });
+    const int64_t m = row_end - row_begin;
+    for_each_panel_block(
+        panels, m, panels.sweep_rows(m),
+        [&](int64_t p, int64_t block_first, int64_t rows, P::Sweep sweep) {
+          const int64_t first = row_begin + block_first;
+          const c10::BFloat16* rows_at = operands + first * ld;
+          panels.block(p, rows, rows_at, ld, 1, beta, gates + first * ld_gates, ld_gates, bias,
+                       rows_at + panels.padded_head(), ld, sweep);
+        },
+        [&](int64_t p, int64_t block_first, int64_t rows) {
+          panel_forward<Cell>(panels, a, p, row_begin + block_first, rows);
+        });
   }
 
   template <class Cell, typename S>
@@ -562,12 +568,18 @@ struct CpuBackend {
     }
     const S* bias = input_size ? ptr<S>(w_hh.bias) : nullptr;
     const Panels<S>& panels = w_hh.panels;
-    for_each_panel_block(panels, row_end - row_begin, [&](int64_t p, int64_t block_first, int64_t rows) {
-      const int64_t first = row_begin + block_first;
-      const S* x_rows = input_size ? input + first * input_size : nullptr;
-      panel_step<Cell>(panels, a, p, first, rows, h_rows + block_first * h_out, h_out, x_rows, input_size, beta, gates,
-                       ld_gates, bias);
-    });
+    const int64_t m = row_end - row_begin;
+    for_each_panel_block(
+        panels, m, panels.sweep_rows(m),
+        [&](int64_t p, int64_t block_first, int64_t rows, typename Panels<S>::Sweep sweep) {
+          const int64_t first = row_begin + block_first;
+          const S* x_rows = input_size ? input + first * input_size : nullptr;
+          panels.block(p, rows, h_rows + block_first * h_out, h_out, 1, beta, gates + first * ld_gates, ld_gates, bias,
+                       x_rows, input_size, sweep);
+        },
+        [&](int64_t p, int64_t block_first, int64_t rows) {
+          panel_forward<Cell>(panels, a, p, row_begin + block_first, rows);
+        });
   }
 
   template <typename S>
@@ -614,13 +626,20 @@ struct CpuBackend {
     const int64_t h_out = w_hh.n, rows_end = std::max(row_end, after_end);
     // A = the gate gradients' rows (at row 0: ld_a values per row), on either kind of panels.
     const auto run = [&](const auto& panels, const auto* a_rows, int64_t ld_a) {
-      for_each_panel_block(panels, rows_end - row_begin, [&](int64_t p, int64_t block_first, int64_t rows) {
-        const int64_t first = row_begin + block_first;
-        const int64_t gemm_rows = std::clamp<int64_t>(after_end - first, 0, rows);
-        if (gemm_rows > 0)
-          panels.block(p, gemm_rows, a_rows + first * ld_a, ld_a, 1, beta, a.grad_h_state + first * h_out, h_out);
-        for_each_panel_unit(panels, p, first, std::min(first + rows, row_end), point);
-      });
+      const int64_t m = rows_end - row_begin;
+      for_each_panel_block(
+          panels, m, panels.sweep_rows(m),
+          [&](int64_t p, int64_t block_first, int64_t rows, auto sweep) {
+            const int64_t first = row_begin + block_first;
+            const int64_t gemm_rows = std::clamp<int64_t>(after_end - first, 0, rows);
+            if (gemm_rows > 0)
+              panels.block(p, gemm_rows, a_rows + first * ld_a, ld_a, 1, beta, a.grad_h_state + first * h_out, h_out,
+                           nullptr, nullptr, 0, sweep);
+          },
+          [&](int64_t p, int64_t block_first, int64_t rows) {
+            const int64_t first = row_begin + block_first;
+            for_each_panel_unit(panels, p, first, std::min(first + rows, row_end), point);
+          });
     };
     if constexpr (std::is_same_v<S, float>) {
       if (w_hh.bf16_panels.defined()) {

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <pthread.h>
+#include <sys/mman.h>
 #include <vector>
 
 #include "../layer.h"
@@ -26,15 +27,37 @@ inline std::array<at::Tensor, static_cast<size_t>(Scratch::kCount)>& kept_scratc
   return kept;
 }
 
+// An uninitialised byte tensor. From 8 MiB (where rounding up to whole huge pages adds at most a
+// quarter) its memory is aligned to 2 MiB and the kernel asked to back it with huge pages: where
+// transparent huge pages are on "madvise", the default of many distributions, it would otherwise
+// get 4 KiB pages. A panel-laid-out weight that every step reads from end to end then takes a TLB
+// miss per 2 MiB instead of per 4 KiB, and a fresh one a page fault per 2 MiB as it is laid out
+// (AVX2 VM, LSTM I=16 H=2048 inference, 20 steps over 64 MiB of W_hh: B=1 75 -> 44 ms, B=16
+// 139 -> 105 ms).
+inline at::Tensor scratch_bytes(int64_t bytes) {
+  constexpr size_t kHugePageBytes = size_t(2) << 20;
+  if (static_cast<size_t>(bytes) < 4 * kHugePageBytes) return at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  void* data = nullptr;
+  const size_t size = (static_cast<size_t>(bytes) + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
+  if (posix_memalign(&data, kHugePageBytes, size) != 0)
+    TORCH_CHECK_WITH(OutOfMemoryError, false, "fused_rnn: failed to allocate ", bytes, " bytes");
+#if defined(MADV_HUGEPAGE)
+  madvise(data, size, MADV_HUGEPAGE);  // advice: where it fails, the pages are 4 KiB ones
+#endif
+  c10::DataPtr memory(data, data, &std::free, c10::Device(c10::kCPU));
+  c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, std::move(memory), nullptr, false);
+  return at::empty({0}, at::TensorOptions().dtype(at::kByte)).set_(std::move(storage), 0, {bytes}, {1});
+}
+
 inline at::Tensor cpu_scratch(Scratch slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
   constexpr int64_t kMaxKeptBytes = int64_t(32) << 20;
   const int64_t numel = c10::multiply_integers(sizes), item = options.dtype().itemsize();
   const int64_t bytes = numel * item;
-  if (bytes > kMaxKeptBytes) return at::empty(sizes, options);
+  if (bytes > kMaxKeptBytes) return scratch_bytes(bytes).view(c10::typeMetaToScalarType(options.dtype())).view(sizes);
   at::Tensor& buffer = kept_scratch()[static_cast<size_t>(slot)];
   if (!buffer.defined() || buffer.numel() < bytes) {
     buffer = at::Tensor();  // free the old one first
-    buffer = at::empty({bytes}, options.dtype(at::kByte));
+    buffer = scratch_bytes(bytes);
   }
   // The kept bytes as the requested type and shape, sharing (and keeping alive) their storage:
   // built directly rather than by view ops, each a dispatcher round trip, as small calls make
