@@ -70,6 +70,10 @@ namespace fused_rnn {
 
 using at::Tensor;
 
+// Fewest rows (steps x batch) in a chunk of steps whose GEMMs run outside the time loop: the input
+// projection of a forward chunk, the input and weight gradients of a backward one.
+constexpr int64_t kMinChunkRows = 256;
+
 struct LayerWeights {
   Tensor w_ih, w_hh, b_ih, b_hh, w_hr;  // biases and w_hr may be undefined
 };
@@ -313,7 +317,9 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     // the gate pre-activations and end as what backward reads). Else, with the input folded in
     // and no reserve, a step's gates come from its own GEMM alone: every step reuses the same
     // rows, which stay in cache. Else a reused buffer takes the projected input of a chunk of
-    // steps at a time, about Backend::kForwardChunkValues gate values; a reserve in the storage
+    // steps at a time, about Backend::kForwardChunkValues gate values and at least kMinChunkRows
+    // rows, as each chunk's projection reads all of W_ih (from memory where it outgrows the caches:
+    // LSTM I=H=2048 B=16, 64 MiB of W_ih, would read it for every 2 steps); a reserve in the storage
     // type gets each chunk's saved values, rounded, after the chunk. An input in the storage type
     // is converted a chunk at a time (all at once with reused rows: one chunk keeps the threads
     // on their own rows for the whole sequence).
@@ -321,7 +327,8 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     const bool gates_in_reserve = keep && !round_reserve, reuse_rows = folded && !keep;
     const int64_t chunk = (gates_in_reserve || reuse_rows) && !round_output
                               ? std::max<int64_t>(T, 1)
-                              : std::max<int64_t>(1, Backend::kForwardChunkValues / std::max<int64_t>(1, B * width));
+                              : std::max<int64_t>(Backend::kForwardChunkValues / std::max<int64_t>(1, B * width),
+                                                  (kMinChunkRows + B - 1) / std::max<int64_t>(1, B));
     const Tensor chunk_output = round_output ? Backend::empty({std::min(s.rows, chunk * B), H_out}, opts) : output;
     if (keep) reserve = Backend::empty({s.rows, R}, round_reserve ? opts.dtype(operands) : opts);
     const Tensor gates = gates_in_reserve ? reserve
@@ -454,13 +461,12 @@ std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, co
   Tensor grad_unprojected = project ? at::empty({B, H}, opts) : Tensor();
 
   // The steps run backwards a chunk at a time: the gate gradients of a chunk (about
-  // Backend::kBackwardChunkValues values, and at least 256 rows so that the GEMMs stay efficient)
+  // Backend::kBackwardChunkValues values, and at least kMinChunkRows rows so that the GEMMs stay efficient)
   // go into a reused buffer, from which the input gradient and the weight and bias gradients are
   // taken by large GEMMs before the next chunk, so no [rows, G*H] buffer is needed.
   const int64_t T = s.count();
-  constexpr int64_t kChunkMinRows = 256;
   const int64_t chunk = std::max<int64_t>(Backend::kBackwardChunkValues / std::max<int64_t>(1, B * G * H),
-                                          (kChunkMinRows + B - 1) / std::max<int64_t>(1, B));
+                                          (kMinChunkRows + B - 1) / std::max<int64_t>(1, B));
   const int64_t chunk_rows = std::min(s.rows, chunk * B);
   Tensor grad_gates = Backend::scratch(Scratch::kGates, {chunk_rows, G * H}, opts);
   Tensor grad_hidden_gates = Cell::kSeparateHiddenGates ? Backend::scratch(Scratch::kHiddenGates, {chunk_rows, G * H}, opts) : grad_gates;
