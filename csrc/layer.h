@@ -44,6 +44,7 @@
 //       over n values of the op's device memory (in order with the backend's other work)
 //   Backend::kForwardChunkValues, kBackwardChunkValues: about how many gate values the reused
 //       buffers of inference (unfolded input) and of the backward pass hold, a chunk of steps at a time
+//   Backend::min_projection_chunk_rows<S>(w_ih): the fewest rows such an inference chunk has
 //   Backend::kPersistentRecurrence: whether the backend can run a chunk's steps in one call
 //       (CUDA's persistent kernels). If so, Backend::persistent_recurrence<Cell, S>(w_hh, hidden,
 //       h_out, max_rows, backward) -> an object whose .forward(chunk) / .backward(chunk) run the
@@ -317,9 +318,10 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     // the gate pre-activations and end as what backward reads). Else, with the input folded in
     // and no reserve, a step's gates come from its own GEMM alone: every step reuses the same
     // rows, which stay in cache. Else a reused buffer takes the projected input of a chunk of
-    // steps at a time, about Backend::kForwardChunkValues gate values and at least kMinChunkRows
-    // rows, as each chunk's projection reads all of W_ih (from memory where it outgrows the caches:
-    // LSTM I=H=2048 B=16, 64 MiB of W_ih, would read it for every 2 steps); a reserve in the storage
+    // steps at a time, about Backend::kForwardChunkValues gate values and at least
+    // Backend::min_projection_chunk_rows, as each chunk's projection reads all of W_ih (from memory
+    // where it outgrows the caches: LSTM I=H=2048 B=16, 64 MiB of W_ih, would read it for every
+    // 2 steps); a reserve in the storage
     // type gets each chunk's saved values, rounded, after the chunk. An input in the storage type
     // is converted a chunk at a time (all at once with reused rows: one chunk keeps the threads
     // on their own rows for the whole sequence).
@@ -328,7 +330,8 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     const int64_t chunk = (gates_in_reserve || reuse_rows) && !round_output
                               ? std::max<int64_t>(T, 1)
                               : std::max<int64_t>(Backend::kForwardChunkValues / std::max<int64_t>(1, B * width),
-                                                  (kMinChunkRows + B - 1) / std::max<int64_t>(1, B));
+                                                  (Backend::template min_projection_chunk_rows<S>(w.w_ih) + B - 1) /
+                                                      std::max<int64_t>(1, B));
     const Tensor chunk_output = round_output ? Backend::empty({std::min(s.rows, chunk * B), H_out}, opts) : output;
     if (keep) reserve = Backend::empty({s.rows, R}, round_reserve ? opts.dtype(operands) : opts);
     const Tensor gates = gates_in_reserve ? reserve
