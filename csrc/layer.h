@@ -321,10 +321,9 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     // steps at a time, about Backend::kForwardChunkValues gate values and at least
     // Backend::min_projection_chunk_rows, as each chunk's projection reads all of W_ih (from memory
     // where it outgrows the caches: LSTM I=H=2048 B=16, 64 MiB of W_ih, would read it for every
-    // 2 steps); a reserve in the storage
-    // type gets each chunk's saved values, rounded, after the chunk. An input in the storage type
-    // is converted a chunk at a time (all at once with reused rows: one chunk keeps the threads
-    // on their own rows for the whole sequence).
+    // 2 steps); a reserve in the storage type gets each chunk's saved values, rounded, after the
+    // chunk. An input in the storage type is converted a chunk at a time (all at once with reused
+    // rows: one chunk keeps the threads on their own rows for the whole sequence).
     const bool round_reserve = keep && operands != at::ScalarType::Undefined;
     const bool gates_in_reserve = keep && !round_reserve, reuse_rows = folded && !keep;
     const int64_t chunk = (gates_in_reserve || reuse_rows) && !round_output

@@ -24,7 +24,6 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -104,8 +103,8 @@ class Panels {
   // while they multiply (AVX2, LSTM I=16 H=2048 inference, 20 steps: B=16 154 -> 136 ms, B=64 T=10
   // 173 -> 153 ms, from the first block fetching all of the next panel). shares 0: none.
   struct Sweep {
-    int64_t begin = 0, end = std::numeric_limits<int64_t>::max();
-    int64_t share = 0, shares = 1;  // this block prefetches part `share` of `shares` of the next range
+    int64_t begin, end;
+    int64_t share, shares;  // this block prefetches part `share` of `shares` of the next range
   };
 
   // Where a block prefetches: the next panel row's vectors at `at`, one row every `every` rows it
@@ -139,7 +138,7 @@ class Panels {
   // even with zeros. With a `sweep` of rows after the first, the products are added to C as the
   // earlier ranges left it (beta and bias were applied with the first).
   void block(int64_t p, int64_t rows, const E* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
-             const S* bias = nullptr, const E* a_tail = nullptr, int64_t lda_tail = 0, Sweep sweep = {}) const {
+             const S* bias, const E* a_tail, int64_t lda_tail, Sweep sweep) const {
     // Rows few enough for the accumulators of 4 vectors (with 16 registers: 2) take one pass of 4
     // where there would be two of 2: a sweep through the panel in order, with twice the independent
     // sums, instead of two sweeps each reading every other 64 bytes. A small batch's step is a

@@ -53,15 +53,16 @@ inline at::Tensor cpu_scratch(Scratch slot, at::IntArrayRef sizes, const at::Ten
   constexpr int64_t kMaxKeptBytes = int64_t(32) << 20;
   const int64_t numel = c10::multiply_integers(sizes), item = options.dtype().itemsize();
   const int64_t bytes = numel * item;
-  if (bytes > kMaxKeptBytes) return scratch_bytes(bytes).view(c10::typeMetaToScalarType(options.dtype())).view(sizes);
-  at::Tensor& buffer = kept_scratch()[static_cast<size_t>(slot)];
+  at::Tensor fresh;  // a buffer too large to keep: this call's alone
+  if (bytes > kMaxKeptBytes) fresh = scratch_bytes(bytes);
+  at::Tensor& buffer = fresh.defined() ? fresh : kept_scratch()[static_cast<size_t>(slot)];
   if (!buffer.defined() || buffer.numel() < bytes) {
     buffer = at::Tensor();  // free the old one first
     buffer = scratch_bytes(bytes);
   }
-  // The kept bytes as the requested type and shape, sharing (and keeping alive) their storage:
-  // built directly rather than by view ops, each a dispatcher round trip, as small calls make
-  // several of these.
+  // The bytes as the requested type and shape, sharing (and keeping alive) their storage: built
+  // directly rather than by view ops, each a dispatcher round trip, as small calls make several
+  // of these.
   at::Tensor view = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(buffer.storage()), buffer.key_set(),
                                                              options.dtype());
   view.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
