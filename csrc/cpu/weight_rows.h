@@ -31,7 +31,6 @@ class WeightRows {
 
   bool defined() const { return w_ != nullptr; }
   int64_t count() const { return count_; }
-  int64_t k() const { return k_; }
   // The units of block p, as Panels names them (one vector of units per block).
   int64_t unit_vectors() const { return 1; }
   int64_t unit(int64_t p, int64_t) const { return p * kWidth; }
