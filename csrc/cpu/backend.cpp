@@ -268,13 +268,10 @@ bool panels_pay(int64_t steps, int64_t max_rows, int64_t min_rows) {
 constexpr int64_t kMaxInPlaceRows = 1;
 
 // Runs f(begin, end) over contiguous ranges of the blocks of a weight read in place (WeightRows,
-// RowCombinations), in parallel where m rows of work pay for waking the threads (about 64k
-// multiply-adds a thread, as for panels).
+// RowCombinations), in parallel where m rows of work pay for waking the threads (parallel_grain).
 template <class W, typename F>
 void for_each_block_range(const W& weight, int64_t m, const F& f) {
-  constexpr int64_t kMinParallelWork = int64_t(1) << 16;
-  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, m * weight.row_work()));
-  at::parallel_for(0, weight.count(), grain, f);
+  at::parallel_for(0, weight.count(), parallel_grain(m * weight.row_work()), f);
 }
 
 // Runs a tiny GEMM on the calling thread: waking MKL's pool for it costs more than the GEMM,
@@ -434,12 +431,13 @@ struct CpuBackend {
   static CpuStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t max_rows,
                                       int64_t steps, Scratch slot, at::ScalarType operands) {
     CpuStepWeight<S> sw{w, trans, k, n};
-    if (max_rows <= kMaxInPlaceRows && !bf16_products_for(operands) && k > 0 && n > 0) {
+    if (k <= 0 || n <= 0) return sw;
+    if (max_rows <= kMaxInPlaceRows && !bf16_products_for(operands)) {
       if (trans) sw.rows = WeightRows<S>(w, k, 1, n);
       else sw.combinations = RowCombinations<S>(w, k, n);
-      return sw;
+    } else if (panels_pay(steps, max_rows, kMinStepPanelRows)) {
+      lay_out<S>(sw, 1, n, max_rows, slot, nullptr, operands);
     }
-    if (panels_pay(steps, max_rows, kMinStepPanelRows) && k > 0 && n > 0) lay_out<S>(sw, 1, n, max_rows, slot, nullptr, operands);
     return sw;
   }
 

@@ -399,6 +399,14 @@ class Panels {
   bool streams_ = false;
 };
 
+// The fewest items of `item_work` multiply-adds each that a thread takes in an at::parallel_for of
+// the per-step kernels: about 64k multiply-adds pay for waking the other threads (a few
+// microseconds).
+inline int64_t parallel_grain(int64_t item_work) {
+  constexpr int64_t kMinParallelWork = int64_t(1) << 16;
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, item_work));
+}
+
 // Runs multiply(p, first_row, rows, sweep) over every (panel, block of rows, sweep) of an m-row
 // product, then finish(p, first_row, rows) for the panel's blocks: in parallel when there is enough
 // work, contiguous ranges keeping each thread on its panels. With one sweep per panel, each block
@@ -422,10 +430,7 @@ void for_each_panel_block(const P& b, int64_t m, int64_t sweep, const F& multipl
     });
     return;
   }
-  // About 64k multiply-adds per thread pay for waking the other threads (a few microseconds).
-  constexpr int64_t kMinParallelWork = int64_t(1) << 16;
-  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, b.block_work()));
-  at::parallel_for(0, b.count() * row_blocks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, b.count() * row_blocks, parallel_grain(b.block_work()), [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t p = idx / row_blocks, first = (idx % row_blocks) * R, rows = std::min(R, m - first);
       multiply(p, first, rows, sweep_of(0, first));
