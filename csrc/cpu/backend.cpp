@@ -248,11 +248,12 @@ struct CpuDenseWeight {
 
 namespace {
 
-// Whether a per-step weight is laid out in panels (its one-off cost then pays): used for a few
-// steps, or for enough rows in all. Measured on single steps (T=1, 2; B=16, 64; H=256, 512):
-// MKL runs these GEMMs at 60-100 GMAC/s on 2 cores, the panels near 250, so from 16 rows a
-// forward step is faster laid out (LSTM B64 H512 inference 1.68 -> 0.76 ms), and from 32 rows
-// the backward's (GRU B64 H512 training T=1 3.15 -> 2.81 ms).
+// Whether a per-step weight that is not read in place (reads_in_place) is laid out in panels (its
+// one-off cost then pays): used for a few steps, or for enough rows in all. Measured on single
+// steps (T=1, 2; B=16, 64; H=256, 512) on an AVX-512 machine: MKL runs these GEMMs at 60-100
+// GMAC/s on 2 cores, the panels near 250, so from 32 rows the backward's step is faster laid out
+// (GRU B64 H512 training T=1 3.15 -> 2.81 ms); 16 rows for the forward's, where it multiplies in
+// bfloat16.
 constexpr int64_t kMinPanelSteps = 4;
 constexpr int64_t kMinRecurrentPanelRows = 16, kMinStepPanelRows = 32;
 
@@ -260,12 +261,27 @@ bool panels_pay(int64_t steps, int64_t max_rows, int64_t min_rows) {
   return steps >= kMinPanelSteps || steps * max_rows >= min_rows;
 }
 
-// Steps of at most this many rows read their weights in place (weight_rows.h) instead: faster than
-// panels or MKL at one row, and no copy (AVX2, inference, T=100, B=1, ms: LSTM I=H=2048 218 -> 138,
-// GRU 194 -> 129, RNN 31 -> 22; I=H=512 7.0 -> 6.6, 6.2 -> 5.6, 2.1 -> 1.6; streaming, T=4,
-// I=16: GRU H=1024 4.2 -> 1.4, where the panels' layout did not pay; training, GRU I=H=2048 399 ->
-// 298). At B=2 the panels are 0-13% faster, at B=4 15-35%.
-constexpr int64_t kMaxInPlaceRows = 1;
+// Whether a per-step weight is read where it lies (weight_rows.h) instead of laid out in panels or
+// multiplied by MKL. At one row always: faster than either, and no copy (AVX2, inference, T=100,
+// B=1, ms: LSTM I=H=2048 218 -> 138, GRU 194 -> 129, RNN 31 -> 22; I=H=512 7.0 -> 6.6, 6.2 ->
+// 5.6, 2.1 -> 1.6; streaming, T=4, I=16: GRU H=1024 4.2 -> 1.4; training, GRU I=H=2048 399 ->
+// 298). For C = A W^T (WeightRows: the forward's h_prev W_hh^T) also with more rows, where a call
+// multiplies fewer than kMinPanelRowSteps rows in all (steps x rows): the layout, a transposing
+// pass over the weight, then costs more than it saves, and the weight's block stays in L1 while
+// each row's dot products read it (AVX2 Zen 3, 2 threads, inference, I=H=512, laid out -> in
+// place: T=1 B=16 LSTM 2.2 -> 1.0 ms (the panels with W_ih folded in, in place without), GRU 1.0 -> 0.7, RNN 0.4 -> 0.3;
+// T=1 B=64 LSTM 3.3 -> 2.5; T=2 B=16 LSTM 3.6 -> 2.4; T=4 B=16 LSTM 1.49x, GRU 1.16x; 128 rows in
+// all level, B=8 T=16 1.01x, B=16 T=8 1.06x; from 256 the panels 3-13% faster, B=4 T=100
+// 15-35%). C = A W (RowCombinations: the backward's dgates W_hh) streams the weight once per row:
+// from 2 rows the panels or MKL are faster (B=16 T=8 training 20% slower in place, B=8 T=16 25%).
+constexpr int64_t kMinPanelRowSteps = 128;
+// Read in place, W_hh takes W_ih beside it (recurrent_weight) for calls of at most this many rows in all.
+constexpr int64_t kMaxFoldedInPlaceRows = 16;
+
+bool reads_in_place(bool trans, int64_t steps, int64_t max_rows, at::ScalarType operands) {
+  if (bf16_products_for(operands)) return false;
+  return max_rows <= 1 || (trans && steps * max_rows < kMinPanelRowSteps);
+}
 
 // Runs f(begin, end) over contiguous ranges of the blocks of a weight read in place (WeightRows,
 // RowCombinations), in parallel where m rows of work pay for waking the threads (parallel_grain).
@@ -425,14 +441,14 @@ struct CpuBackend {
     at::addmm_out(out, out, view(a, trans_a, m, k, lda), view(b, trans_b, k, n, ldb), beta, alpha);
   }
 
-  // Per-step weights are laid out in panels once where that pays (panels_pay); else each step's
-  // GEMM reads them in place.
+  // Per-step weights are read in place where reads_in_place says so, else laid out in panels once
+  // where that pays (panels_pay); else each step's GEMM goes to MKL.
   template <typename S>
   static CpuStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t max_rows,
                                       int64_t steps, Scratch slot, at::ScalarType operands) {
     CpuStepWeight<S> sw{w, trans, k, n};
     if (k <= 0 || n <= 0) return sw;
-    if (max_rows <= kMaxInPlaceRows && !bf16_products_for(operands)) {
+    if (reads_in_place(trans, steps, max_rows, operands)) {
       if (trans) sw.rows = WeightRows<S>(w, k, 1, n);
       else sw.combinations = RowCombinations<S>(w, k, n);
     } else if (panels_pay(steps, max_rows, kMinStepPanelRows)) {
@@ -487,6 +503,14 @@ struct CpuBackend {
     return Cell::kGates > 1 || 4 * joined_values * static_cast<int64_t>(sizeof(S)) <= caches.l2;
   }
 
+  // Makes a recurrent weight's GEMM [h_prev, x_t] [W_hh, W_ih]^T + bias.
+  template <typename S>
+  static void fold_input(CpuStepWeight<S>& sw, const at::Tensor& w_ih, const at::Tensor& bias) {
+    sw.folded_input = w_ih.size(1);
+    sw.k += sw.folded_input;
+    sw.bias = bias.defined() ? bias.contiguous() : at::zeros({sw.n}, w_ih.options());
+  }
+
   // W_hh [G*H, H_out] for the recurrent GEMM h_prev W_hh^T, its panels grouped by gate.
   // With w_ih given, the input projection may be folded into each step's GEMM (fold_input_projection):
   // gates = [h_prev, x_t] [W_hh, W_ih]^T + bias.
@@ -498,17 +522,22 @@ struct CpuBackend {
     const int64_t n = Cell::kGates * hidden;
     CpuStepWeight<S> sw{w_hh, true, h_out, n};
     if (h_out <= 0 || hidden <= 0) return sw;
-    if (max_rows <= kMaxInPlaceRows && !bf16_products_for(operands)) {
-      sw.rows = WeightRows<S>(w_hh, h_out, Cell::kGates, hidden);
+    if (reads_in_place(true, steps, max_rows, operands)) {
+      // Calls of a few steps over a few rows fold the input projection in as well: each step then
+      // reads W_ih too, but no separate GEMM of a few rows runs, which costs MKL more than the rows'
+      // products (AVX2, inference, I=H=512, ms, hoisted -> folded: LSTM T=1 B=16 1.1 -> 0.8, B=1
+      // 0.30 -> 0.27; T=3 B=4 1.0 -> 0.8; RNN T=1 B=16 0.3 -> 0.2. Beyond, hoisted is as fast or
+      // faster: LSTM T=2 B=16 0.97x, T=3 B=16 1.06x, T=1 B=64 1.07-1.09x; RNN T=2 B=16 1.09x.)
+      if (w_ih.defined() && steps < kMinPanelSteps && steps * max_rows <= kMaxFoldedInPlaceRows)
+        fold_input(sw, w_ih, bias);
+      sw.rows = WeightRows<S>(w_hh, sw.k, Cell::kGates, hidden, sw.folded_input ? ptr<S>(w_ih) : nullptr,
+                              sw.folded_input);
       sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
       return sw;
     }
     if (!panels_pay(steps, max_rows, kMinRecurrentPanelRows)) return sw;
-    if (w_ih.defined() && fold_input_projection<Cell, S>(max_rows, (h_out + w_ih.size(1)) * n, operands)) {
-      sw.folded_input = w_ih.size(1);
-      sw.k = h_out + sw.folded_input;
-      sw.bias = bias.defined() ? bias.contiguous() : at::zeros({n}, opts);
-    }
+    if (w_ih.defined() && fold_input_projection<Cell, S>(max_rows, (h_out + w_ih.size(1)) * n, operands))
+      fold_input(sw, w_ih, bias);
     lay_out<S>(sw, Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight, sw.folded_input ? ptr<S>(w_ih) : nullptr,
             operands);
     if (sw.panels.defined()) sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
@@ -546,7 +575,8 @@ struct CpuBackend {
                              const S* h_prev) {
     const int64_t rows = row_end - row_begin;
     if (rows <= 0) return;
-    if (w_hh.rows.defined()) return in_place_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, h_prev);
+    if (w_hh.rows.defined())
+      return in_place_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input, h_prev);
     if (!w_hh.has_panels()) {
       w_hh.gemm(rows, a.h_state + row_begin * w_hh.k, w_hh.k, beta, gates + row_begin * ld_gates, ld_gates);
       return forward_step<Cell, S>(a, row_begin, row_end);
@@ -607,18 +637,21 @@ struct CpuBackend {
     return copy;
   }
 
-  // recurrent_step on W_hh read in place (WeightRows): each thread takes a contiguous range of
-  // blocks of units, as with panels, and runs the cell's pointwise step on each block's units
-  // right after its dot products.
+  // recurrent_step on W_hh read in place (WeightRows; with the input folded in, [W_hh, W_ih] and the
+  // bias): each thread takes a contiguous range of blocks of units, as with panels, and runs the
+  // cell's pointwise step on each block's units right after its dot products.
   template <class Cell, typename S>
   static void in_place_step(const CpuStepWeight<S>& w_hh, const StepForward<S>& a, int64_t row_begin,
-                            int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* h_prev) {
+                            int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* input, const S* h_prev) {
+    const int64_t input_size = w_hh.folded_input, h_out = w_hh.k - input_size;
     const S* h_rows = h_prev_rows(w_hh, a, row_begin, row_end, h_prev);
+    const S* bias = input_size ? ptr<S>(w_hh.bias) : nullptr;
+    const S* x_rows = input_size ? input + row_begin * input_size : nullptr;
     const WeightRows<S>& rows = w_hh.rows;
     const int64_t m = row_end - row_begin;
     for_each_block_range(rows, m, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        rows.block(p, m, h_rows, w_hh.k, beta, gates + row_begin * ld_gates, ld_gates);
+        rows.block(p, m, h_rows, h_out, beta, gates + row_begin * ld_gates, ld_gates, bias, x_rows, input_size);
         panel_forward<Cell>(rows, a, p, row_begin, m);
       }
     });

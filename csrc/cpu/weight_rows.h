@@ -1,11 +1,15 @@
-// The per-step GEMMs of a weight read where it lies, for steps of a single row, with W row-major
-// (as the layer's parameters hold it): WeightRows for C = A W^T, each value of C the dot product of
-// A's row with a row of W (the forward's h_prev W_hh^T), and RowCombinations for C = A W, C's row
-// the combination of W's rows that A's row weighs (the backward's dL/dh_prev = dgates W_hh). A
-// step of one row reads every weight once, so it is bound by reading W. The panels' kernel then
-// keeps only as many independent sums as its panel has vectors (2 to 4), too few to hide the FMA's
-// latency, while these keep 8 (AVX2) or more; and no copy of the weight is made: at batch 1 the
-// copy would be several times the memory the whole call needs besides it.
+// The per-step GEMMs of a weight read where it lies, with W row-major (as the layer's parameters hold
+// it): WeightRows for C = A W^T, each value of C the dot product of A's row with a row of W (the
+// forward's h_prev W_hh^T), and RowCombinations for C = A W, C's row the combination of W's rows
+// that A's row weighs (the backward's dL/dh_prev = dgates W_hh). The backend uses them where the
+// layout of W in panels would not pay (backend.cpp, reads_in_place): steps of a single row, and
+// (WeightRows) calls of a few steps over a few rows. A step of one row reads every weight once, so
+// it is bound by reading W. The panels' kernel then keeps only as many independent sums as its
+// panel has vectors (2 to 4), too few to hide the FMA's latency, while these keep 8 (AVX2) or more;
+// and no copy of the weight is made: at batch 1 the copy would be several times the memory the
+// whole call needs besides it, and for a single step of a batch it costs more time than the GEMM.
+// With several rows, WeightRows runs each row's dot products in turn over a block of W's rows,
+// which stays in L1 meanwhile.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -25,9 +29,11 @@ class WeightRows {
   static constexpr int64_t kWidth = V::size();
 
   WeightRows() = default;
-  // w: row-major [gates * units, k].
-  WeightRows(const S* w, int64_t k, int64_t gates, int64_t units)
-      : w_(w), k_(k), gates_(gates), units_(units), count_((units + kWidth - 1) / kWidth) {}
+  // w: row-major [gates * units, k]. With `w_tail`, W = [w, w_tail] joined along k, as Panels
+  // joins them: w is [gates * units, k - k_tail] and w_tail [gates * units, k_tail].
+  WeightRows(const S* w, int64_t k, int64_t gates, int64_t units, const S* w_tail = nullptr, int64_t k_tail = 0)
+      : w_(w), w_tail_(w_tail), k_(k - k_tail), k_tail_(k_tail), gates_(gates), units_(units),
+        count_((units + kWidth - 1) / kWidth) {}
 
   bool defined() const { return w_ != nullptr; }
   int64_t count() const { return count_; }
@@ -36,17 +42,25 @@ class WeightRows {
   int64_t unit(int64_t p, int64_t) const { return p * kWidth; }
   int64_t valid_lanes(int64_t p, int64_t) const { return std::clamp<int64_t>(units_ - unit(p, 0), 0, kWidth); }
   // Multiply-adds in one row of one block.
-  int64_t row_work() const { return gates_ * kWidth * k_; }
+  int64_t row_work() const { return gates_ * kWidth * (k_ + k_tail_); }
 
-  // Rows [0, rows) of C for block p's columns: C = A W^T + beta C, A's row r at a + r * lda.
-  // (C is not read where beta is 0.)
-  void block(int64_t p, int64_t rows, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {
+  // Rows [0, rows) of C for block p's columns: C = A W^T + beta C (+ bias, length gates * units,
+  // where given), A's row r at a + r * lda; with a w_tail, A is joined the same way, its last
+  // k_tail columns at a_tail + r * lda_tail. (C is not read where beta is 0.)
+  void block(int64_t p, int64_t rows, const S* a, int64_t lda, S beta, S* c, int64_t ldc, const S* bias = nullptr,
+             const S* a_tail = nullptr, int64_t lda_tail = 0) const {
     const int64_t first = unit(p, 0), lanes = valid_lanes(p, 0);
     for (int64_t g = 0; g < gates_; ++g) {
-      const S* w = w_ + (g * units_ + first) * k_;
+      const int64_t row = g * units_ + first;
       for (int64_t r = 0; r < rows; ++r) {
-        V sums = dots(w, lanes, a + r * lda);
-        S* out = c + r * ldc + g * units_ + first;
+        V acc[kWidth];
+#pragma GCC unroll 16
+        for (int l = 0; l < kWidth; ++l) acc[l] = V(S(0));
+        dots(acc, w_ + row * k_, k_, lanes, a + r * lda);
+        if (k_tail_ > 0) dots(acc, w_tail_ + row * k_tail_, k_tail_, lanes, a_tail + r * lda_tail);
+        V sums = lane_sums(acc);
+        if (bias != nullptr) sums = sums + V::loadu(bias + row, lanes);
+        S* out = c + r * ldc + row;
         if (beta != S(0)) sums = at::vec::fmadd(V::loadu(out, lanes), V(beta), sums);
         sums.store(out, lanes);
       }
@@ -54,27 +68,30 @@ class WeightRows {
   }
 
  private:
-  // Lane l: the dot product of W's row l (from w; rows past `lanes` repeat the last) with x. Each
-  // row's products are summed a vector at a time, lane i taking the k = i mod kWidth in order,
-  // then the lanes added up: kWidth independent chains of FMAs.
-  __attribute__((noinline)) V dots(const S* w, int64_t lanes, const S* x) const {
+  // acc[l] += the products of W's row l (from w, rows k apart; rows past `lanes` repeat the last)
+  // with x, a vector at a time: lane i takes the k = i mod kWidth in order, so the kWidth rows are
+  // kWidth independent chains of FMAs.
+  // (The sums are copied in and out once: kept in registers, not read back through a reference
+  // the loads of w and x might alias.)
+  static __attribute__((noinline)) void dots(V (&acc_io)[kWidth], const S* w, int64_t k, int64_t lanes, const S* x) {
     V acc[kWidth];
     const S* row[kWidth];
 #pragma GCC unroll 16
-    for (int l = 0; l < kWidth; ++l) acc[l] = V(S(0)), row[l] = w + std::min<int64_t>(l, lanes - 1) * k_;
+    for (int l = 0; l < kWidth; ++l) acc[l] = acc_io[l], row[l] = w + std::min<int64_t>(l, lanes - 1) * k;
     int64_t i = 0;
-    for (; i + kWidth <= k_; i += kWidth) {
+    for (; i + kWidth <= k; i += kWidth) {
       const V xv = V::loadu(x + i);
 #pragma GCC unroll 16
       for (int l = 0; l < kWidth; ++l) acc[l] = at::vec::fmadd(V::loadu(row[l] + i), xv, acc[l]);
     }
-    if (i < k_) {  // the last k % kWidth values (the loads fill the rest of the vector with zeros)
-      const int count = static_cast<int>(k_ - i);
+    if (i < k) {  // the last k % kWidth values (the loads fill the rest of the vector with zeros)
+      const int count = static_cast<int>(k - i);
       const V xv = V::loadu(x + i, count);
 #pragma GCC unroll 16
       for (int l = 0; l < kWidth; ++l) acc[l] = at::vec::fmadd(V::loadu(row[l] + i, count), xv, acc[l]);
     }
-    return lane_sums(acc);
+#pragma GCC unroll 16
+    for (int l = 0; l < kWidth; ++l) acc_io[l] = acc[l];
   }
 
   // A vector whose lane l is the sum of acc[l]'s lanes (in lane order): acc transposed through
@@ -91,7 +108,8 @@ class WeightRows {
   }
 
   const S* w_ = nullptr;
-  int64_t k_ = 0, gates_ = 1, units_ = 0, count_ = 0;
+  const S* w_tail_ = nullptr;
+  int64_t k_ = 0, k_tail_ = 0, gates_ = 1, units_ = 0, count_ = 0;  // k_: w's part of k
 };
 
 // C = A W + beta C, W [k, n], a row at a time: blocks of kBlockVectors vectors of C's columns, a
