@@ -173,7 +173,7 @@ def print_report(result, console: Console):
 
 # ---- plots -------------------------------------------------------------------------------
 
-_AXES = {"batch": "batch size", "hidden_size": "hidden size"}
+_AXES = {"batch": "batch size", "hidden_size": "hidden size", "seq_len": "sequence length"}
 
 
 def _sweeps(points, axis):
@@ -188,8 +188,8 @@ def _sweeps(points, axis):
 
 
 def plot(result, path):
-    """Speed-up vs batch and vs hidden size, one row per cell, one column per (axis, mode).
-    Returns False (and writes nothing) when the points contain no sweep."""
+    """Speed-up vs batch, hidden size and sequence length (those the points sweep), one row per cell,
+    one column per (axis, mode). Returns False (and writes nothing) when the points contain no sweep."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,7 +200,8 @@ def plot(result, path):
     if not panels:
         return False
     cells = [cell for cell in result["config"]["cells"] if any(c == cell for c, _ in panels)]
-    columns = [(axis, mode) for axis in _AXES for mode in result["config"]["modes"]]
+    swept = [axis for axis in _AXES if any(sweeps[axis].values())]
+    columns = [(axis, mode) for axis in swept for mode in result["config"]["modes"]]
     figure, grid = plt.subplots(len(cells), len(columns), figsize=(4.2 * len(columns), 3.4 * len(cells)),
                                 squeeze=False)
     for row, cell in enumerate(cells):

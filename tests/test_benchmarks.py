@@ -191,3 +191,30 @@ def test_cuda_kernel_option_needs_cuda(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(TINY)
     assert "FUSED_RNN_CUDA_KERNEL must be one of auto, persistent, stepwise, got 'fastest'" in capsys.readouterr().err
+
+
+def test_plot_has_a_column_per_swept_axis(tmp_path, monkeypatch):
+    """Only the axes the points sweep get columns: a sweep over sequence lengths alone plots
+    speed-up against T (one column per mode), and no empty batch or hidden-size panels."""
+    import matplotlib.pyplot as plt
+
+    from benchmarks.report import plot
+    points = [{"cell": "GRU", "mode": mode, "ratio": 1.0 + seq_len / 10,
+               "shape": {"seq_len": seq_len, "batch": 4, "input_size": 8, "hidden_size": 8}}
+              for seq_len in (1, 2, 4) for mode in ("inference", "training")]
+    result = {"points": points, "config": {"cells": ["GRU"], "modes": ["inference", "training"]},
+              "environment": {"device_name": "cpu", "dtype": "float32"}}
+    grids = []
+    real_subplots = plt.subplots
+
+    def subplots(*args, **kwargs):
+        figure, grid = real_subplots(*args, **kwargs)
+        grids.append(grid)
+        return figure, grid
+
+    monkeypatch.setattr(plt, "subplots", subplots)
+    assert plot(result, tmp_path / "speedup.png")
+    assert (tmp_path / "speedup.png").stat().st_size > 0
+    assert [ax.get_title() for ax in grids[0][0]] == ["GRU inference: vs sequence length",
+                                                       "GRU training: vs sequence length"]
+    assert [line.get_xdata().tolist() for line in grids[0][0][0].get_lines()[1:]] == [[1, 2, 4]]
