@@ -15,7 +15,7 @@
 //   Backend::empty(sizes, options) -> an uninitialised tensor that the op returns or saves
 //   Backend::step_weight<S>(w, trans, k, n, max_rows, steps, role, operands) -> an object whose
 //       .gemm(m, a, lda, beta, c, ldc) computes row-major C[m, n] = A[m, k] op(W) + beta C
-//       for a weight W used at every step (a backend may re-layout it once per call), and whose
+//       for a weight W used at each of `steps` steps (a backend may re-layout it once per call), and whose
 //       .row_groups says how many row groups the steps may be split into. `operands` as for
 //       recurrent_weight
 //   Backend::recurrent_weight<Cell, S>(w_hh, h_out, hidden, max_rows, steps, w_ih, bias, operands)
@@ -502,7 +502,11 @@ std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, co
     // (the gate gradients, x_t, h_prev) to `operands`.
     const auto w_ih_step =
         Backend::template dense_weight<S>(w.w_ih, false, Tensor(), input_grad ? s.rows : 0, operands);
-    const auto w_hh_step = Backend::template step_weight<S>(ptr<S>(w.w_hh), false, G * H, H_out, B, T,
+    // dL/dh_prev = dgates W_hh at every step but the sequence's first, and there only with hx_grad:
+    // a single step without it needs no W_hh at all, so nothing is prepared for it. (Longer calls
+    // prepare W_hh as for T steps either way, so that leaving dL/dhx out changes no other gradient.)
+    const int64_t w_hh_products = hx_grad || T > 1 ? T : 0;
+    const auto w_hh_step = Backend::template step_weight<S>(ptr<S>(w.w_hh), false, G * H, H_out, B, w_hh_products,
                                                             Scratch::kRecurrentWeight, operands);
     const auto w_hr_step = Backend::template step_weight<S>(ptr<S>(w.w_hr), false, H_out, H, B, project ? T : 0,
                                                             Scratch::kProjectionWeight, at::ScalarType::Undefined);

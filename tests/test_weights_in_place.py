@@ -9,6 +9,7 @@ and inference."""
 import pytest
 import torch
 
+from benchmarks.measure import _can_reset_rss_peak, _peak_memory_bytes
 from helpers import assert_close_nested, assert_same_outputs_and_grads, leaf, make_kind_pair
 
 pytestmark = pytest.mark.usefixtures("torch_test_state")
@@ -130,3 +131,21 @@ def test_rows_in_place_on_two_threads_match_nn(kind, rows):
     ref, ours = make_kind_pair(kind, INPUT, 300, dtype=torch.float64)
     leaves, call = rows_call(kind, 300, 4, torch.float64, rows=rows, layers=1)
     assert_same_outputs_and_grads(ref, ours, leaves, call, torch.float64)
+
+
+# A single step without an initial state that needs a gradient has no dL/dh_prev to compute, so
+# its backward must not lay W_hh out (12 MiB for a GRU of H=1024; at 64 rows it would): its peak
+# memory stays that far below the same step's with h0 requiring a gradient, which does.
+@pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
+def test_single_step_without_h0_grad_lays_no_w_hh_out():
+    ref, ours = make_kind_pair("GRU", 64, 1024)
+    x = torch.randn(1, 64, 64, requires_grad=True)
+    h0 = torch.randn(1, 64, 1024, requires_grad=True)
+    for h, leaves in ((None, {"input": x}), (h0, {"input": x, "h0": h0})):  # both right
+        assert_same_outputs_and_grads(ref, ours, leaves, lambda m, h=h: m(x, h), torch.float32)
+
+    def peak(h):
+        return _peak_memory_bytes(lambda: ours(x, h)[0].sum().backward(), torch.device("cpu"))
+
+    peak(None), peak(h0)  # warm
+    assert min(peak(None) for _ in range(3)) + (8 << 20) < min(peak(h0) for _ in range(3))
