@@ -269,13 +269,15 @@ bool panels_pay(int64_t steps, int64_t max_rows, int64_t min_rows) {
 // multiplies fewer than kMinPanelRowSteps rows in all (steps x rows): the layout, a transposing
 // pass over the weight, then costs more than it saves, and the weight's block stays in L1 while
 // each row's dot products read it (AVX2 Zen 3, 2 threads, inference, I=H=512, laid out -> in
-// place: T=1 B=16 LSTM 2.2 -> 1.0 ms (the panels with W_ih folded in, in place without), GRU 1.0 -> 0.7, RNN 0.4 -> 0.3;
-// T=1 B=64 LSTM 3.3 -> 2.5; T=2 B=16 LSTM 3.6 -> 2.4; T=4 B=16 LSTM 1.49x, GRU 1.16x; 128 rows in
-// all level, B=8 T=16 1.01x, B=16 T=8 1.06x; from 256 the panels 3-13% faster, B=4 T=100
-// 15-35%). C = A W (RowCombinations: the backward's dgates W_hh) streams the weight once per row:
-// from 2 rows the panels or MKL are faster (B=16 T=8 training 20% slower in place, B=8 T=16 25%).
+// place, the panels with W_ih folded in where LSTM and RNN fold it, in place without: T=1 B=16
+// LSTM 2.2 -> 1.0 ms, GRU 1.0 -> 0.7, RNN 0.4 -> 0.3; T=1 B=64 LSTM 3.3 -> 2.5; T=2 B=16 LSTM
+// 3.6 -> 2.4; T=4 B=16 LSTM 1.49x, GRU 1.16x; 128 rows in all level, B=8 T=16 1.01x, B=16 T=8
+// 1.06x; from 256 the panels 3-13% faster, B=4 T=100 15-35%). C = A W (RowCombinations: the
+// backward's dgates W_hh) streams the weight once per row: from 2 rows the panels or MKL are
+// faster (B=16 T=8 training 20% slower in place, B=8 T=16 25%).
 constexpr int64_t kMinPanelRowSteps = 128;
-// Read in place, W_hh takes W_ih beside it (recurrent_weight) for calls of at most this many rows in all.
+// Read in place, W_hh takes W_ih beside it (recurrent_weight) in calls of at most this many rows
+// in all.
 constexpr int64_t kMaxFoldedInPlaceRows = 16;
 
 bool reads_in_place(bool trans, int64_t steps, int64_t max_rows, at::ScalarType operands) {
