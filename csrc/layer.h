@@ -15,9 +15,9 @@
 //   Backend::empty(sizes, options) -> an uninitialised tensor that the op returns or saves
 //   Backend::step_weight<S>(w, trans, k, n, max_rows, steps, role, operands) -> an object whose
 //       .gemm(m, a, lda, beta, c, ldc) computes row-major C[m, n] = A[m, k] op(W) + beta C
-//       for a weight W used at each of `steps` steps (a backend may re-layout it once per call), and whose
-//       .row_groups says how many row groups the steps may be split into. `operands` as for
-//       recurrent_weight
+//       for a weight W used at each of `steps` steps (a backend may re-layout it once per call),
+//       and whose .row_groups says how many row groups the steps may be split into. `operands` as
+//       for recurrent_weight
 //   Backend::recurrent_weight<Cell, S>(w_hh, h_out, hidden, max_rows, steps, w_ih, bias, operands)
 //       -> the same for W_hh [gates*hidden, h_out] in h_prev W_hh^T. Where w_ih is given, the
 //       backend may fold the input projection into it (its .folded_input > 0): each step's GEMM

@@ -211,8 +211,9 @@ struct CpuStepWeight {
   bool trans;
   int64_t k, n;
   Panels<S> panels;
-  // Steps of one row read the weight in place instead (weight_rows.h): `rows` where trans (C = A
-  // W^T), else `combinations`.
+  // Where reads_in_place (steps of one row; forward, calls of under kMinPanelRowSteps rows in all),
+  // the steps read the weight where it lies instead (weight_rows.h): `rows` where trans (C = A W^T),
+  // else `combinations`.
   WeightRows<S> rows;
   RowCombinations<S> combinations;
   // Recurrent weights: room for a copy of h_prev where it cannot be read in place (the fused step
