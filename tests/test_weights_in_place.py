@@ -109,6 +109,45 @@ def test_rows_read_in_place_run_on_their_own_kernel(kind, rows, steps, other_row
     assert_close_nested(beside, expected, torch.float64)
 
 
+# Rows of W_hh longer than one chunk of k (512 values with AVX2 and AVX-512 alike: 530 is one chunk,
+# then 2 vectors and 2 values), rows in pairs, groups of 16 rows and an odd last row (35 = 16 + 16 +
+# 3); and W_ih joined in place (5 rows x 3 steps) with its own rows over a chunk too (600 inputs).
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rows,steps,input_size", [(35, 1, INPUT), (5, 3, 600)])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
+def test_long_rows_in_place_match_nn(kind, rows, steps, input_size, dtype):
+    ref, ours = make_kind_pair(kind, input_size, 530, bidirectional=True, dtype=dtype)
+    leaves = {"input": leaf(steps, rows, input_size, dtype=dtype), "h0": leaf(2, rows, 530, dtype=dtype)}
+    if kind == "LSTM":
+        leaves["c0"] = leaf(2, rows, 530, dtype=dtype)
+
+    def call(module):
+        return module(leaves["input"], (leaves["h0"], leaves["c0"]) if kind == "LSTM" else leaves["h0"])
+
+    assert_same_outputs_and_grads(ref, ours, leaves, call, dtype)
+
+
+# Each row's dot products are summed in the same order whether it is multiplied beside another row
+# (pairs) or alone (the odd last row of a group, or a batch of one row's): a row's outputs do not
+# depend on the batch it is in. Row 16 is the first of a pair among 35 rows, alone among 17. (The
+# input is zero, so that the input projection, which MKL runs in an order that may depend on the
+# batch, gives exactly the biases.)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
+def test_rows_in_place_sum_in_the_same_order_in_any_batch(kind, dtype):
+    _, ours = make_kind_pair(kind, INPUT, 530, dtype=dtype)
+    x = torch.zeros(1, 35, INPUT, dtype=dtype)
+    h0 = torch.randn(1, 35, 530, dtype=dtype)
+
+    def call(rows):
+        h = h0[:, :rows]
+        return ours(x[:, :rows], (h, torch.zeros_like(h)) if kind == "LSTM" else h)[0]
+
+    with torch.no_grad():
+        assert torch.equal(call(35)[:, :17], call(17))
+        assert torch.equal(call(35)[:, :2], call(2))
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
 def test_nan_in_the_state_of_one_row_propagates_like_nn(kind):
     ref, ours = make_kind_pair(kind, INPUT, 13)

@@ -8,16 +8,46 @@
 // panel has vectors (2 to 4), too few to hide the FMA's latency, while these keep 8 (AVX2) or more;
 // and no copy of the weight is made: at batch 1 the copy would be several times the memory the
 // whole call needs besides it, and for a single step of a batch it costs more time than the GEMM.
-// With several rows, WeightRows runs each row's dot products in turn over a block of W's rows,
-// which stays in L1 meanwhile.
+// With several rows, WeightRows takes them in pairs over a block of W's rows (a chunk of k at a
+// time, which stays in L1 while every pair reads it), each vector of W loaded once for two rows.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace fused_rnn {
+
+// v, kept in a register: an empty asm statement claims to change it, so that the compiler cannot
+// fold its load into each instruction that uses it (GCC otherwise loads pair_dots' vector of W once
+// per row of A: 10 loads per 8 FMAs instead of 6, ~50 against ~85 GFLOP/s on a Zen 3 core in L1).
+#if defined(CPU_CAPABILITY_AVX512)
+using RawFloats = __m512;
+using RawDoubles = __m512d;
+#define FUSED_RNN_VECTOR_REGISTER "+v"
+#elif defined(CPU_CAPABILITY_AVX2)
+using RawFloats = __m256;
+using RawDoubles = __m256d;
+#define FUSED_RNN_VECTOR_REGISTER "+x"
+#endif
+template <typename S>
+inline at::vec::Vectorized<S> in_register(at::vec::Vectorized<S> v) {
+#if defined(FUSED_RNN_VECTOR_REGISTER)
+  if constexpr (std::is_same_v<S, float>) {
+    RawFloats raw = v;
+    asm("" : FUSED_RNN_VECTOR_REGISTER(raw));
+    return raw;
+  } else {
+    RawDoubles raw = v;
+    asm("" : FUSED_RNN_VECTOR_REGISTER(raw));
+    return raw;
+  }
+#else
+  return v;
+#endif
+}
 
 // C = A W^T, W [gates * units, k]. Like Panels, the columns of C form `gates` groups of `units`
 // (the gates of a cell); block p holds the same kWidth units of every gate, so the cell's
@@ -52,32 +82,57 @@ class WeightRows {
     const int64_t first = unit(p, 0), lanes = valid_lanes(p, 0);
     for (int64_t g = 0; g < gates_; ++g) {
       const int64_t row = g * units_ + first;
-      for (int64_t r = 0; r < rows; ++r) {
-        V acc[kWidth];
+      for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
+        const int64_t group = std::min(kRowGroup, rows - r0);
+        V acc[kRowGroup][kWidth];
+        for (int64_t r = 0; r < group; ++r)
 #pragma GCC unroll 16
-        for (int l = 0; l < kWidth; ++l) acc[l] = V(S(0));
-        dots(acc, w_ + row * k_, k_, lanes, a + r * lda);
-        if (k_tail_ > 0) dots(acc, w_tail_ + row * k_tail_, k_tail_, lanes, a_tail + r * lda_tail);
-        V sums = lane_sums(acc);
-        if (bias != nullptr) sums = sums + V::loadu(bias + row, lanes);
-        S* out = c + r * ldc + row;
-        if (beta != S(0)) sums = at::vec::fmadd(V::loadu(out, lanes), V(beta), sums);
-        sums.store(out, lanes);
+          for (int l = 0; l < kWidth; ++l) acc[r][l] = V(S(0));
+        dot_rows(acc, group, w_ + row * k_, k_, a + r0 * lda, lda, lanes);
+        if (k_tail_ > 0) dot_rows(acc, group, w_tail_ + row * k_tail_, k_tail_, a_tail + r0 * lda_tail, lda_tail, lanes);
+        for (int64_t r = 0; r < group; ++r) {
+          V sums = lane_sums(acc[r]);
+          if (bias != nullptr) sums = sums + V::loadu(bias + row, lanes);
+          S* out = c + (r0 + r) * ldc + row;
+          if (beta != S(0)) sums = at::vec::fmadd(V::loadu(out, lanes), V(beta), sums);
+          sums.store(out, lanes);
+        }
       }
     }
   }
 
  private:
-  // acc[l] += the products of W's row l (from w, rows k apart; rows past `lanes` repeat the last)
-  // with x, a vector at a time: lane i takes the k = i mod kWidth in order, so the kWidth rows are
-  // kWidth independent chains of FMAs.
+  // Rows of A whose sums a block keeps at a time, and the values of k per pass over W's rows (up
+  // to 16 KiB of them, which stay in L1 while the rows of A read them).
+  static constexpr int64_t kRowGroup = 16;
+  static constexpr int64_t kChunk = 16384 / (kWidth * sizeof(S));
+  // pair_dots: W's rows [l0, l0 + kPassRows) with two rows of A at once, 2 * kPassRows chains.
+  static constexpr int kPassRows = kWidth >= 8 ? kWidth / 2 : kWidth;
+
+  // acc[r][l] += the dot products of W's row l (from w, rows k apart) with A's row r (from x,
+  // rows ldx apart), r < rows: two rows of A at a time over chunks of k, whose part of W stays in
+  // L1 while every pair reads it; an odd last row alone, over all of k at once.
+  static void dot_rows(V (&acc)[kRowGroup][kWidth], int64_t rows, const S* w, int64_t k, const S* x, int64_t ldx,
+                       int64_t lanes) {
+    for (int l = 0; l < kWidth; l += kPassRows)
+      for (int64_t i = 0; i < k; i += kChunk)
+        for (int64_t r = 0; r + 1 < rows; r += 2)
+          pair_dots(acc[r] + l, acc[r + 1] + l, w + i, k, std::min(kChunk, k - i), l, lanes, x + r * ldx + i,
+                    x + (r + 1) * ldx + i);
+    if (rows % 2) dots(acc[rows - 1], w, k, k, lanes, x + (rows - 1) * ldx);
+  }
+
+  // acc[l] += the products of W's row l (from w, rows ld apart; rows past `lanes` repeat the last)
+  // with x, over k values, a vector at a time: lane i takes the k = i mod kWidth in order, so the
+  // kWidth rows are kWidth independent chains of FMAs.
   // (The sums are copied in and out once: kept in registers, not read back through a reference
   // the loads of w and x might alias.)
-  static __attribute__((noinline)) void dots(V (&acc_io)[kWidth], const S* w, int64_t k, int64_t lanes, const S* x) {
+  static __attribute__((noinline)) void dots(V (&acc_io)[kWidth], const S* w, int64_t ld, int64_t k, int64_t lanes,
+                                             const S* x) {
     V acc[kWidth];
     const S* row[kWidth];
 #pragma GCC unroll 16
-    for (int l = 0; l < kWidth; ++l) acc[l] = acc_io[l], row[l] = w + std::min<int64_t>(l, lanes - 1) * k;
+    for (int l = 0; l < kWidth; ++l) acc[l] = acc_io[l], row[l] = w + std::min<int64_t>(l, lanes - 1) * ld;
     int64_t i = 0;
     for (; i + kWidth <= k; i += kWidth) {
       const V xv = V::loadu(x + i);
@@ -92,6 +147,40 @@ class WeightRows {
     }
 #pragma GCC unroll 16
     for (int l = 0; l < kWidth; ++l) acc_io[l] = acc[l];
+  }
+
+  // As dots, for W's rows [l0, l0 + kPassRows) and two rows of A, x0 and x1: acc0[l] and acc1[l]
+  // (l < kPassRows) take row l0 + l's products with x0 and x1 in the same order as dots adds them,
+  // each vector of W loaded once for both.
+  static __attribute__((noinline)) void pair_dots(V* acc0_io, V* acc1_io, const S* w, int64_t ld, int64_t k, int l0,
+                                                  int64_t lanes, const S* x0, const S* x1) {
+    V acc0[kPassRows], acc1[kPassRows];
+    const S* row[kPassRows];
+#pragma GCC unroll 16
+    for (int l = 0; l < kPassRows; ++l)
+      acc0[l] = acc0_io[l], acc1[l] = acc1_io[l], row[l] = w + std::min<int64_t>(l0 + l, lanes - 1) * ld;
+    int64_t i = 0;
+    for (; i + kWidth <= k; i += kWidth) {
+      const V xv0 = V::loadu(x0 + i), xv1 = V::loadu(x1 + i);
+#pragma GCC unroll 16
+      for (int l = 0; l < kPassRows; ++l) {
+        const V wv = in_register(V::loadu(row[l] + i));
+        acc0[l] = at::vec::fmadd(wv, xv0, acc0[l]);
+        acc1[l] = at::vec::fmadd(wv, xv1, acc1[l]);
+      }
+    }
+    if (i < k) {
+      const int count = static_cast<int>(k - i);
+      const V xv0 = V::loadu(x0 + i, count), xv1 = V::loadu(x1 + i, count);
+#pragma GCC unroll 16
+      for (int l = 0; l < kPassRows; ++l) {
+        const V wv = V::loadu(row[l] + i, count);
+        acc0[l] = at::vec::fmadd(wv, xv0, acc0[l]);
+        acc1[l] = at::vec::fmadd(wv, xv1, acc1[l]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int l = 0; l < kPassRows; ++l) acc0_io[l] = acc0[l], acc1_io[l] = acc1[l];
   }
 
   // A vector whose lane l is the sum of acc[l]'s lanes (in lane order): acc transposed through
