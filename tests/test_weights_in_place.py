@@ -57,9 +57,9 @@ def test_one_packed_row_matches_nn(kind, proj_size, dtype):
 
 
 # Several rows over a few steps (steps x rows < 128): W_hh (and LSTM's W_hr) read in place forward,
-# with W_ih joined to W_hh where there are fewer than 4 steps and at most 16 rows in all.
+# with W_ih joined to W_hh where there are fewer than 4 steps and at most 64 rows in all.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("rows,steps", [(2, 7), (5, 3), (16, 1), (64, 1)])
+@pytest.mark.parametrize("rows,steps", [(2, 7), (5, 3), (16, 1), (64, 1), (40, 2)])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
 def test_short_call_of_several_rows_matches_nn(kind, rows, steps, dtype):
     ref, ours = make_kind_pair(kind, INPUT, 37, num_layers=2, bidirectional=True, dtype=dtype)
@@ -70,7 +70,7 @@ def test_short_call_of_several_rows_matches_nn(kind, rows, steps, dtype):
 
 
 # Packed: the rows still running shrink from step to step (each step's GEMM takes a prefix of rows).
-# Calls of fewer than 4 steps and at most 16 rows in all fold the input projection into the in-place
+# Calls of fewer than 4 steps and at most 64 rows in all fold the input projection into the in-place
 # GEMM (LSTM, RNN).
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("lengths", [[5, 5, 4, 2, 2, 1], [3, 3, 2, 1, 1]])
@@ -86,12 +86,12 @@ def test_short_packed_call_of_several_rows_matches_nn(kind, proj_size, lengths, 
 # results of rows read in place differ in the last bits from those of the same rows in a call the
 # weights are laid out for: that tells which kernel ran. A row alone is read in place at any length
 # (beside another, for 64 steps, it is not); 16 rows for 1 step (16 rows in all) are, for 8 steps
-# (128) they are not. And 16 rows for 1 step take W_ih into the same dot products, 17 do not (LSTM
+# (128) they are not. And 64 rows for 1 step take W_ih into the same dot products, 65 do not (LSTM
 # and RNN: GRU keeps its input gates apart). All match torch.nn.
-@pytest.mark.parametrize("rows,steps,other_rows,other_steps", [(1, 64, 2, 64), (16, 1, 16, 8), (16, 1, 17, 1)])
+@pytest.mark.parametrize("rows,steps,other_rows,other_steps", [(1, 64, 2, 64), (16, 1, 16, 8), (64, 1, 65, 1)])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
 def test_rows_read_in_place_run_on_their_own_kernel(kind, rows, steps, other_rows, other_steps):
-    if kind == "GRU" and other_rows == 17:
+    if kind == "GRU" and other_rows == 65:
         pytest.skip("GRU's input projection is never folded into the recurrent GEMM")
     ref, ours = make_kind_pair(kind, INPUT, 40, dtype=torch.float64)
     x = torch.randn(other_steps, other_rows, INPUT, dtype=torch.float64)
@@ -110,10 +110,11 @@ def test_rows_read_in_place_run_on_their_own_kernel(kind, rows, steps, other_row
 
 
 # Rows of W_hh longer than one chunk of k (512 values with AVX2 and AVX-512 alike: 530 is one chunk,
-# then 2 vectors and 2 values), rows in pairs, groups of 16 rows and an odd last row (35 = 16 + 16 +
-# 3); and W_ih joined in place (5 rows x 3 steps) with its own rows over a chunk too (600 inputs).
+# then 2 vectors and 2 values), rows in pairs, groups of 16 rows and an odd last row (67 = 4 x 16 +
+# 3, W_ih apart; 35 = 16 + 16 + 3, W_ih joined); and W_ih joined with its own rows over a chunk too
+# (5 rows x 3 steps, 600 inputs).
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("rows,steps,input_size", [(35, 1, INPUT), (5, 3, 600)])
+@pytest.mark.parametrize("rows,steps,input_size", [(67, 1, INPUT), (35, 1, INPUT), (5, 3, 600)])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
 def test_long_rows_in_place_match_nn(kind, rows, steps, input_size, dtype):
     ref, ours = make_kind_pair(kind, input_size, 530, bidirectional=True, dtype=dtype)

@@ -279,7 +279,7 @@ bool panels_pay(int64_t steps, int64_t max_rows, int64_t min_rows) {
 constexpr int64_t kMinPanelRowSteps = 128;
 // Read in place, W_hh takes W_ih beside it (recurrent_weight) in calls of at most this many rows
 // in all.
-constexpr int64_t kMaxFoldedInPlaceRows = 16;
+constexpr int64_t kMaxFoldedInPlaceRows = 64;
 
 bool reads_in_place(bool trans, int64_t steps, int64_t max_rows, at::ScalarType operands) {
   if (bf16_products_for(operands)) return false;
@@ -528,9 +528,11 @@ struct CpuBackend {
     if (reads_in_place(true, steps, max_rows, operands)) {
       // Calls of a few steps over a few rows fold the input projection in as well: each step then
       // reads W_ih too, but no separate GEMM of a few rows runs, which costs MKL more than the rows'
-      // products (AVX2, inference, I=H=512, ms, hoisted -> folded: LSTM T=1 B=16 1.1 -> 0.8, B=1
-      // 0.30 -> 0.27; T=3 B=4 1.0 -> 0.8; RNN T=1 B=16 0.3 -> 0.2. Beyond, hoisted is as fast or
-      // faster: LSTM T=2 B=16 0.97x, T=3 B=16 1.06x, T=1 B=64 1.07-1.09x; RNN T=2 B=16 1.09x.)
+      // products (AVX2, inference, in-process A/B, folded over hoisted: I=H=512 T=1 B=16 LSTM 1.40x,
+      // RNN 1.37x, B=1 1.10x; T=3 B=16 LSTM 1.28x, RNN 1.16x; T=1 B=32 LSTM 1.42x, RNN 1.22x;
+      // T=1 B=64 1.04-1.10x, I=H=1024 and 2048 1.02-1.09x. Beyond 64 rows LSTM still gains, up to
+      // 1.17x at T=3 B=32-42 but 0.95x at T=1 B=127, RNN not: 0.96-1.04x at 96-126 rows, 0.95x at
+      // T=1 B=127.)
       if (w_ih.defined() && steps < kMinPanelSteps && steps * max_rows <= kMaxFoldedInPlaceRows)
         fold_input(sw, w_ih, bias);
       sw.rows = WeightRows<S>(w_hh, sw.k, Cell::kGates, hidden, sw.folded_input ? ptr<S>(w_ih) : nullptr,
