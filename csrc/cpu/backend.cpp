@@ -277,9 +277,9 @@ bool panels_pay(int64_t steps, int64_t max_rows, int64_t min_rows) {
 // backward's dgates W_hh) streams the weight once per row: from 2 rows the panels or MKL are
 // faster (B=16 T=8 training 20% slower in place, B=8 T=16 25%).
 constexpr int64_t kMinPanelRowSteps = 128;
-// Read in place, W_hh takes W_ih beside it (recurrent_weight) in calls of at most this many rows
-// in all.
-constexpr int64_t kMaxFoldedInPlaceRows = 64;
+// Read in place, W_hh takes W_ih beside it (recurrent_weight) in calls of at most this many steps
+// and rows in all.
+constexpr int64_t kMaxFoldedInPlaceSteps = 4, kMaxFoldedInPlaceRows = 64;
 
 bool reads_in_place(bool trans, int64_t steps, int64_t max_rows, at::ScalarType operands) {
   if (bf16_products_for(operands)) return false;
@@ -530,10 +530,12 @@ struct CpuBackend {
       // reads W_ih too, but no separate GEMM of a few rows runs, which costs MKL more than the rows'
       // products (AVX2, inference, in-process A/B, folded over hoisted: I=H=512 T=1 B=16 LSTM 1.40x,
       // RNN 1.37x, B=1 1.10x; T=3 B=16 LSTM 1.28x, RNN 1.16x; T=1 B=32 LSTM 1.42x, RNN 1.22x;
-      // T=1 B=64 1.04-1.10x, I=H=1024 and 2048 1.02-1.09x. Beyond 64 rows LSTM still gains, up to
-      // 1.17x at T=3 B=32-42 but 0.95x at T=1 B=127, RNN not: 0.96-1.04x at 96-126 rows, 0.95x at
-      // T=1 B=127.)
-      if (w_ih.defined() && steps < kMinPanelSteps && steps * max_rows <= kMaxFoldedInPlaceRows)
+      // T=1 B=64 1.04-1.10x, I=H=1024 and 2048 1.02-1.09x; T=4 B=1 I=H=1024 LSTM 1.54x, RNN 1.45x,
+      // B=8 I=H=512 1.18x / 1.13x, B=16 I=H=1024 1.19x / 0.98x. Beyond 64 rows LSTM still gains, up
+      // to 1.17x at T=3 B=32-42 but 0.95x at T=1 B=127, RNN not: 0.96-1.04x at 96-126 rows, 0.95x
+      // at T=1 B=127. Beyond 4 steps each step's read of W_ih costs more as the batch grows: T=5
+      // B=1 I=H=1024 LSTM 1.35x, B=8 0.97x; T=6 B=4-8 I=H=1024 LSTM 0.88-0.94x.)
+      if (w_ih.defined() && steps <= kMaxFoldedInPlaceSteps && steps * max_rows <= kMaxFoldedInPlaceRows)
         fold_input(sw, w_ih, bias);
       sw.rows = WeightRows<S>(w_hh, sw.k, Cell::kGates, hidden, sw.folded_input ? ptr<S>(w_ih) : nullptr,
                               sw.folded_input);
