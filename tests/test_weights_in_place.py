@@ -17,11 +17,11 @@ pytestmark = pytest.mark.usefixtures("torch_test_state")
 INPUT = 7
 
 
-def rows_call(kind, hidden, steps, dtype, rows=1, lengths=None, proj_size=0, layers=4):
+def rows_call(kind, hidden, steps, dtype, rows=1, lengths=None, proj_size=0, layers=4, input_size=INPUT):
     """(leaves, call): input of `steps` steps of `rows` rows with initial states (of `layers`
     layers and directions), and a call of a module on it; with `lengths`, packed (sorted)."""
     h_out = proj_size or hidden
-    leaves = {"input": leaf(steps, rows, INPUT, dtype=dtype), "h0": leaf(layers, rows, h_out, dtype=dtype)}
+    leaves = {"input": leaf(steps, rows, input_size, dtype=dtype), "h0": leaf(layers, rows, h_out, dtype=dtype)}
     if kind == "LSTM":
         leaves["c0"] = leaf(layers, rows, hidden, dtype=dtype)
     state = (leaves["h0"], leaves["c0"]) if kind == "LSTM" else leaves["h0"]
@@ -120,13 +120,7 @@ def test_rows_read_in_place_run_on_their_own_kernel(kind, rows, steps, other_row
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
 def test_long_rows_in_place_match_nn(kind, rows, steps, input_size, dtype):
     ref, ours = make_kind_pair(kind, input_size, 530, bidirectional=True, dtype=dtype)
-    leaves = {"input": leaf(steps, rows, input_size, dtype=dtype), "h0": leaf(2, rows, 530, dtype=dtype)}
-    if kind == "LSTM":
-        leaves["c0"] = leaf(2, rows, 530, dtype=dtype)
-
-    def call(module):
-        return module(leaves["input"], (leaves["h0"], leaves["c0"]) if kind == "LSTM" else leaves["h0"])
-
+    leaves, call = rows_call(kind, 530, steps, dtype, rows=rows, layers=2, input_size=input_size)
     assert_same_outputs_and_grads(ref, ours, leaves, call, dtype)
 
 

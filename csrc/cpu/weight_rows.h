@@ -21,7 +21,7 @@
 namespace fused_rnn {
 
 // v, kept in a register: an empty asm statement claims to change it, so that the compiler cannot
-// fold its load into each instruction that uses it (GCC otherwise loads pair_dots' vector of W once
+// fold its load into each instruction that uses it (GCC otherwise loads dots' vector of W once
 // per row of A: 10 loads per 8 FMAs instead of 6, ~50 against ~85 GFLOP/s on a Zen 3 core in L1).
 #if defined(CPU_CAPABILITY_AVX512)
 using RawFloats = __m512;
@@ -106,7 +106,7 @@ class WeightRows {
   // to 16 KiB of them, which stay in L1 while the rows of A read them).
   static constexpr int64_t kRowGroup = 16;
   static constexpr int64_t kChunk = 16384 / (kWidth * sizeof(S));
-  // pair_dots: W's rows [l0, l0 + kPassRows) with two rows of A at once, 2 * kPassRows chains.
+  // W's rows per pass of two rows of A (dots): 2 * kPassRows chains.
   static constexpr int kPassRows = kWidth >= 8 ? kWidth / 2 : kWidth;
 
   // acc[r][l] += the dot products of W's row l (from w, rows k apart) with A's row r (from x,
@@ -117,70 +117,58 @@ class WeightRows {
     for (int l = 0; l < kWidth; l += kPassRows)
       for (int64_t i = 0; i < k; i += kChunk)
         for (int64_t r = 0; r + 1 < rows; r += 2)
-          pair_dots(acc[r] + l, acc[r + 1] + l, w + i, k, std::min(kChunk, k - i), l, lanes, x + r * ldx + i,
-                    x + (r + 1) * ldx + i);
-    if (rows % 2) dots(acc[rows - 1], w, k, k, lanes, x + (rows - 1) * ldx);
+          dots<kPassRows, 2>({acc[r] + l, acc[r + 1] + l}, w + i, k, std::min(kChunk, k - i), l, lanes,
+                             {x + r * ldx + i, x + (r + 1) * ldx + i});
+    if (rows % 2) dots<kWidth, 1>({acc[rows - 1]}, w, k, k, 0, lanes, {x + (rows - 1) * ldx});
   }
 
-  // acc[l] += the products of W's row l (from w, rows ld apart; rows past `lanes` repeat the last)
-  // with x, over k values, a vector at a time: lane i takes the k = i mod kWidth in order, so the
-  // kWidth rows are kWidth independent chains of FMAs.
-  // (The sums are copied in and out once: kept in registers, not read back through a reference
-  // the loads of w and x might alias.)
-  static __attribute__((noinline)) void dots(V (&acc_io)[kWidth], const S* w, int64_t ld, int64_t k, int64_t lanes,
-                                             const S* x) {
-    V acc[kWidth];
-    const S* row[kWidth];
+  // acc[a][l] += the products of W's row l0 + l (l < WRows; from w, rows ld apart; rows past
+  // `lanes` repeat the last) with A's row x[a] (a < ARows), over k values, a vector at a time: lane
+  // i takes the k = i mod kWidth in order, so WRows x ARows independent chains of FMAs, each row of
+  // A's sums in the same order however many rows run beside it. With two rows of A, each vector of
+  // W is loaded once for both.
+  // (The sums are copied in and out once: kept in registers, not read back through a pointer the
+  // loads of w and x might alias.)
+  template <int WRows, int ARows>
+  static __attribute__((noinline)) void dots(V* const (&acc_io)[ARows], const S* w, int64_t ld, int64_t k, int l0,
+                                             int64_t lanes, const S* const (&x)[ARows]) {
+    V acc[ARows][WRows];
+    const S* row[WRows];
 #pragma GCC unroll 16
-    for (int l = 0; l < kWidth; ++l) acc[l] = acc_io[l], row[l] = w + std::min<int64_t>(l, lanes - 1) * ld;
+    for (int l = 0; l < WRows; ++l) row[l] = w + std::min<int64_t>(l0 + l, lanes - 1) * ld;
+#pragma GCC unroll 2
+    for (int a = 0; a < ARows; ++a)
+#pragma GCC unroll 16
+      for (int l = 0; l < WRows; ++l) acc[a][l] = acc_io[a][l];
     int64_t i = 0;
     for (; i + kWidth <= k; i += kWidth) {
-      const V xv = V::loadu(x + i);
+      V xv[ARows];
+#pragma GCC unroll 2
+      for (int a = 0; a < ARows; ++a) xv[a] = V::loadu(x[a] + i);
 #pragma GCC unroll 16
-      for (int l = 0; l < kWidth; ++l) acc[l] = at::vec::fmadd(V::loadu(row[l] + i), xv, acc[l]);
+      for (int l = 0; l < WRows; ++l) {
+        V wv = V::loadu(row[l] + i);
+        if constexpr (ARows > 1) wv = in_register(wv);
+#pragma GCC unroll 2
+        for (int a = 0; a < ARows; ++a) acc[a][l] = at::vec::fmadd(wv, xv[a], acc[a][l]);
+      }
     }
     if (i < k) {  // the last k % kWidth values (the loads fill the rest of the vector with zeros)
       const int count = static_cast<int>(k - i);
-      const V xv = V::loadu(x + i, count);
+      V xv[ARows];
+#pragma GCC unroll 2
+      for (int a = 0; a < ARows; ++a) xv[a] = V::loadu(x[a] + i, count);
 #pragma GCC unroll 16
-      for (int l = 0; l < kWidth; ++l) acc[l] = at::vec::fmadd(V::loadu(row[l] + i, count), xv, acc[l]);
-    }
-#pragma GCC unroll 16
-    for (int l = 0; l < kWidth; ++l) acc_io[l] = acc[l];
-  }
-
-  // As dots, for W's rows [l0, l0 + kPassRows) and two rows of A, x0 and x1: acc0[l] and acc1[l]
-  // (l < kPassRows) take row l0 + l's products with x0 and x1 in the same order as dots adds them,
-  // each vector of W loaded once for both.
-  static __attribute__((noinline)) void pair_dots(V* acc0_io, V* acc1_io, const S* w, int64_t ld, int64_t k, int l0,
-                                                  int64_t lanes, const S* x0, const S* x1) {
-    V acc0[kPassRows], acc1[kPassRows];
-    const S* row[kPassRows];
-#pragma GCC unroll 16
-    for (int l = 0; l < kPassRows; ++l)
-      acc0[l] = acc0_io[l], acc1[l] = acc1_io[l], row[l] = w + std::min<int64_t>(l0 + l, lanes - 1) * ld;
-    int64_t i = 0;
-    for (; i + kWidth <= k; i += kWidth) {
-      const V xv0 = V::loadu(x0 + i), xv1 = V::loadu(x1 + i);
-#pragma GCC unroll 16
-      for (int l = 0; l < kPassRows; ++l) {
-        const V wv = in_register(V::loadu(row[l] + i));
-        acc0[l] = at::vec::fmadd(wv, xv0, acc0[l]);
-        acc1[l] = at::vec::fmadd(wv, xv1, acc1[l]);
-      }
-    }
-    if (i < k) {
-      const int count = static_cast<int>(k - i);
-      const V xv0 = V::loadu(x0 + i, count), xv1 = V::loadu(x1 + i, count);
-#pragma GCC unroll 16
-      for (int l = 0; l < kPassRows; ++l) {
+      for (int l = 0; l < WRows; ++l) {
         const V wv = V::loadu(row[l] + i, count);
-        acc0[l] = at::vec::fmadd(wv, xv0, acc0[l]);
-        acc1[l] = at::vec::fmadd(wv, xv1, acc1[l]);
+#pragma GCC unroll 2
+        for (int a = 0; a < ARows; ++a) acc[a][l] = at::vec::fmadd(wv, xv[a], acc[a][l]);
       }
     }
+#pragma GCC unroll 2
+    for (int a = 0; a < ARows; ++a)
 #pragma GCC unroll 16
-    for (int l = 0; l < kPassRows; ++l) acc0_io[l] = acc0[l], acc1_io[l] = acc1[l];
+      for (int l = 0; l < WRows; ++l) acc_io[a][l] = acc[a][l];
   }
 
   // A vector whose lane l is the sum of acc[l]'s lanes (in lane order): acc transposed through
