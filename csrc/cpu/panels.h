@@ -74,6 +74,7 @@ class Panels {
 
   bool defined() const { return data_.defined(); }
   int64_t count() const { return count_; }
+  int64_t bytes() const { return defined() ? static_cast<int64_t>(data_.nbytes()) : 0; }
   int64_t k() const { return k_; }
   // Columns of A a row spans: k, with kPack 2 the head and tail each padded to even.
   int64_t padded_k() const { return (head_packs_ + tail_packs_) * kPack; }
@@ -411,6 +412,15 @@ inline int64_t parallel_grain(int64_t item_work) {
 // product, then finish(p, first_row, rows) for the panel's blocks: in parallel when there is enough
 // work, contiguous ranges keeping each thread on its panels. With one sweep per panel, each block
 // is finished right after its product (while C's rows are in L1); with several, after the panel's.
+//
+// Panels that fit in half of L2 are cheap to read again, and C may be the large side: a weight's
+// gradient over a few rows (k) is a thin product that mostly writes C. Taken a panel at a time,
+// every panel would write a strip 64 bytes wide down all of C's rows, a page of memory apart at
+// 1024 columns: one TLB miss per row and panel. Such products take kRowBlocksPerGroup blocks of
+// rows at a time instead, across every panel, so that those rows of C stay in L1 and the TLB
+// while a panel stays in L1 for all of them (AVX2, training, T=1, in-process A/B: GRU B=16
+// I=H=1024 1.17x, 9.2 against 10.8 ms; RNN B=64 1.05x; LSTM B=64 I=H=512 1.01x). Each block's
+// product is the same either way.
 template <class P, typename F, typename G>
 void for_each_panel_block(const P& b, int64_t m, int64_t sweep, const F& multiply, const G& finish) {
   using Sweep = typename P::Sweep;
@@ -430,9 +440,16 @@ void for_each_panel_block(const P& b, int64_t m, int64_t sweep, const F& multipl
     });
     return;
   }
-  at::parallel_for(0, b.count() * row_blocks, parallel_grain(b.block_work()), [&](int64_t begin, int64_t end) {
+  constexpr int64_t kRowBlocksPerGroup = 8;
+  const int64_t count = b.count();
+  const int64_t group = 2 * b.bytes() <= cache_sizes().l2 ? kRowBlocksPerGroup : row_blocks;
+  at::parallel_for(0, count * row_blocks, parallel_grain(b.block_work()), [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t p = idx / row_blocks, first = (idx % row_blocks) * R, rows = std::min(R, m - first);
+      // Item idx: block `within % blocks` of group g's, in panel `within / blocks`.
+      const int64_t g = idx / (count * group), within = idx - g * count * group;
+      const int64_t blocks = std::min(group, row_blocks - g * group);
+      const int64_t p = within / blocks;
+      const int64_t first = (g * group + within % blocks) * R, rows = std::min(R, m - first);
       multiply(p, first, rows, sweep_of(0, first));
       finish(p, first, rows);
     }
