@@ -5,10 +5,11 @@
 //   Backend::kHalfKernels: whether it has kernels for float16 and bfloat16 (CPU: no; a layer of
 //       those storage types then computes in float32, see compute_type)
 //   Backend::guard(Device) -> RAII object that makes the device current for the op
-//   Backend::dense_weight<S>(w, trans, bias, rows, operands) -> an object whose .apply_out(out, x)
-//       computes out = x op(w) (+ bias), op(w) = w^T if trans: the large GEMMs outside the time
-//       loop over `rows` rows in all, one chunk at a time (out may be a column range of a wider
-//       buffer; bias may be undefined). `operands` as for recurrent_weight
+//   Backend::dense_weight<S>(w, trans, bias, rows, chunk_rows, operands) -> an object whose
+//       .apply_out(out, x) computes out = x op(w) (+ bias), op(w) = w^T if trans: the large GEMMs
+//       outside the time loop over `rows` rows in all, one chunk of at most `chunk_rows` at a time
+//       (out may be a column range of a wider buffer; bias may be undefined). `operands` as for
+//       recurrent_weight
 //   Backend::weight_grad_out<S>(grad_w, g, x, accumulate, operands): grad_w = g^T x, or += if
 //       accumulate (a weight's gradient, a chunk of rows at a time); `operands` as for recurrent_weight
 //   Backend::scratch(Scratch role, sizes, options) -> a tensor for the duration of the op
@@ -157,7 +158,7 @@ inline Tensor previous_states(const Tensor& seq, const Tensor& init, const Steps
 // (Backend::scratch), so each role is used once at a time.
 enum class Scratch {
   kInputWeight, kRecurrentWeight, kProjectionWeight, kGradientPanels, kGradientOperands, kStateCopy, kInputCopy, kGemmOperands, kGates,
-  kHiddenGates, kCount
+  kHiddenGates, kPanelOnUse, kCount
 };
 
 // t.narrow(dim, start, length), or t itself where that is all of it: each view op is a dispatcher
@@ -336,7 +337,8 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     const Tensor gates = gates_in_reserve ? reserve
                                           : Backend::scratch(Scratch::kGates,
                                                              {reuse_rows ? B : std::min(s.rows, chunk * B), width}, opts);
-    const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias, folded ? 0 : s.rows, operands);
+    const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias, folded ? 0 : s.rows,
+                                                          std::min(s.rows, chunk * B), operands);
     const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? T : 0,
                                                          Scratch::kProjectionWeight, at::ScalarType::Undefined);
     [[maybe_unused]] const auto persistent = persistent_recurrence<Backend, Cell, S>(w.w_hh, H, H_out, B, false);
@@ -501,7 +503,7 @@ std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, co
     // The GEMMs through W_ih and W_hh, and those of their gradients, may round their operands
     // (the gate gradients, x_t, h_prev) to `operands`.
     const auto w_ih_step =
-        Backend::template dense_weight<S>(w.w_ih, false, Tensor(), input_grad ? s.rows : 0, operands);
+        Backend::template dense_weight<S>(w.w_ih, false, Tensor(), input_grad ? s.rows : 0, chunk_rows, operands);
     // dL/dh_prev = dgates W_hh at every step but the sequence's first, and there only with hx_grad:
     // a single step without it needs no W_hh at all, so nothing is prepared for it. (Longer calls
     // prepare W_hh as for T steps either way, so that leaving dL/dhx out changes no other gradient.)

@@ -234,9 +234,10 @@ struct CpuStepWeight {
   void gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const;
 };
 
-// A weight for the GEMMs outside the time loop, out = x op(W) + bias, laid out in panels once per
-// call and applied to every chunk of rows; the result goes straight into `out` (which may be a
-// column range of a wider buffer, such as the gate columns of the reserve).
+// A weight for the GEMMs outside the time loop, out = x op(W) + bias, applied to every chunk of
+// rows on panels (laid out once per call, or a panel at a time as they are used: dense_weight), or
+// by MKL; the result goes straight into `out` (which may be a column range of a wider buffer, such
+// as the gate columns of the reserve).
 template <typename S>
 struct CpuDenseWeight {
   at::Tensor w, bias;  // w [n, k] when trans, else [k, n]; bias [n] or undefined
@@ -341,26 +342,41 @@ struct CpuBackend {
     return 2 * bytes > cache_sizes().last_level() ? kMinChunkRows : 1;
   }
 
-  // Panels pay for their layout pass from 16 rows (measured at batch 1 over 16 to 100 steps, H=256
-  // and 512: calls 10-30% faster than with MKL). In float32 and float64 they start at 128 rows
-  // all the same: below, the kept layout of W_ih (4 bytes a weight) would raise a batch-1 training
-  // step's peak memory above torch.nn's (GRU B1 H512: +3 MiB). A bfloat16 layer's copies already
-  // cost more than that, and MKL would multiply it in float32.
+  // How a weight of the GEMMs outside the time loop is multiplied:
+  //  - Where the call's rows go in one chunk, on panels laid out as they are used
+  //    (Panels::LaidOutOnUse): the panel kernel without a copy of the whole weight (GRU I=H=2048:
+  //    48 MiB of W_ih), each panel multiplied from L2 right after its layout instead of read back
+  //    from memory. For x W^T (the input projection) from 16 rows, below which MKL is faster; for
+  //    x W (the input gradient, whose layout gathers a strip of every row of W) from 128. (AVX2,
+  //    in-process A/B; inference over MKL: GRU T=1 B=16 I=H=512 1.06x, T=2 B=32 1.22x, T=100 B=1
+  //    1.05x, T=1 B=64 I=H=1024 1.06x, LSTM T=100 B=1 I=H=256 1.03x; over panels laid out first:
+  //    T=4 B=64 GRU I=H=2048 1.09x, RNN I=H=1024 1.04x, LSTM 1.01x, GRU training 1.02x, T=100 B=16
+  //    I=H=512 training 0.99-1.01x; x W at 16 rows: GRU T=1 B=16 I=H=1024 training 0.89x.)
+  //  - Over several chunks, on panels laid out once (laid out on use, each chunk would lay them out
+  //    again: T=100 B=16 I=H=2048 inference 0.90-0.95x), from 128 rows in float32 and float64: the
+  //    layout then pays for itself (from 16 rows at batch 1 over 16 to 100 steps, H=256 and 512:
+  //    10-30% faster than MKL), but below 128 rows the kept layout of W_ih (4 bytes a weight)
+  //    would raise a batch-1 training step's peak memory above torch.nn's (GRU B1 H512: +3 MiB).
+  //  - Multiplying in bfloat16, on bfloat16 panels from 16 rows: its copies already cost more than
+  //    that, and MKL would multiply it in float32.
   template <typename S>
   static CpuDenseWeight<S> dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias, int64_t rows,
-                                        at::ScalarType operands) {
-    constexpr int64_t kMinPanelRows = 128, kMinBf16PanelRows = 16;
+                                        int64_t chunk_rows, at::ScalarType operands) {
+    constexpr int64_t kMinPanelRows = 128, kMinFewRowPanelRows = 16;
     CpuDenseWeight<S> dw{w.contiguous(), bias.defined() ? bias.contiguous() : bias, trans};
     const int64_t k = w.size(trans ? 1 : 0), n = w.size(trans ? 0 : 1);
-    if (k <= 0 || n <= 0 || rows < kMinBf16PanelRows) return dw;
+    if (k <= 0 || n <= 0 || rows < kMinFewRowPanelRows) return dw;
     if constexpr (std::is_same_v<S, float>) {
       if (bf16_products_for(operands)) {
         dw.bf16_panels = Panels<S, c10::BFloat16>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
         return dw;
       }
     }
-    if (rows < kMinPanelRows) return dw;
-    dw.panels = Panels<S>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
+    if (chunk_rows >= rows && (trans || rows >= kMinPanelRows)) {
+      dw.panels = Panels<S>(typename Panels<S>::LaidOutOnUse{}, ptr<S>(dw.w), trans, k, n);
+    } else if (rows >= kMinPanelRows) {
+      dw.panels = Panels<S>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
+    }
     return dw;
   }
 

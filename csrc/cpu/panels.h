@@ -1,7 +1,8 @@
 // The per-step GEMM of the CPU backend, C[m, n] = A[m, k] B + beta C, on a right operand B
-// re-laid out once per call into panels of SIMD vectors, and a register-blocked at::vec
-// micro-kernel over them. A panel holds NV (2 to 4) vectors of columns for every k, so one pass
-// over it keeps MR x NV accumulators in registers and reads each weight once per MR rows.
+// re-laid out once per call into panels of SIMD vectors (or, for a product made once, a panel at a
+// time as it is used), and a register-blocked at::vec micro-kernel over them. A panel holds NV (2
+// to 4) vectors of columns for every k, so one pass over it keeps MR x NV accumulators in registers
+// and reads each weight once per MR rows.
 //
 // The columns of B form `gates` groups of `units` columns each (column g * units + u, as the
 // gates of a recurrent cell sit in W_hh); panel p holds, for every gate, the same block of
@@ -54,27 +55,29 @@ class Panels {
   // the head's k and the tail's are each padded to even (padded_k(): where A's tail starts).
   Panels(const S* w, bool trans, int64_t k, int64_t gates, int64_t units, Scratch slot, const S* w_tail = nullptr,
          int64_t k_tail = 0)
-      : k_(k), k_tail_(k_tail), gates_(gates), units_(units), unit_vectors_(gates == 1 ? kPassVectors : 1) {
-    vectors_ = gates_ * unit_vectors_;
-    const int64_t unit_block = unit_vectors_ * kWidth;
-    count_ = (units_ + unit_block - 1) / unit_block;
-    head_packs_ = (k_ - k_tail_ + kPack - 1) / kPack;
-    tail_packs_ = (k_tail_ + kPack - 1) / kPack;
-    const int64_t n = gates_ * units_, panel_size = (head_packs_ + tail_packs_) * vectors_ * kWidth * kPack;
-    data_ = cpu_scratch(slot, {count_ * panel_size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<E>::value));
+      : Panels(k, gates, units, k_tail) {
+    data_ = cpu_scratch(slot, {count_ * panel_size()}, at::TensorOptions().dtype(c10::CppTypeToScalarType<E>::value));
     base_ = data_.data_ptr<E>();
-    streams_ = 4 * data_.nbytes() > static_cast<uint64_t>(cache_sizes().last_level());
+    streams_ = 4 * bytes() > cache_sizes().last_level();
     at::parallel_for(0, count_, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        if constexpr (kPack > 1) pack_panel(base_ + p * panel_size, p, w, trans, n, w_tail);
-        else lay_out_panel(base_ + p * panel_size, p, w, trans, n, w_tail);
-      }
+      for (int64_t p = begin; p < end; ++p) lay_out(base_ + p * panel_size(), p, w, trans, w_tail);
     });
   }
 
-  bool defined() const { return data_.defined(); }
+  // The same panels of a plain matrix (one gate), each laid out only as multiply() reaches it, into
+  // a buffer of the thread that multiplies it (k x 64 bytes with AVX2, in L2), and multiplied there
+  // by all of A's rows: for a product made once, the same layout work without a copy of the whole
+  // weight, and no panel read back from memory. w must outlive the panels.
+  struct LaidOutOnUse {};
+  Panels(LaidOutOnUse, const S* w, bool trans, int64_t k, int64_t units) : Panels(k, 1, units, 0) {
+    source_ = w;
+    source_trans_ = trans;
+  }
+
+  bool defined() const { return data_.defined() || source_ != nullptr; }
   int64_t count() const { return count_; }
-  int64_t bytes() const { return defined() ? static_cast<int64_t>(data_.nbytes()) : 0; }
+  // Bytes of all the panels laid out (whether or not they are, at once).
+  int64_t bytes() const { return count_ * panel_size() * static_cast<int64_t>(sizeof(E)); }
   int64_t k() const { return k_; }
   // Columns of A a row spans: k, with kPack 2 the head and tail each padded to even.
   int64_t padded_k() const { return (head_packs_ + tail_packs_) * kPack; }
@@ -140,17 +143,7 @@ class Panels {
   // earlier ranges left it (beta and bias were applied with the first).
   void block(int64_t p, int64_t rows, const E* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
              const S* bias, const E* a_tail, int64_t lda_tail, Sweep sweep) const {
-    // Rows few enough for the accumulators of 4 vectors (with 16 registers: 2) take one pass of 4
-    // where there would be two of 2: a sweep through the panel in order, with twice the independent
-    // sums, instead of two sweeps each reading every other 64 bytes. A small batch's step is a
-    // matrix-vector product bound by reading W_hh. (Each sum adds the same products in the same
-    // order either way.)
-    const int64_t pass = vectors_ % 4 == 0 && rows <= block_rows_for<4>() ? 4 : pass_vectors();
-    for (int64_t first = 0; first < vectors_; first += pass) {
-      if (pass == 2) dispatch_rows<2>(p, first, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail, sweep);
-      else if (pass == 3) dispatch_rows<3>(p, first, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail, sweep);
-      else dispatch_rows<4>(p, first, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail, sweep);
-    }
+    block_in(base_ + p * panel_size(), p, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail, sweep);
   }
 
   // C[m, n] = A[m, k] B + beta C (+ bias), over every panel and block of rows; A's element (r, i)
@@ -162,6 +155,38 @@ class Panels {
   int64_t block_work() const { return block_rows() * k_ * vectors_ * kWidth; }
 
  private:
+  // block() on panel p laid out at `panel`.
+  void block_in(const E* panel, int64_t p, int64_t rows, const E* a, int64_t lda, int64_t lda_k, S beta, S* c,
+                int64_t ldc, const S* bias, const E* a_tail, int64_t lda_tail, Sweep sweep) const {
+    // Rows few enough for the accumulators of 4 vectors (with 16 registers: 2) take one pass of 4
+    // where there would be two of 2: a sweep through the panel in order, with twice the independent
+    // sums, instead of two sweeps each reading every other 64 bytes. A small batch's step is a
+    // matrix-vector product bound by reading W_hh. (Each sum adds the same products in the same
+    // order either way.)
+    const int64_t pass = vectors_ % 4 == 0 && rows <= block_rows_for<4>() ? 4 : pass_vectors();
+    for (int64_t first = 0; first < vectors_; first += pass) {
+      if (pass == 2) dispatch_rows<2>(panel, p, first, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail, sweep);
+      else if (pass == 3) dispatch_rows<3>(panel, p, first, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail, sweep);
+      else dispatch_rows<4>(panel, p, first, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail, sweep);
+    }
+  }
+
+  Panels(int64_t k, int64_t gates, int64_t units, int64_t k_tail)
+      : k_(k), k_tail_(k_tail), gates_(gates), units_(units), unit_vectors_(gates == 1 ? kPassVectors : 1) {
+    vectors_ = gates_ * unit_vectors_;
+    const int64_t unit_block = unit_vectors_ * kWidth;
+    count_ = (units_ + unit_block - 1) / unit_block;
+    head_packs_ = (k_ - k_tail_ + kPack - 1) / kPack;
+    tail_packs_ = (k_tail_ + kPack - 1) / kPack;
+  }
+
+  int64_t panel_size() const { return panel_rows() * vectors_ * kWidth * kPack; }
+
+  void lay_out(E* panel, int64_t p, const S* w, bool trans, const S* w_tail) const {
+    if constexpr (kPack > 1) pack_panel(panel, p, w, trans, gates_ * units_, w_tail);
+    else lay_out_panel(panel, p, w, trans, gates_ * units_, w_tail);
+  }
+
   template <int NV>
   static constexpr int64_t block_rows_for() {
     return std::min<int64_t>(8, (kRegisters - NV - 1) / NV);
@@ -224,13 +249,14 @@ class Panels {
   }
 
   template <int NV, int R = block_rows_for<NV>()>
-  void dispatch_rows(int64_t p, int64_t first, int64_t rows, const E* a, int64_t lda, int64_t lda_k, S beta, S* c,
-                     int64_t ldc, const S* bias, const E* a_tail, int64_t lda_tail, Sweep sweep) const {
+  void dispatch_rows(const E* panel, int64_t p, int64_t first, int64_t rows, const E* a, int64_t lda, int64_t lda_k,
+                     S beta, S* c, int64_t ldc, const S* bias, const E* a_tail, int64_t lda_tail, Sweep sweep) const {
     if constexpr (R > 1) {
       if (rows < R)
-        return dispatch_rows<NV, R - 1>(p, first, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail, sweep);
+        return dispatch_rows<NV, R - 1>(panel, p, first, rows, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail,
+                                        sweep);
     }
-    kernel<NV, R>(p, first, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail, sweep);
+    kernel<NV, R>(panel, p, first, a, lda, lda_k, beta, c, ldc, bias, a_tail, lda_tail, sweep);
   }
 
   // Asks for the cache lines of `bytes` bytes from p into L2 (a prefetch never faults).
@@ -326,12 +352,12 @@ class Panels {
     else multiply_add<NV, R, kPrefetch>(acc, w, stride, a, lda, lda_k, count, pf);
   }
 
-  // One pass: the NV vectors from `first` of panel p. Kept out of line: inlined into a caller's
-  // loop, GCC spills the accumulators to the stack.
+  // One pass: the NV vectors from `first` of panel p, laid out at `panel`. Kept out of line:
+  // inlined into a caller's loop, GCC spills the accumulators to the stack.
   template <int NV, int R>
-  __attribute__((noinline)) void kernel(int64_t p, int64_t first, const E* a, int64_t lda, int64_t lda_k, S beta,
-                                        S* c, int64_t ldc, const S* bias, const E* a_tail, int64_t lda_tail,
-                                        Sweep sweep) const {
+  __attribute__((noinline)) void kernel(const E* panel, int64_t p, int64_t first, const E* a, int64_t lda,
+                                        int64_t lda_k, S beta, S* c, int64_t ldc, const S* bias, const E* a_tail,
+                                        int64_t lda_tail, Sweep sweep) const {
     std::array<int64_t, NV> col{}, lanes{};
     for (int v = 0; v < NV; ++v) col[v] = column(p, first + v), lanes[v] = valid_lanes(p, first + v);
     const int64_t begin = sweep.begin, end = std::min(sweep.end, panel_rows());
@@ -364,8 +390,8 @@ class Panels {
         }
       }
     }
-    const int64_t stride = vectors_ * kWidth * kPack, panel_size = panel_rows() * stride;
-    const E* w = base_ + p * panel_size + first * kWidth * kPack;
+    const int64_t stride = vectors_ * kWidth * kPack;
+    const E* w = panel + first * kWidth * kPack;
     // Where the panels outgrow the caches (streams_), a block of the pass's full register rows
     // meanwhile fetches its share of the same vectors of the next range into L2: the weight then
     // streams in from memory while this range is multiplied out of cache, instead of the next
@@ -392,6 +418,9 @@ class Panels {
 
   at::Tensor data_;  // [count][k / kPack][vectors][kWidth][kPack]
   E* base_ = nullptr;
+  // Panels laid out on use (LaidOutOnUse): the weight they come from; no data_.
+  const S* source_ = nullptr;
+  bool source_trans_ = false;
   int64_t k_ = 0, k_tail_ = 0, gates_ = 1, units_ = 0, unit_vectors_ = 1, vectors_ = 0, count_ = 0;
   int64_t head_packs_ = 0, tail_packs_ = 0;  // panel rows of the head's k and of the tail's
   // Whether the panels outgrow a quarter of the last-level cache, so that the steps read them from
@@ -460,6 +489,22 @@ template <typename S, typename E>
 void Panels<S, E>::multiply(int64_t m, const E* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
                             const S* bias) const {
   TORCH_INTERNAL_ASSERT(k_tail_ == 0, "Panels::multiply reads A from one matrix");
+  if (source_ != nullptr) {
+    // Each thread lays out its panels one at a time, each multiplied by all of A's rows before the next.
+    const int64_t R = block_rows();
+    at::parallel_for(0, count_, 1, [&](int64_t begin, int64_t end) {
+      const at::Tensor buffer = cpu_scratch(Scratch::kPanelOnUse, {panel_size()},
+                                            at::TensorOptions().dtype(c10::CppTypeToScalarType<E>::value));
+      E* panel = buffer.template data_ptr<E>();
+      for (int64_t p = begin; p < end; ++p) {
+        lay_out(panel, p, source_, source_trans_, nullptr);
+        for (int64_t first = 0; first < m; first += R)
+          block_in(panel, p, std::min(R, m - first), a + first * lda, lda, lda_k, beta, c + first * ldc, ldc, bias,
+                   nullptr, 0, Sweep{0, panel_rows(), 0, 0});
+      }
+    });
+    return;
+  }
   for_each_panel_block(
       *this, m, panel_rows(),
       [&](int64_t p, int64_t first, int64_t rows, Sweep sweep) {

@@ -252,7 +252,7 @@ struct CudaBackend {
 
   template <typename S>
   static DenseWeight dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias, int64_t /*rows*/,
-                                  at::ScalarType /*operands: never set, kHalfKernels*/) {
+                                  int64_t /*chunk_rows*/, at::ScalarType /*operands: never set, kHalfKernels*/) {
     return {w, bias, trans};
   }
 

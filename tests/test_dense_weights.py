@@ -1,0 +1,73 @@
+"""The GEMMs outside the time loop (the input projection x W_ih^T, the input gradient dgates W_ih) on
+the CPU: where a call's rows go in one chunk, on panels laid out one at a time as each thread
+multiplies them (from 16 rows for the projection, 128 for the input gradient); over several chunks,
+on panels laid out once; below, on MKL (csrc/cpu/backend.cpp, dense_weight). Each way must give
+torch.nn's outputs and gradients, with partial panels (69 and 92 gate columns, 19 input columns),
+on one thread and on two (each with its own panel buffer); and a call in one chunk must not copy
+W_ih."""
+import pytest
+import torch
+
+from benchmarks.measure import _can_reset_rss_peak, _peak_memory_bytes
+from helpers import assert_close_nested, assert_same_outputs_and_grads, leaf, make_kind_pair
+
+pytestmark = pytest.mark.usefixtures("torch_test_state")
+
+INPUT, HIDDEN = 19, 23
+
+# (steps, batch): 20 rows (projection on panels laid out on use, input gradient on MKL), 150 rows
+# (both on use), and 60 x 64 rows, which inference runs in two chunks (panels laid out once) and
+# whose backward takes its input gradient in chunks as well.
+SHAPES = [(1, 20), (3, 50), (60, 64)]
+
+
+# float32 weight gradients summed over 3840 rows differ from torch.nn's by more than the fixed
+# float32 tolerance (each side's rounding), so the long call trains in float64 only.
+TRAINING_CASES = [(shape, dtype) for shape in SHAPES for dtype in (torch.float64, torch.float32)
+                  if dtype == torch.float64 or shape[0] * shape[1] < 1000]
+
+
+@pytest.mark.parametrize("shape,dtype", TRAINING_CASES)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
+def test_training_matches_torch_nn(kind, shape, dtype):
+    steps, batch = shape
+    ref, ours = make_kind_pair(kind, INPUT, HIDDEN, bidirectional=True, dtype=dtype)
+    leaves = {"input": leaf(steps, batch, INPUT, dtype=dtype)}
+    assert_same_outputs_and_grads(ref, ours, leaves, lambda m: m(leaves["input"]), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("steps,batch", SHAPES)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
+def test_inference_matches_torch_nn(kind, steps, batch, dtype):
+    ref, ours = make_kind_pair(kind, INPUT, HIDDEN, bidirectional=True, dtype=dtype)
+    ref, ours = ref.eval(), ours.eval()
+    x = torch.randn(steps, batch, INPUT, dtype=dtype)
+    with torch.no_grad():
+        assert_close_nested(ours(x), ref(x), dtype)
+
+
+@pytest.mark.parametrize("steps,batch", SHAPES)
+def test_two_threads_match_torch_nn(steps, batch):
+    torch.set_num_threads(2)  # the fixture restores it
+    ref, ours = make_kind_pair("GRU", INPUT, HIDDEN, dtype=torch.float64)
+    leaves = {"input": leaf(steps, batch, INPUT)}
+    assert_same_outputs_and_grads(ref, ours, leaves, lambda m: m(leaves["input"]), torch.float64)
+
+
+# An input projection of 256 rows in one chunk over a W_ih of 6 MiB (GRU, I=4096, H=128): laid out
+# on use, the call's peak memory is its output, gate buffer and W_hh's panels (about 1 MiB), not a
+# copy of W_ih besides.
+@pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
+def test_one_chunk_makes_no_copy_of_w_ih():
+    _, ours = make_kind_pair("GRU", 4096, 128)
+    ours.eval()
+    x = torch.randn(4, 64, 4096)
+    w_ih_bytes = ours.weight_ih_l0.numel() * ours.weight_ih_l0.element_size()
+
+    def peak():
+        with torch.no_grad():
+            return _peak_memory_bytes(lambda: ours(x), torch.device("cpu"))
+
+    peak()  # warm
+    assert min(peak() for _ in range(3)) < w_ih_bytes // 2
