@@ -45,7 +45,8 @@
 //       over n values of the op's device memory (in order with the backend's other work)
 //   Backend::kForwardChunkValues, kBackwardChunkValues: about how many gate values the reused
 //       buffers of inference (unfolded input) and of the backward pass hold, a chunk of steps at a time
-//   Backend::min_projection_chunk_rows<S>(w_ih): the fewest rows such an inference chunk has
+//   Backend::min_projection_chunk_rows<S>(w_ih, rows): the fewest rows an inference chunk of a
+//       call of `rows` rows has
 //   Backend::kPersistentRecurrence: whether the backend can run a chunk's steps in one call
 //       (CUDA's persistent kernels). If so, Backend::persistent_recurrence<Cell, S>(w_hh, hidden,
 //       h_out, max_rows, backward) -> an object whose .forward(chunk) / .backward(chunk) run the
@@ -330,7 +331,7 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     const int64_t chunk = (gates_in_reserve || reuse_rows) && !round_output
                               ? std::max<int64_t>(T, 1)
                               : std::max<int64_t>(Backend::kForwardChunkValues / std::max<int64_t>(1, B * width),
-                                                  (Backend::template min_projection_chunk_rows<S>(w.w_ih) + B - 1) /
+                                                  (Backend::template min_projection_chunk_rows<S>(w.w_ih, s.rows) + B - 1) /
                                                       std::max<int64_t>(1, B));
     const Tensor chunk_output = round_output ? Backend::empty({std::min(s.rows, chunk * B), H_out}, opts) : output;
     if (keep) reserve = Backend::empty({s.rows, R}, round_reserve ? opts.dtype(operands) : opts);

@@ -3,8 +3,8 @@ the CPU: where a call's rows go in one chunk, on panels laid out one at a time a
 multiplies them (from 16 rows for the projection, 128 for the input gradient); over several chunks,
 on panels laid out once; below, on MKL (csrc/cpu/backend.cpp, dense_weight). Each way must give
 torch.nn's outputs and gradients, with partial panels (69 and 92 gate columns, 19 input columns),
-on one thread and on two (each with its own panel buffer); and a call in one chunk must not copy
-W_ih."""
+on one thread and on two (each with its own panel buffer); and a call in one chunk (which every
+inference call of at most I rows is) must not copy W_ih."""
 import pytest
 import torch
 
@@ -55,14 +55,17 @@ def test_two_threads_match_torch_nn(steps, batch):
     assert_same_outputs_and_grads(ref, ours, leaves, lambda m: m(leaves["input"]), torch.float64)
 
 
-# An input projection of 256 rows in one chunk over a W_ih of 6 MiB (GRU, I=4096, H=128): laid out
-# on use, the call's peak memory is its output, gate buffer and W_hh's panels (about 1 MiB), not a
-# copy of W_ih besides.
+# Inference calls whose input projection runs in one chunk (GRU, I=4096): 256 rows whose gate
+# values fit in one chunk's buffer (H=128, 6 MiB of W_ih), and 512 rows that would take two (H=256,
+# 12 MiB) but whose gate values are fewer than W_ih's weights (rows <= I), so they too go in one.
+# With W_ih laid out on use, the call's peak memory is its output, gates and W_hh's panels (1-3
+# MiB), not a copy of W_ih besides.
 @pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
-def test_one_chunk_makes_no_copy_of_w_ih():
-    _, ours = make_kind_pair("GRU", 4096, 128)
+@pytest.mark.parametrize("hidden,steps", [(128, 4), (256, 8)])
+def test_one_chunk_makes_no_copy_of_w_ih(hidden, steps):
+    _, ours = make_kind_pair("GRU", 4096, hidden)
     ours.eval()
-    x = torch.randn(4, 64, 4096)
+    x = torch.randn(steps, 64, 4096)
     w_ih_bytes = ours.weight_ih_l0.numel() * ours.weight_ih_l0.element_size()
 
     def peak():

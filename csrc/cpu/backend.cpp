@@ -336,8 +336,12 @@ struct CpuBackend {
   // last-level cache, from memory, so such chunks have at least kMinChunkRows rows (GRU I=H=2048
   // B=64, 30 steps: 652 -> 600 ms; LSTM I=H=2048 B=16 419 -> 403 ms); else the gate buffer stays
   // as small as kForwardChunkValues makes it (GRU I=H=1024 B=16: 2 MiB less than 256 rows take).
+  // A call of `rows` rows whose gate values are no more than W_ih's weights (rows <= I) takes them
+  // all in one chunk: its projection then runs on panels laid out on use (dense_weight), with no
+  // copy of W_ih, which is larger than the whole call's gates.
   template <typename S>
-  static int64_t min_projection_chunk_rows(const at::Tensor& w_ih) {
+  static int64_t min_projection_chunk_rows(const at::Tensor& w_ih, int64_t rows) {
+    if (rows <= w_ih.size(1)) return rows;
     const int64_t bytes = w_ih.numel() * static_cast<int64_t>(sizeof(S));
     return 2 * bytes > cache_sizes().last_level() ? kMinChunkRows : 1;
   }
@@ -357,15 +361,16 @@ struct CpuBackend {
   //    layout then pays for itself (from 16 rows at batch 1 over 16 to 100 steps, H=256 and 512:
   //    10-30% faster than MKL), but below 128 rows the kept layout of W_ih (4 bytes a weight)
   //    would raise a batch-1 training step's peak memory above torch.nn's (GRU B1 H512: +3 MiB).
-  //  - Multiplying in bfloat16, on bfloat16 panels from 16 rows: its copies already cost more than
-  //    that, and MKL would multiply it in float32.
+  //  - Multiplying in bfloat16, on bfloat16 panels laid out once, from 16 rows: a bfloat16 layer's
+  //    copies of its tensors already cost more memory than the layout, and MKL would multiply in
+  //    float32.
   template <typename S>
   static CpuDenseWeight<S> dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias, int64_t rows,
                                         int64_t chunk_rows, at::ScalarType operands) {
-    constexpr int64_t kMinPanelRows = 128, kMinFewRowPanelRows = 16;
+    constexpr int64_t kMinPanelRows = 128, kFewestPanelRows = 16;
     CpuDenseWeight<S> dw{w.contiguous(), bias.defined() ? bias.contiguous() : bias, trans};
     const int64_t k = w.size(trans ? 1 : 0), n = w.size(trans ? 0 : 1);
-    if (k <= 0 || n <= 0 || rows < kMinFewRowPanelRows) return dw;
+    if (k <= 0 || n <= 0 || rows < kFewestPanelRows) return dw;
     if constexpr (std::is_same_v<S, float>) {
       if (bf16_products_for(operands)) {
         dw.bf16_panels = Panels<S, c10::BFloat16>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);

@@ -188,7 +188,7 @@ struct CudaBackend {
   static constexpr int64_t kForwardChunkValues = int64_t(1) << 24;
   static constexpr int64_t kBackwardChunkValues = int64_t(1) << 24;
   template <typename S>
-  static int64_t min_projection_chunk_rows(const at::Tensor&) { return 1; }
+  static int64_t min_projection_chunk_rows(const at::Tensor&, int64_t /*rows*/) { return 1; }
 
   static void check_dtype(at::ScalarType t) {
     TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
