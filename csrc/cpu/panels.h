@@ -67,7 +67,8 @@ class Panels {
   // The same panels of a plain matrix (one gate), each laid out only as multiply() reaches it, into
   // a buffer of the thread that multiplies it (k x 64 bytes with AVX2, in L2), and multiplied there
   // by all of A's rows: for a product made once, the same layout work without a copy of the whole
-  // weight, and no panel read back from memory. w must outlive the panels.
+  // weight, and no panel read back from memory. w must outlive the panels, which are multiplied
+  // through multiply() only (block() reads panels laid out at once).
   struct LaidOutOnUse {};
   Panels(LaidOutOnUse, const S* w, bool trans, int64_t k, int64_t units) : Panels(k, 1, units, 0) {
     source_ = w;
