@@ -127,8 +127,8 @@ def test_long_rows_in_place_match_nn(kind, rows, steps, input_size, dtype):
 # Each row's dot products are summed in the same order whether it is multiplied beside another row
 # (pairs) or alone (the odd last row of a group, or a batch of one row's), so the part of its
 # outputs they make does not depend on its batch. Row 16 is the first of a pair among 35 rows, alone
-# among 17. (The input is zero, so that an input projection run apart, on MKL (GRU), in an order
-# that may depend on the batch, gives exactly the biases.)
+# among 17. (The input is zero, so that an input projection run apart (GRU: on panels from 16 rows,
+# on MKL below, in an order that may depend on the batch) gives exactly the biases.)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
 def test_rows_in_place_sum_in_the_same_order_in_any_batch(kind, dtype):
