@@ -15,6 +15,8 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <type_traits>
 
@@ -187,6 +189,213 @@ class WeightRows {
   const S* w_ = nullptr;
   const S* w_tail_ = nullptr;
   int64_t k_ = 0, k_tail_ = 0, gates_ = 1, units_ = 0, count_ = 0;  // k_: w's part of k
+};
+
+// C = A W^T + beta C (+ bias) for many rows, W [gates * units, k] read where it lies, as C^T =
+// W A^T: each step first transposes A's rows into panels of 2 or 3 vectors of rows (transpose: m x k
+// values against the GEMM's m x n x k), then each value of W is broadcast against a panel's vectors.
+// 4 or 6 rows of W by a panel's rows keep 12 sums in registers, as the panels' kernel keeps rows of
+// A by vectors of W, and each value of C is beta C + bias + the products in order of k, summed
+// exactly as that kernel sums it. The weight needs no copy, nor a pass to lay it out. Blocks of
+// units as WeightRows names them.
+template <typename S>
+class BroadcastRows {
+ public:
+  using V = at::vec::Vectorized<S>;
+  static constexpr int64_t kWidth = V::size();
+
+  BroadcastRows() = default;
+  // w and w_tail as WeightRows takes them.
+  BroadcastRows(const S* w, int64_t k, int64_t gates, int64_t units, const S* w_tail = nullptr, int64_t k_tail = 0)
+      : w_(w), w_tail_(w_tail), k_(k - k_tail), k_tail_(k_tail), gates_(gates), units_(units),
+        count_((units + kWidth - 1) / kWidth) {
+    TORCH_CHECK(gates <= kMaxGates, "fused_rnn: BroadcastRows takes at most ", kMaxGates, " gates, got ", gates);
+  }
+
+  bool defined() const { return w_ != nullptr; }
+  int64_t count() const { return count_; }
+  int64_t unit_vectors() const { return 1; }
+  int64_t unit(int64_t p, int64_t) const { return p * kWidth; }
+  int64_t valid_lanes(int64_t p, int64_t) const { return std::clamp<int64_t>(units_ - unit(p, 0), 0, kWidth); }
+  int64_t row_work() const { return gates_ * kWidth * (k_ + k_tail_); }
+
+  // A^T for m rows: padded_rows(m) x k values in panel_count(m) panels. Panel q holds rows
+  // [panel_first(q), panel_end(q)), its value (i, r) at (panel_first(q) k + i width + r), rows
+  // past m zero. Panels are of 3 vectors of rows, but where that would leave one vector at the end
+  // the last two are of 2 (a panel of one vector keeps too few sums to hide the FMA's latency).
+  static int64_t padded_rows(int64_t m) { return (m + kWidth - 1) / kWidth * kWidth; }
+  static int64_t panel_count(int64_t m) {
+    const int64_t n = padded_rows(m) / kWidth;
+    return n / 3 + (n % 3 != 0);
+  }
+  static int64_t panel_first(int64_t q, int64_t m) {
+    const int64_t n = padded_rows(m) / kWidth;
+    return (3 * q - (n % 3 == 1 && n > 1 && q == n / 3 ? 1 : 0)) * kWidth;
+  }
+  static int64_t panel_end(int64_t q, int64_t m) {
+    return q + 1 < panel_count(m) ? panel_first(q + 1, m) : padded_rows(m);
+  }
+  int64_t transposed_size(int64_t m) const { return padded_rows(m) * (k_ + k_tail_); }
+
+  // Panels [begin, end) of A^T for A's m rows, A's row r at a + r lda, joined along k by its tail
+  // at a_tail + r lda_tail.
+  void transpose(int64_t begin, int64_t end, int64_t m, const S* a, int64_t lda, const S* a_tail, int64_t lda_tail,
+                 S* at) const {
+    constexpr int64_t kBlock = 64;  // values of k per pass over a panel's rows: kBlock x width in L1
+    const int64_t k = k_ + k_tail_;
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t first = panel_first(q, m), width = panel_end(q, m) - first;
+      S* panel = at + first * k;
+      for (int64_t i0 = 0; i0 < k; i0 += kBlock) {
+        const int64_t i1 = std::min(k, i0 + kBlock);
+        for (int64_t r = 0; r < width; ++r) {
+          const int64_t row = first + r;
+          for (int64_t i = i0; i < i1; ++i)
+            panel[i * width + r] = row >= m ? S(0) : i < k_ ? a[row * lda + i] : a_tail[row * lda_tail + i - k_];
+        }
+      }
+    }
+  }
+
+  // Rows [0, m) of C for block p's columns, from A^T (transpose's, for the same m): kRangePanels
+  // panels of rows at a time, each over the block's part of W.
+  void block(int64_t p, int64_t m, const S* at, S beta, S* c, int64_t ldc, const S* bias = nullptr) const {
+    const int64_t first = unit(p, 0), lanes = valid_lanes(p, 0), panels = panel_count(m);
+    const S* head[kMaxGates * kWidth];  // block p's rows of W; rows past `lanes` repeat the last
+    const S* tail[kMaxGates * kWidth];
+    for (int64_t g = 0; g < gates_; ++g)
+      for (int64_t l = 0; l < kWidth; ++l) {
+        const int64_t row = g * units_ + first + std::min(l, lanes - 1);
+        head[g * kWidth + l] = w_ + row * k_;
+        tail[g * kWidth + l] = w_tail_ + row * k_tail_;
+      }
+    S sums[kMaxGates * kWidth * kRangeRows];  // C^T for the block's columns and a range of rows
+    for (int64_t q0 = 0; q0 < panels; q0 += kRangePanels) {
+      const int64_t q1 = std::min(panels, q0 + kRangePanels);
+      const int64_t r0 = panel_first(q0, m), padded = panel_end(q1 - 1, m) - r0, rows = std::min(m - r0, padded);
+      start_sums(p, r0, rows, padded, beta, c, ldc, bias, sums);
+      add_products(head, 0, k_, m, q0, q1, at, sums);
+      if (k_tail_ > 0) add_products(tail, k_, k_tail_, m, q0, q1, at, sums);
+      store_sums(p, r0, rows, sums, c, ldc);
+    }
+  }
+
+ private:
+  static constexpr int64_t kMaxGates = 4;
+  // Panels of rows per pass over the block's part of W (C^T for them in `sums`), and values of k
+  // per pass over a panel: its part of A^T (24 KiB of floats with AVX2) then stays in L1 while the
+  // block's rows of W take their part of k from L2, each row's part of k read once from memory.
+  static constexpr int64_t kRangePanels = 4, kRangeRows = kRangePanels * 3 * kWidth;
+  static constexpr int64_t kChunk = 1024 / sizeof(S);
+
+  // sums (C^T for block p's columns and rows [r0, r0 + rows), rows kRangeRows apart) = beta C +
+  // bias, and 0 for rows [rows, padded). In kWidth x kWidth tiles transposed from C where whole.
+  void start_sums(int64_t p, int64_t r0, int64_t rows, int64_t padded, S beta, const S* c, int64_t ldc,
+                  const S* bias, S* sums) const {
+    const int64_t first = unit(p, 0), lanes = valid_lanes(p, 0);
+    for (int64_t g = 0; g < gates_; ++g) {
+      const int64_t col = g * units_ + first;
+      S* out = sums + g * kWidth * kRangeRows;
+      if (beta == S(0)) {
+        for (int64_t l = 0; l < kWidth; ++l)
+          std::fill_n(out + l * kRangeRows, padded, l < lanes && bias != nullptr ? bias[col + l] : S(0));
+        continue;
+      }
+      int64_t r = 0;
+      if (lanes == kWidth) {
+        for (; r + kWidth <= rows; r += kWidth) {
+          at::vec::transpose_mxn<S, kWidth, kWidth>(c + (r0 + r) * ldc + col, ldc, out + r, kRangeRows);
+          for (int64_t l = 0; l < kWidth; ++l) {
+            const V start(bias != nullptr ? bias[col + l] : S(0));
+            S* sum = out + l * kRangeRows + r;
+            at::vec::fmadd(V::loadu(sum), V(beta), start).store(sum);
+          }
+        }
+      }
+      for (; r < padded; ++r)
+        for (int64_t l = 0; l < kWidth; ++l) {
+          const S start = l < lanes && bias != nullptr ? bias[col + l] : S(0);
+          out[l * kRangeRows + r] = l < lanes && r < rows ? std::fma(c[(r0 + r) * ldc + col + l], beta, start) : start;
+        }
+    }
+  }
+
+  // C's rows [r0, r0 + rows) for block p's columns = sums, as start_sums laid them out.
+  void store_sums(int64_t p, int64_t r0, int64_t rows, const S* sums, S* c, int64_t ldc) const {
+    const int64_t first = unit(p, 0), lanes = valid_lanes(p, 0);
+    for (int64_t g = 0; g < gates_; ++g) {
+      const int64_t col = g * units_ + first;
+      const S* in = sums + g * kWidth * kRangeRows;
+      int64_t r = 0;
+      if (lanes == kWidth)
+        for (; r + kWidth <= rows; r += kWidth)
+          at::vec::transpose_mxn<S, kWidth, kWidth>(in + r, kRangeRows, c + (r0 + r) * ldc + col, ldc);
+      for (; r < rows; ++r)
+        for (int64_t l = 0; l < lanes; ++l) c[(r0 + r) * ldc + col + l] = in[l * kRangeRows + r];
+    }
+  }
+
+  // sums (C^T for panels [q0, q1), rows kRangeRows apart) += W A^T over k values [k0, k0 + k) of
+  // A^T, for the rows of W at w[i] (each at the same offset into k as A^T's, less k0).
+  void add_products(const S* const (&w)[kMaxGates * kWidth], int64_t k0, int64_t k, int64_t m, int64_t q0,
+                    int64_t q1, const S* at, S* sums) const {
+    const int64_t k_all = k_ + k_tail_, n = gates_ * kWidth, r0 = panel_first(q0, m);
+    for (int64_t i0 = 0; i0 < k; i0 += kChunk) {
+      const int64_t chunk = std::min(kChunk, k - i0);
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t first = panel_first(q, m), width = panel_end(q, m) - first;
+        const S* panel = at + first * k_all + (k0 + i0) * width;
+        for (int64_t j = 0; j < n;) {  // rows of W: by 4 beside 3 vectors of A^T, else by 6 where n allows
+          const int64_t rest = n - j;
+          const int rows_of_w = width == 3 * kWidth || rest == 8 || rest == 4 ? 4 : rest >= 6 ? 6 : 2;
+          const S* w_rows[6];
+          for (int i = 0; i < rows_of_w; ++i) w_rows[i] = w[j + i] + i0;
+          S* out = sums + j * kRangeRows + first - r0;
+          if (width == 3 * kWidth) products<3, 4>(w_rows, chunk, panel, out);
+          else if (width == 2 * kWidth) products_by<2>(rows_of_w, w_rows, chunk, panel, out);
+          else products_by<1>(rows_of_w, w_rows, chunk, panel, out);
+          j += rows_of_w;
+        }
+      }
+    }
+  }
+
+  template <int NV>
+  static void products_by(int rows_of_w, const S* const (&w)[6], int64_t k, const S* panel, S* out) {
+    if (rows_of_w == 6) products<NV, 6>(w, k, panel, out);
+    else if (rows_of_w == 4) products<NV, 4>(w, k, panel, out);
+    else products<NV, 2>(w, k, panel, out);
+  }
+
+  // out[c][v] (rows kRangeRows apart) += sum over i < k of w[c][i] * panel[i][v], for R rows of W
+  // and a panel of NV vectors of rows.
+  template <int NV, int R>
+  static void products(const S* const (&w)[6], int64_t k, const S* panel, S* out) {
+    V acc[R][NV];
+#pragma GCC unroll 6
+    for (int c = 0; c < R; ++c)
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) acc[c][v] = V::loadu(out + c * kRangeRows + v * kWidth);
+    for (int64_t i = 0; i < k; ++i) {
+      V x[NV];
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) x[v] = V::loadu(panel + (i * NV + v) * kWidth);
+#pragma GCC unroll 6
+      for (int c = 0; c < R; ++c) {
+        const V weight(w[c][i]);
+#pragma GCC unroll 3
+        for (int v = 0; v < NV; ++v) acc[c][v] = at::vec::fmadd(x[v], weight, acc[c][v]);
+      }
+    }
+#pragma GCC unroll 6
+    for (int c = 0; c < R; ++c)
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) acc[c][v].store(out + c * kRangeRows + v * kWidth);
+  }
+
+  const S* w_ = nullptr;
+  const S* w_tail_ = nullptr;
+  int64_t k_ = 0, k_tail_ = 0, gates_ = 1, units_ = 0, count_ = 0;
 };
 
 // C = A W + beta C, W [k, n], a row at a time: blocks of kBlockVectors vectors of C's columns, a
