@@ -327,25 +327,28 @@ int64_t row_groups_for(int64_t max_rows, int64_t weight_bytes) {
   return threads;
 }
 
-// Whether the steps of a recurrent weight laid out in panels where reads_in_place does not hold
-// read it in place instead, each step transposing its rows of h_prev (BroadcastRows): no copy of
-// the weight (48 MiB for a GRU's W_hh at H=2048, where torch.nn's whole call peaks at 14 MiB for 4
-// steps of 64 rows), nor a pass to lay it out. From kMinBroadcastRows rows, where the steps do not
-// run in row groups (row_groups_for: each thread its rows for all steps, a small weight), and
-// where they would either stream the panels from memory (a weight of at least half the last-level
-// cache), or multiply fewer than kMaxPanelStepRows rows a step: there the panels, laid out once
-// and read from L3 many times by many rows, run a step up to 4-6% faster. (AVX2 Zen 3, 2 threads,
-// in-process, panels -> in place: inference T=4 B=64 I=H=2048 GRU 1.14-1.39x, LSTM 1.15x, RNN
-// 1.01-1.05x; T=30 B=64 GRU I=H=2048 1.14x; T=100 B=16 GRU I=H=2048 1.13x; T=20 B=16 I=H=1024 GRU
-// 1.06x, LSTM 1.03x; T=50 B=16 I=H=512 GRU 0.98x, RNN 1.01x; I=H=256 LSTM 1.03-1.06x; but T=20
-// B=64 I=H=1024 GRU 0.94-0.97x, RNN 0.96x, T=8 B=64 0.97-0.99x; small weights in row groups, T=100
-// B=32 H=128 RNN 0.74x.)
-constexpr int64_t kMinBroadcastRows = 16, kMaxPanelStepRows = 48;
+// Whether the steps of a recurrent weight read it in place where they would lay it out in panels,
+// each step transposing its rows of h_prev instead (BroadcastRows): no copy of the weight (48 MiB
+// for a GRU's W_hh at H=2048, where torch.nn's whole call of 4 steps of 64 rows peaks at 14 MiB),
+// nor a pass to lay it out. For a weight of a quarter of the last-level cache or more, from
+// kMinBroadcastRows rows a step, where the steps do not run in row groups (row_groups_for); from
+// kMaxQuarterCacheRows rows only for a weight of half the cache, which the panels would stream from
+// memory too: below that, panels laid out once and read from L3 by many rows run a long call's
+// steps up to 6% faster, and for smaller weights the layout costs less than the panels save.
+// (AVX2 Zen 3, 2 threads, in-process, panels -> in place, inference: T=4 B=64 I=H=2048 GRU
+// 1.14-1.39x, LSTM 1.15x, RNN 1.01-1.05x; T=30 B=64 GRU I=H=2048 1.14x; T=4 B=64 LSTM I=H=1024
+// 1.05x; T=100 B=16 GRU I=H=2048 1.13x; T=20 B=16 I=H=1024 GRU 1.06x, LSTM 1.03x; but T=20 B=64
+// I=H=1024 GRU 0.94-0.97x, RNN 0.96x; smaller weights, B=16: T=50 I=H=512 GRU 0.98x, T=100 RNN
+// 0.91x, packed T=100 I=H=256 2 layers bidirectional LSTM 0.84x, GRU 0.94x; in row groups, T=100
+// B=32 H=128 RNN 0.74x.) Steps of fewer than kMinBroadcastRows rows (packed input) read the weight
+// as calls of a few rows do (WeightRows), which pads no rows.
+constexpr int64_t kMinBroadcastRows = 16, kMaxQuarterCacheRows = 48;
 
 bool broadcasts(int64_t max_rows, int64_t weight_bytes, at::ScalarType operands) {
   if (bf16_products_for(operands) || max_rows < kMinBroadcastRows || row_groups_for(max_rows, weight_bytes) > 1)
     return false;
-  return max_rows < kMaxPanelStepRows || 2 * weight_bytes >= cache_sizes().last_level();
+  const int64_t cache = cache_sizes().last_level();
+  return 4 * weight_bytes >= cache && (max_rows < kMaxQuarterCacheRows || 2 * weight_bytes >= cache);
 }
 
 }  // namespace
@@ -592,7 +595,10 @@ struct CpuBackend {
     if (broadcasts(max_rows, sw.k * n * static_cast<int64_t>(sizeof(S)), operands)) {
       sw.broadcast = BroadcastRows<S>(w_hh, sw.k, Cell::kGates, hidden, sw.folded_input ? ptr<S>(w_ih) : nullptr,
                                       sw.folded_input);
+      sw.rows = WeightRows<S>(w_hh, sw.k, Cell::kGates, hidden, sw.folded_input ? ptr<S>(w_ih) : nullptr,
+                              sw.folded_input);
       sw.transposed = cpu_scratch(Scratch::kStateCopy, {sw.broadcast.transposed_size(max_rows)}, opts);
+      sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
       return sw;
     }
     lay_out<S>(sw, Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight, sw.folded_input ? ptr<S>(w_ih) : nullptr,
@@ -632,10 +638,10 @@ struct CpuBackend {
                              const S* h_prev) {
     const int64_t rows = row_end - row_begin;
     if (rows <= 0) return;
-    if (w_hh.rows.defined())
-      return in_place_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input, h_prev);
     if (w_hh.broadcast.defined())
       return broadcast_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input, h_prev);
+    if (w_hh.rows.defined())
+      return in_place_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input, h_prev);
     if (!w_hh.has_panels()) {
       w_hh.gemm(rows, a.h_state + row_begin * w_hh.k, w_hh.k, beta, gates + row_begin * ld_gates, ld_gates);
       return forward_step<Cell, S>(a, row_begin, row_end);
@@ -717,7 +723,8 @@ struct CpuBackend {
   }
 
   // recurrent_step on W_hh read in place with A^T (BroadcastRows): h_prev's rows (and x_t's, with the
-  // input folded in) transposed first, then each thread's blocks of units as in in_place_step.
+  // input folded in) transposed first, then each thread's blocks of units as in in_place_step; a
+  // step of fewer than kMinBroadcastRows rows (packed input) goes to in_place_step.
   template <class Cell, typename S>
   static void broadcast_step(const CpuStepWeight<S>& w_hh, const StepForward<S>& a, int64_t row_begin,
                              int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* input, const S* h_prev) {
@@ -725,6 +732,8 @@ struct CpuBackend {
     const S* h_rows = (h_prev != nullptr ? h_prev : a.h_state) + row_begin * h_out;
     const S* bias = input_size ? ptr<S>(w_hh.bias) : nullptr;
     const S* x_rows = input_size ? input + row_begin * input_size : nullptr;
+    if (m < kMinBroadcastRows)
+      return in_place_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input, h_prev);
     const BroadcastRows<S>& weight = w_hh.broadcast;
     S* transposed = w_hh.transposed.template data_ptr<S>();
     const int64_t panel_values = 3 * BroadcastRows<S>::kWidth * w_hh.k;
