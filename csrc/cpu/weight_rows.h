@@ -10,6 +10,8 @@
 // whole call needs besides it, and for a single step of a batch it costs more time than the GEMM.
 // With several rows, WeightRows takes them in pairs over a block of W's rows (a chunk of k at a
 // time, which stays in L1 while every pair reads it), each vector of W loaded once for two rows.
+// BroadcastRows, for steps of many rows, multiplies a large W_hh where it lies as the panels'
+// kernel would multiply it laid out (backend.cpp, broadcasts): A is transposed instead of W.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -51,19 +53,20 @@ inline at::vec::Vectorized<S> in_register(at::vec::Vectorized<S> v) {
 #endif
 }
 
-// C = A W^T, W [gates * units, k]. Like Panels, the columns of C form `gates` groups of `units`
-// (the gates of a cell); block p holds the same kWidth units of every gate, so the cell's
-// pointwise step for those units can follow the block's dot products directly.
+// A weight W [gates * units, k] read where it lies, in blocks of kWidth units of every gate: like
+// Panels, the columns of C = A W^T form `gates` groups of `units` (the gates of a cell), and block p
+// holds the same kWidth units of every gate, so that the cell's pointwise step for those units can
+// follow the block's products directly. What WeightRows and BroadcastRows share.
 template <typename S>
-class WeightRows {
+class WeightRowBlocks {
  public:
   using V = at::vec::Vectorized<S>;
   static constexpr int64_t kWidth = V::size();
 
-  WeightRows() = default;
+  WeightRowBlocks() = default;
   // w: row-major [gates * units, k]. With `w_tail`, W = [w, w_tail] joined along k, as Panels
   // joins them: w is [gates * units, k - k_tail] and w_tail [gates * units, k_tail].
-  WeightRows(const S* w, int64_t k, int64_t gates, int64_t units, const S* w_tail = nullptr, int64_t k_tail = 0)
+  WeightRowBlocks(const S* w, int64_t k, int64_t gates, int64_t units, const S* w_tail, int64_t k_tail)
       : w_(w), w_tail_(w_tail), k_(k - k_tail), k_tail_(k_tail), gates_(gates), units_(units),
         count_((units + kWidth - 1) / kWidth) {}
 
@@ -75,6 +78,26 @@ class WeightRows {
   int64_t valid_lanes(int64_t p, int64_t) const { return std::clamp<int64_t>(units_ - unit(p, 0), 0, kWidth); }
   // Multiply-adds in one row of one block.
   int64_t row_work() const { return gates_ * kWidth * (k_ + k_tail_); }
+
+ protected:
+  const S* w_ = nullptr;
+  const S* w_tail_ = nullptr;
+  int64_t k_ = 0, k_tail_ = 0, gates_ = 1, units_ = 0, count_ = 0;  // k_: w's part of k
+};
+
+// C = A W^T, each value of C the dot product of A's row with a row of W.
+template <typename S>
+class WeightRows : public WeightRowBlocks<S> {
+  using Base = WeightRowBlocks<S>;
+  using Base::w_, Base::w_tail_, Base::k_, Base::k_tail_, Base::gates_, Base::units_;
+
+ public:
+  using typename Base::V;
+  using Base::kWidth, Base::unit, Base::valid_lanes;
+
+  WeightRows() = default;
+  WeightRows(const S* w, int64_t k, int64_t gates, int64_t units, const S* w_tail = nullptr, int64_t k_tail = 0)
+      : Base(w, k, gates, units, w_tail, k_tail) {}
 
   // Rows [0, rows) of C for block p's columns: C = A W^T + beta C (+ bias, length gates * units,
   // where given), A's row r at a + r * lda; with a w_tail, A is joined the same way, its last
@@ -186,9 +209,6 @@ class WeightRows {
     return sums;
   }
 
-  const S* w_ = nullptr;
-  const S* w_tail_ = nullptr;
-  int64_t k_ = 0, k_tail_ = 0, gates_ = 1, units_ = 0, count_ = 0;  // k_: w's part of k
 };
 
 // C = A W^T + beta C (+ bias) for many rows, W [gates * units, k] read where it lies, as C^T =
@@ -199,25 +219,19 @@ class WeightRows {
 // exactly as that kernel sums it. The weight needs no copy, nor a pass to lay it out. Blocks of
 // units as WeightRows names them.
 template <typename S>
-class BroadcastRows {
+class BroadcastRows : public WeightRowBlocks<S> {
+  using Base = WeightRowBlocks<S>;
+  using Base::w_, Base::w_tail_, Base::k_, Base::k_tail_, Base::gates_, Base::units_;
+
  public:
-  using V = at::vec::Vectorized<S>;
-  static constexpr int64_t kWidth = V::size();
+  using typename Base::V;
+  using Base::kWidth, Base::unit, Base::valid_lanes;
 
   BroadcastRows() = default;
-  // w and w_tail as WeightRows takes them.
   BroadcastRows(const S* w, int64_t k, int64_t gates, int64_t units, const S* w_tail = nullptr, int64_t k_tail = 0)
-      : w_(w), w_tail_(w_tail), k_(k - k_tail), k_tail_(k_tail), gates_(gates), units_(units),
-        count_((units + kWidth - 1) / kWidth) {
+      : Base(w, k, gates, units, w_tail, k_tail) {
     TORCH_CHECK(gates <= kMaxGates, "fused_rnn: BroadcastRows takes at most ", kMaxGates, " gates, got ", gates);
   }
-
-  bool defined() const { return w_ != nullptr; }
-  int64_t count() const { return count_; }
-  int64_t unit_vectors() const { return 1; }
-  int64_t unit(int64_t p, int64_t) const { return p * kWidth; }
-  int64_t valid_lanes(int64_t p, int64_t) const { return std::clamp<int64_t>(units_ - unit(p, 0), 0, kWidth); }
-  int64_t row_work() const { return gates_ * kWidth * (k_ + k_tail_); }
 
   // A^T for m rows: padded_rows(m) x k values in panel_count(m) panels. Panel q holds rows
   // [panel_first(q), panel_end(q)), its value (i, r) at (panel_first(q) k + i width + r), rows
@@ -392,10 +406,6 @@ class BroadcastRows {
 #pragma GCC unroll 3
       for (int v = 0; v < NV; ++v) acc[c][v].store(out + c * kRangeRows + v * kWidth);
   }
-
-  const S* w_ = nullptr;
-  const S* w_tail_ = nullptr;
-  int64_t k_ = 0, k_tail_ = 0, gates_ = 1, units_ = 0, count_ = 0;
 };
 
 // C = A W + beta C, W [k, n], a row at a time: blocks of kBlockVectors vectors of C's columns, a
