@@ -216,8 +216,10 @@ struct CpuStepWeight {
   // else `combinations`.
   WeightRows<S> rows;
   RowCombinations<S> combinations;
+  // Recurrent weights of many rows a step that would be laid out in panels (broadcasts): read in
+  // place by `broadcast`, each step's rows of A transposed into `transposed` first.
   BroadcastRows<S> broadcast;
-  at::Tensor transposed;  // A^T for `broadcast`
+  at::Tensor transposed;
   // Recurrent weights: room for a copy of h_prev where it cannot be read in place (the fused step
   // overwrites h_state while the GEMM of later blocks of units still reads h_prev).
   at::Tensor h_prev_copy;
@@ -597,6 +599,8 @@ struct CpuBackend {
                                       sw.folded_input);
       sw.rows = WeightRows<S>(w_hh, sw.k, Cell::kGates, hidden, sw.folded_input ? ptr<S>(w_ih) : nullptr,
                               sw.folded_input);
+      // Steps of fewer than kMinBroadcastRows rows run on `rows` (in_place_step), whose copy of
+      // h_prev shares the transposed rows' buffer: a step uses one or the other.
       sw.transposed = cpu_scratch(Scratch::kStateCopy, {sw.broadcast.transposed_size(max_rows)}, opts);
       sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
       return sw;

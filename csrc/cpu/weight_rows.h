@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstdint>
 #include <type_traits>
 
@@ -208,7 +207,6 @@ class WeightRows : public WeightRowBlocks<S> {
     for (int l = 1; l < kWidth; ++l) sums = sums + V::loadu(transposed + l * kWidth);
     return sums;
   }
-
 };
 
 // C = A W^T + beta C (+ bias) for many rows, W [gates * units, k] read where it lies, as C^T =
