@@ -65,7 +65,7 @@ class WeightRowBlocks {
   WeightRowBlocks() = default;
   // w: row-major [gates * units, k]. With `w_tail`, W = [w, w_tail] joined along k, as Panels
   // joins them: w is [gates * units, k - k_tail] and w_tail [gates * units, k_tail].
-  WeightRowBlocks(const S* w, int64_t k, int64_t gates, int64_t units, const S* w_tail, int64_t k_tail)
+  WeightRowBlocks(const S* w, int64_t k, int64_t gates, int64_t units, const S* w_tail = nullptr, int64_t k_tail = 0)
       : w_(w), w_tail_(w_tail), k_(k - k_tail), k_tail_(k_tail), gates_(gates), units_(units),
         count_((units + kWidth - 1) / kWidth) {}
 
@@ -91,12 +91,9 @@ class WeightRows : public WeightRowBlocks<S> {
   using Base::w_, Base::w_tail_, Base::k_, Base::k_tail_, Base::gates_, Base::units_;
 
  public:
+  using Base::Base;
   using typename Base::V;
   using Base::kWidth, Base::unit, Base::valid_lanes;
-
-  WeightRows() = default;
-  WeightRows(const S* w, int64_t k, int64_t gates, int64_t units, const S* w_tail = nullptr, int64_t k_tail = 0)
-      : Base(w, k, gates, units, w_tail, k_tail) {}
 
   // Rows [0, rows) of C for block p's columns: C = A W^T + beta C (+ bias, length gates * units,
   // where given), A's row r at a + r * lda; with a w_tail, A is joined the same way, its last
