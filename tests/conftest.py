@@ -16,3 +16,13 @@ def torch_test_state():
     yield
     torch.set_num_threads(threads)
     torch.set_default_dtype(dtype)
+
+
+@pytest.fixture
+def set_cache_sizes():
+    """fused_rnn._cpu.set_cache_sizes, for the cache sizes the CPU kernels' rules see; the detected
+    sizes come back after the test."""
+    import fused_rnn
+
+    yield fused_rnn._cpu.set_cache_sizes
+    fused_rnn._cpu.set_cache_sizes()

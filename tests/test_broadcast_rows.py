@@ -17,12 +17,6 @@ from test_weights_in_place import INPUT, rows_call
 pytestmark = pytest.mark.usefixtures("torch_test_state")
 
 
-@pytest.fixture
-def set_cache_sizes():
-    yield fused_rnn._cpu.set_cache_sizes
-    fused_rnn._cpu.set_cache_sizes()  # back to the detected sizes
-
-
 def joined_bytes(kind, hidden, dtype):
     """Bytes of a first layer's [W_hh, W_ih] (INPUT inputs): twice that as the last-level cache
     folds the input projection into the steps and reads the weight in place."""

@@ -17,12 +17,6 @@ from test_parity import call_with_mixed_lengths
 pytestmark = pytest.mark.usefixtures("torch_test_state")
 
 
-@pytest.fixture
-def set_cache_sizes():
-    yield fused_rnn._cpu.set_cache_sizes
-    fused_rnn._cpu.set_cache_sizes()  # back to the detected sizes
-
-
 def sysfs_cache_bytes(level):
     """The unified cache of `level` that cpu0 sees, per sysfs (None where it lists none)."""
     for entry in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):

@@ -594,19 +594,17 @@ struct CpuBackend {
     if (!panels_pay(steps, max_rows, kMinRecurrentPanelRows)) return sw;
     if (w_ih.defined() && fold_input_projection<Cell, S>(max_rows, (h_out + w_ih.size(1)) * n, operands))
       fold_input(sw, w_ih, bias);
+    const S* w_tail = sw.folded_input ? ptr<S>(w_ih) : nullptr;
     if (broadcasts(max_rows, sw.k * n * static_cast<int64_t>(sizeof(S)), operands)) {
-      sw.broadcast = BroadcastRows<S>(w_hh, sw.k, Cell::kGates, hidden, sw.folded_input ? ptr<S>(w_ih) : nullptr,
-                                      sw.folded_input);
-      sw.rows = WeightRows<S>(w_hh, sw.k, Cell::kGates, hidden, sw.folded_input ? ptr<S>(w_ih) : nullptr,
-                              sw.folded_input);
+      sw.broadcast = BroadcastRows<S>(w_hh, sw.k, Cell::kGates, hidden, w_tail, sw.folded_input);
+      sw.rows = WeightRows<S>(w_hh, sw.k, Cell::kGates, hidden, w_tail, sw.folded_input);
       // Steps of fewer than kMinBroadcastRows rows run on `rows` (in_place_step), whose copy of
       // h_prev shares the transposed rows' buffer: a step uses one or the other.
       sw.transposed = cpu_scratch(Scratch::kStateCopy, {sw.broadcast.transposed_size(max_rows)}, opts);
       sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
       return sw;
     }
-    lay_out<S>(sw, Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight, sw.folded_input ? ptr<S>(w_ih) : nullptr,
-            operands);
+    lay_out<S>(sw, Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight, w_tail, operands);
     if (sw.panels.defined()) sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
     return sw;
   }
@@ -732,12 +730,13 @@ struct CpuBackend {
   template <class Cell, typename S>
   static void broadcast_step(const CpuStepWeight<S>& w_hh, const StepForward<S>& a, int64_t row_begin,
                              int64_t row_end, S* gates, int64_t ld_gates, S beta, const S* input, const S* h_prev) {
-    const int64_t input_size = w_hh.folded_input, h_out = w_hh.k - input_size, m = row_end - row_begin;
+    const int64_t m = row_end - row_begin;
+    if (m < kMinBroadcastRows)
+      return in_place_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input, h_prev);
+    const int64_t input_size = w_hh.folded_input, h_out = w_hh.k - input_size;
     const S* h_rows = (h_prev != nullptr ? h_prev : a.h_state) + row_begin * h_out;
     const S* bias = input_size ? ptr<S>(w_hh.bias) : nullptr;
     const S* x_rows = input_size ? input + row_begin * input_size : nullptr;
-    if (m < kMinBroadcastRows)
-      return in_place_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input, h_prev);
     const BroadcastRows<S>& weight = w_hh.broadcast;
     S* transposed = w_hh.transposed.template data_ptr<S>();
     const int64_t panel_values = 3 * BroadcastRows<S>::kWidth * w_hh.k;
