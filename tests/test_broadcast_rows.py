@@ -6,12 +6,14 @@ rows a step (of half of it from 48) where the steps do not run in row groups
 (CpuBackend::broadcasts); a step of fewer rows (packed input) reads it as calls of a few rows do.
 fused_rnn._cpu.set_cache_sizes puts small layers on that path: a small L2 keeps the steps out of
 row groups, a small L3 makes the weight "large"."""
+import copy
+
 import pytest
 import torch
 
 import fused_rnn
 from benchmarks.measure import _can_reset_rss_peak, _peak_memory_bytes
-from helpers import assert_same_outputs_and_grads, make_kind_pair
+from helpers import assert_at_least_as_accurate, assert_same_outputs_and_grads, make_kind_pair, rounding_floor
 from test_weights_in_place import INPUT, rows_call
 
 pytestmark = pytest.mark.usefixtures("torch_test_state")
@@ -31,7 +33,9 @@ def joined_bytes(kind, hidden, dtype):
 # two threads, which split the blocks of units. A tiny L3 hoists the input projection out of the
 # steps (the GEMM then adds h_prev W_hh^T onto it, beta 1; GRU's hidden gates from 0); one of twice
 # the first layer's [W_hh, W_ih] folds it in there for LSTM and GRU (W_ih joined along k, with the
-# bias), the second layer's being larger.
+# bias), the second layer's being larger. In float32, against a float64 run: the weights'
+# gradients sum 2 x 3 x rows products, which torch.nn and fused_rnn round differently (with 104
+# rows they differ by up to 2e-5 on gradients of ~40, both within 7e-7 of that scale of the truth).
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("rows", [16, 19, 32, 41, 104, 131])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
@@ -43,7 +47,17 @@ def test_many_rows_in_place_match_nn(kind, rows, dtype, folded, set_cache_sizes)
     set_cache_sizes(1 << 12, 2 * joined_bytes(kind, 37, dtype) if folded else 1 << 12)
     ref, ours = make_kind_pair(kind, INPUT, 37, num_layers=2, bidirectional=True, dtype=dtype)
     leaves, call = rows_call(kind, 37, 3, dtype, rows=rows)
-    assert_same_outputs_and_grads(ref, ours, leaves, call, dtype)
+    if dtype == torch.float64:
+        return assert_same_outputs_and_grads(ref, ours, leaves, call, dtype)
+    exact = copy.deepcopy(ref).double()
+    assert_at_least_as_accurate(ours, ref, exact, leaves, lambda module, leaves: rows_call_on(kind, module, leaves),
+                                rounding_floor(dtype))
+
+
+def rows_call_on(kind, module, leaves):
+    """rows_call's call of `module` on `leaves` (its own or float64 copies of them)."""
+    state = (leaves["h0"], leaves["c0"]) if kind == "LSTM" else leaves["h0"]
+    return module(leaves["input"], state)
 
 
 # Packed input: the rows of a step fall from 33 to 19 (so its panels change from step to step),
