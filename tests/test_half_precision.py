@@ -269,6 +269,10 @@ def test_bf16_layer_rounds_exactly_the_gemm_operands(mode, shape):
     inputs with h_prev rounded to bfloat16 for each step's GEMM (bfloat16 products) or not (float32
     products, CPUs without AVX512-BF16): >= 98% of outputs identical to the expected model (measured
     99.3-100%), while the other model agrees on only 67-87%, so the test tells the two apart."""
+    assert_layer_rounds_exactly_the_gemm_operands(mode, shape)
+
+
+def assert_layer_rounds_exactly_the_gemm_operands(mode, shape, reverse=False):
     steps, batch, input_size, hidden = shape
     gates = {"lstm": 4, "gru": 3, "rnn": 1}[mode]
     scale = hidden ** -0.5
@@ -277,11 +281,13 @@ def test_bf16_layer_rounds_exactly_the_gemm_operands(mode, shape):
     b_ih, b_hh = ((torch.randn(gates * hidden) * scale).bfloat16() for _ in range(2))
     ops = torch.ops.fused_rnn
     if mode == "lstm":
-        y = ops.lstm_layer(x, None, hx, cx, w_ih, w_hh, b_ih, b_hh, None, False, False)[0]
+        y = ops.lstm_layer(x, None, hx, cx, w_ih, w_hh, b_ih, b_hh, None, reverse, False)[0]
     elif mode == "gru":
-        y = ops.gru_layer(x, None, hx, w_ih, w_hh, b_ih, b_hh, False, False)[0]
+        y = ops.gru_layer(x, None, hx, w_ih, w_hh, b_ih, b_hh, reverse, False)[0]
     else:
-        y = ops.rnn_layer(x, None, hx, w_ih, w_hh, b_ih, b_hh, False, False, False)[0]
+        y = ops.rnn_layer(x, None, hx, w_ih, w_hh, b_ih, b_hh, False, reverse, False)[0]
+    if reverse:  # the emulation runs forward in time
+        x, y = x.flip(0), y.flip(0)
     expected_rounding = bf16_products_expected()
     agreement = {}
     for round_h in (True, False):
@@ -289,6 +295,19 @@ def test_bf16_layer_rounds_exactly_the_gemm_operands(mode, shape):
         agreement[round_h] = (y == exact.bfloat16()).double().mean().item()
     assert agreement[expected_rounding] >= 0.98, agreement
     assert agreement[not expected_rounding] < 0.92, agreement
+
+
+# Where the steps do not run in row groups (a small L2), each step's pointwise passes round the
+# h_new of their units for the next step's GEMM (fused_bf16_step): over chunks of steps (64 rows x
+# 40 steps of an LSTM are 3 chunks), in reverse, with an odd hidden size, the input projection
+# folded in or hoisted (a small L3).
+@pytest.mark.parametrize("folded", [True, False], ids=["folded", "hoisted"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("shape", [(40, 64, 16, 48), (9, 20, 17, 33)], ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn"])
+def test_bf16_steps_round_the_next_h_prev_exactly(mode, shape, reverse, folded, set_cache_sizes):
+    set_cache_sizes(1 << 12, fused_rnn._cpu.cache_sizes()[1] if folded else 1 << 12)
+    assert_layer_rounds_exactly_the_gemm_operands(mode, shape, reverse)
 
 
 @pytest.mark.parametrize("batch", [5, 20], ids=["B5", "B20"])

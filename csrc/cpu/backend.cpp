@@ -50,7 +50,7 @@ namespace fused_rnn {
 // relative error ~2.5e-7, about 2 ulp), 2^n built in the exponent bits. x is first clamped to
 // [-87.3, 88.7], where e^x is a normal float: above, it gives ~3.3e38 rather than inf, which is
 // all the activations need, as they only divide by 1 + e^x.
-inline at::vec::Vectorized<float> exp_clamped(const at::vec::Vectorized<float>& x_in) {
+FR_HD at::vec::Vectorized<float> exp_clamped(const at::vec::Vectorized<float>& x_in) {
   using V = at::vec::Vectorized<float>;
   using I = at::vec::Vectorized<int32_t>;
   const V x = at::vec::clamp(x_in, V(-87.3f), V(88.7f));  // a NaN passes (min/max return it)
@@ -67,7 +67,7 @@ inline at::vec::Vectorized<float> exp_clamped(const at::vec::Vectorized<float>& 
 
 // 1 / d for the d >= 1 of sigmoid and tanh: the hardware estimate refined by one Newton step
 // (relative error ~1e-7) instead of a division, several times its throughput.
-inline at::vec::Vectorized<float> reciprocal(const at::vec::Vectorized<float>& d) {
+FR_HD at::vec::Vectorized<float> reciprocal(const at::vec::Vectorized<float>& d) {
   using V = at::vec::Vectorized<float>;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #if defined(CPU_CAPABILITY_AVX512)
@@ -86,18 +86,18 @@ struct Act<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
   static constexpr bool kFast = std::is_same_v<S, float>;
 
-  static V sigmoid(const V& x) {
+  static FR_HD V sigmoid(const V& x) {
     if constexpr (kFast) return reciprocal(V(1.0f) + exp_clamped(x.neg()));
     else return V(S(1)) / (V(S(1)) + x.neg().exp());
   }
   // tanh(x) = 1 - 2 / (1 + e^{2x}): one exp, far less than Sleef's tanh; its error stays about
   // 1e-7 absolute (relative near 0 it grows, as the parity tests allow).
-  static V tanh(const V& x) {
+  static FR_HD V tanh(const V& x) {
     if constexpr (kFast) return V(1.0f) - V(2.0f) * reciprocal(V(1.0f) + exp_clamped(x + x));
     else return x.tanh();
   }
-  static V relu(const V& x) { return at::vec::clamp_min(x, V(S(0))); }
-  static V relu_backward(const V& dh, const V& h) { return V::blendv(V(S(0)), dh, h > V(S(0))); }
+  static FR_HD V relu(const V& x) { return at::vec::clamp_min(x, V(S(0))); }
+  static FR_HD V relu_backward(const V& dh, const V& h) { return V::blendv(V(S(0)), dh, h > V(S(0))); }
 };
 
 namespace {
@@ -166,13 +166,35 @@ bool bf16_products_for(at::ScalarType operands) {
 #endif
 }
 
+// n float32 values rounded to bfloat16 (to nearest, ties to even), as operands of bfloat16 panels
+// only: with AVX512-BF16's conversion instruction, 32 values an instruction where at::vec's
+// integer rounding takes about ten for 16 (the steps' serial rounding of h_prev: LSTM B=64 H=256
+// inference, 4% of the time). It flushes denormals to zero, as the dot-product instruction
+// treats them anyway.
+#if defined(CPU_CAPABILITY_AVX512)
+__attribute__((target("avx512bf16"))) void round_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
+    _mm512_storeu_si512(dst + i, reinterpret_cast<const __m512i&>(pairs));
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
+    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(lanes, src + i));
+    _mm256_mask_storeu_epi16(dst + i, lanes, reinterpret_cast<const __m256i&>(rounded));
+  }
+}
+#else
+void round_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) { at::vec::convert(src, dst, n); }
+#endif
+
 // Rows [row_begin, row_end) of a float32 matrix (row stride ld_src, `cols` columns) rounded to
 // bfloat16 into the same rows of dst (row stride ld_dst), with a 0 after them where cols is odd:
 // an operand of bfloat16 panels, which read pairs.
 void round_rows_to_bf16(const float* src, int64_t ld_src, c10::BFloat16* dst, int64_t ld_dst, int64_t row_begin,
                         int64_t row_end, int64_t cols) {
   for (int64_t r = row_begin; r < row_end; ++r) {
-    at::vec::convert(src + r * ld_src, dst + r * ld_dst, cols);
+    round_to_bf16(src + r * ld_src, dst + r * ld_dst, cols);
     if (cols % 2) dst[r * ld_dst + cols] = c10::BFloat16(0.0f);
   }
 }
@@ -190,7 +212,7 @@ void transpose_to_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t c
         const int64_t m = std::min(kTile, rows - r0);
         at::vec::transpose_mxn<float>(src + r0 * ld_src + c0, ld_src, tile, kTile, static_cast<int>(m),
                                       static_cast<int>(n));
-        for (int64_t j = 0; j < n; ++j) at::vec::convert(tile + j * kTile, dst + (c0 + j) * ld_dst + r0, m);
+        for (int64_t j = 0; j < n; ++j) round_to_bf16(tile + j * kTile, dst + (c0 + j) * ld_dst + r0, m);
       }
       if (rows % 2)
         for (int64_t j = 0; j < n; ++j) dst[(c0 + j) * ld_dst + rows] = c10::BFloat16(0.0f);
@@ -229,9 +251,17 @@ struct CpuStepWeight {
   int64_t folded_input = 0;
   at::Tensor bias;
   // Multiplying in bfloat16 (bf16_products_for), the panels are these instead, and each step
-  // rounds A's rows (h_prev and x_t; gate gradients) into the same rows of `operands`.
+  // rounds A's rows (h_prev and x_t; gate gradients) into the same rows of `operands`. A recurrent
+  // weight has two such buffers: each step's pointwise passes round the h_new they compute into the
+  // one its GEMM does not read, where the next step finds its h_prev (`rounded_h`).
   Panels<S, c10::BFloat16> bf16_panels;
   at::Tensor operands;
+  struct RoundedH {
+    int64_t buffer = 0, rows = 0;  // rows [0, rows) of operand buffer `buffer` hold h_prev...
+    const S* output = nullptr;     // ...where the step reads it from these (the last step's output rows)
+    const S* state = nullptr;      // or from h_state
+  };
+  mutable RoundedH rounded_h;  // written by each step (fused_bf16_step), which run one at a time
 
   bool has_panels() const { return panels.defined() || bf16_panels.defined(); }
 
@@ -606,6 +636,9 @@ struct CpuBackend {
     }
     lay_out<S>(sw, Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight, w_tail, operands);
     if (sw.panels.defined()) sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
+    if (sw.bf16_panels.defined())  // two operand buffers (fused_bf16_step)
+      sw.operands = cpu_scratch(Scratch::kStateCopy, {2, max_rows, sw.bf16_panels.padded_k()},
+                                at::TensorOptions().dtype(at::kBFloat16));
     return sw;
   }
 
@@ -664,19 +697,32 @@ struct CpuBackend {
     });
   }
 
-  // fused_step multiplying in bfloat16: the rows' h_prev and x_t are first rounded into the operand
-  // buffer (their float32 values stay as they are).
+  // fused_step multiplying in bfloat16: the rows' h_prev and x_t are rounded into an operand buffer
+  // (their float32 values stay as they are). h_prev's rows are there already where the previous
+  // step's pointwise passes rounded its h_new, each thread the units it computed, into this
+  // buffer: rounding them here, on the calling thread, would read the other threads' h_new from
+  // their caches while they wait (LSTM B=64 I=H=256 inference: 4% of the time with the fast
+  // rounding). Not in row groups, whose steps run concurrently, nor with a projection (its h_prev
+  // is not the pointwise step's h).
   template <class Cell>
   static void fused_bf16_step(const CpuStepWeight<float>& w_hh, const StepForward<float>& a, int64_t row_begin,
                               int64_t row_end, float* gates, int64_t ld_gates, float beta, const float* input,
                               const float* h_prev) {
     using P = Panels<float, c10::BFloat16>;
+    using RoundedH = CpuStepWeight<float>::RoundedH;
     const P& panels = w_hh.bf16_panels;
     const int64_t input_size = w_hh.folded_input, h_out = w_hh.k - input_size, ld = panels.padded_k();
-    c10::BFloat16* operands = w_hh.operands.data_ptr<c10::BFloat16>();
-    round_rows_to_bf16(h_prev != nullptr ? h_prev : a.h_state, h_out, operands, ld, row_begin, row_end, h_out);
+    const bool carries = w_hh.row_groups == 1 && !a.project && w_hh.operands.dim() == 3;
+    const float* h_rows = h_prev != nullptr ? h_prev : a.h_state;
+    RoundedH& rounded = w_hh.rounded_h;
+    const bool ready = carries && (h_rows == rounded.output || (h_prev == nullptr && a.h_state == rounded.state));
+    const int64_t buffer = carries ? rounded.buffer : 0, ready_rows = ready ? std::min(rounded.rows, row_end) : 0;
+    c10::BFloat16* operands = w_hh.operands.data_ptr<c10::BFloat16>() + buffer * w_hh.operands.stride(0);
+    round_rows_to_bf16(h_rows, h_out, operands, ld, std::max(row_begin, ready_rows), row_end, h_out);
     if (input_size)
       round_rows_to_bf16(input, input_size, operands + panels.padded_head(), ld, row_begin, row_end, input_size);
+    c10::BFloat16* next = carries ? w_hh.operands.data_ptr<c10::BFloat16>() + (1 - buffer) * w_hh.operands.stride(0)
+                                  : nullptr;
     const float* bias = input_size ? ptr<float>(w_hh.bias) : nullptr;
     const int64_t m = row_end - row_begin;
     for_each_panel_block(
@@ -689,7 +735,24 @@ struct CpuBackend {
         },
         [&](int64_t p, int64_t block_first, int64_t rows) {
           panel_forward<Cell>(panels, a, p, row_begin + block_first, rows);
+          if (next != nullptr) round_panel_units(panels, p, a.h_state, h_out, next, ld, row_begin + block_first, rows);
         });
+    if (carries) rounded = RoundedH{1 - buffer, row_end, a.output, a.h_state};
+  }
+
+  // Panel p's units of rows [first, first + rows) of h (h_out columns) rounded into the same place
+  // in `operands` (row stride ld), with the 0 after the last unit where h_out is odd.
+  template <class P>
+  static void round_panel_units(const P& panels, int64_t p, const float* h, int64_t h_out, c10::BFloat16* operands,
+                                int64_t ld, int64_t first, int64_t rows) {
+    for (int64_t v = 0; v < panels.unit_vectors(); ++v) {
+      const int64_t j = panels.unit(p, v), lanes = panels.valid_lanes(p, v);
+      if (lanes <= 0) continue;
+      for (int64_t b = first; b < first + rows; ++b) {
+        round_to_bf16(h + b * h_out + j, operands + b * ld + j, lanes);
+        if (j + lanes == h_out && h_out % 2) operands[b * ld + h_out] = c10::BFloat16(0.0f);
+      }
+    }
   }
 
   // Rows [row_begin, row_end) of h_prev for a fused step's GEMM (at row_begin): in place where the
