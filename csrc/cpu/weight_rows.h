@@ -105,10 +105,15 @@ class WeightRows : public WeightRowBlocks<S> {
       const int64_t row = g * units_ + first;
       for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
         const int64_t group = std::min(kRowGroup, rows - r0);
-        V acc[kRowGroup][kWidth];
+        // The sums of the group's rows only, in raw storage: V's default constructor zeroes, and
+        // zeroing all kRowGroup x kWidth vectors (16 KiB with AVX-512) cost a step of one row
+        // more than its products (AVX-512 Zen 4, LSTM T=100 B=1 inference: I=H=64 0.46 -> 0.24
+        // ms, I=H=128 1.0 -> 0.6-0.8 ms).
+        alignas(V) unsigned char storage[sizeof(V) * kRowGroup * kWidth];
+        V(&acc)[kRowGroup][kWidth] = *reinterpret_cast<V(*)[kRowGroup][kWidth]>(storage);
         for (int64_t r = 0; r < group; ++r)
 #pragma GCC unroll 16
-          for (int l = 0; l < kWidth; ++l) acc[r][l] = V(S(0));
+          for (int l = 0; l < kWidth; ++l) new (&acc[r][l]) V(S(0));
         dot_rows(acc, group, w_ + row * k_, k_, a + r0 * lda, lda, lanes);
         if (k_tail_ > 0) dot_rows(acc, group, w_tail_ + row * k_tail_, k_tail_, a_tail + r0 * lda_tail, lda_tail, lanes);
         for (int64_t r = 0; r < group; ++r) {
