@@ -33,10 +33,15 @@
 //       weight's row_groups: how many it was laid out for (1: all rows at once, parallel inside
 //       each step).
 //   Backend::recurrent_step<Cell, S>(w_hh, const StepForward<S>&, row_begin, row_end, gates,
-//       ld_gates, beta, x_t, h_prev): for the step's rows [row_begin, row_end), gates = h_state
-//       W_hh^T + beta gates (with the input folded in: [h_state, x_t] [W_hh, W_ih]^T + bias), then
-//       the cell's pointwise step (fused or not). h_prev, if not null, holds the same values as
-//       h_state (rows of stride h_out) where the pointwise step does not overwrite them.
+//       ld_gates, beta, x_t, x_t_stored, h_prev): for the step's rows [row_begin, row_end), gates =
+//       h_state W_hh^T + beta gates (with the input folded in: [h_state, x_t] [W_hh, W_ih]^T +
+//       bias), then the cell's pointwise step (fused or not). x_t's rows (stride I) are x_t in S,
+//       or x_t_stored in the input's own type where Backend::reads_stored_input said so. h_prev, if
+//       not null, holds the same values as h_state (rows of stride h_out) where the pointwise step
+//       does not overwrite them
+//   Backend::reads_stored_input(w_hh, x) -> whether the steps of a recurrent weight with the input
+//       folded in may read the contiguous input x in its own type, which then is not converted to
+//       S (CPU: bfloat16 products read a bfloat16 input as it is)
 //   Backend::backward_step<Cell, S>(w_hh, grad_gates_after, after_end, const StepBackward<S>&,
 //       row_begin, row_end): where grad_gates_after is not null, first grad_h_state (+)=
 //       grad_gates_after W_hh over rows [row_begin, after_end) (the step after's W_hh-side gate
@@ -316,6 +321,7 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     const auto w_hh_t = Backend::template recurrent_weight<Cell, S>(ptr<S>(w.w_hh), H_out, H, B, T,
                                                                     may_fold ? w.w_ih : Tensor(), bias, operands);
     const bool folded = w_hh_t.folded_input > 0;
+    const bool x_stored = folded && Backend::reads_stored_input(w_hh_t, x);
     // The gate buffer: the reserve itself when it is kept in the compute type (its rows start as
     // the gate pre-activations and end as what backward reads). Else, with the input folded in
     // and no reserve, a step's gates come from its own GEMM alone: every step reuses the same
@@ -350,7 +356,8 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
       const int64_t row_lo = s.offset[t_lo], row_hi = t_hi < T ? s.offset[t_hi] : s.rows;
       const int64_t gates_lo = gates_in_reserve ? row_lo : 0;  // gate buffer row of row_lo
       const int64_t output_lo = round_output ? row_lo : 0;      // chunk_output's first row
-      const Tensor x_rows = to_type<Backend>(part(x, 0, row_lo, row_hi - row_lo), compute);
+      const Tensor x_chunk = part(x, 0, row_lo, row_hi - row_lo);
+      const Tensor x_rows = x_stored ? x_chunk : to_type<Backend>(x_chunk, compute);
       if (!folded) {
         Tensor chunk_gates = part(part(gates, 0, gates_lo, row_hi - row_lo), 1, 0, G * H);
         w_ih_t.apply_out(chunk_gates, x_rows);
@@ -383,10 +390,14 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
           // then the pointwise step.
           if (Cell::kSeparateHiddenGates)
             Backend::template recurrent_step<Cell, S>(w_hh_t, step, row_begin, end, ptr<S>(hidden_gates), G * H, S(0),
-                                                      nullptr, h_prev);
+                                                      nullptr, nullptr, h_prev);
           else
-            Backend::template recurrent_step<Cell, S>(w_hh_t, step, row_begin, end, step.reserve, width, S(folded ? 0 : 1),
-                                                      ptr<S>(x_rows) + (row - row_lo) * I, h_prev);
+            Backend::template recurrent_step<Cell, S>(
+                w_hh_t, step, row_begin, end, step.reserve, width, S(folded ? 0 : 1),
+                x_stored ? nullptr : ptr<S>(x_rows) + (row - row_lo) * I,
+                x_stored ? static_cast<const char*>(x_rows.data_ptr()) + (row - row_lo) * I * x_rows.element_size()
+                         : nullptr,
+                h_prev);
           if (project) {
             S* out_rows = step.output + row_begin * H_out;
             w_hr_t.gemm(end - row_begin, step.reserve + row_begin * width + 5 * H, width, S(0), out_rows, H_out);
