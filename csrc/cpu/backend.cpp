@@ -716,12 +716,13 @@ struct CpuBackend {
   }
 
   // fused_step multiplying in bfloat16: the rows' h_prev and x_t are rounded into an operand buffer
-  // (their float32 values stay as they are). h_prev's rows are there already where the previous
-  // step's pointwise passes rounded its h_new, each thread the units it computed, into this
-  // buffer: rounding them here, on the calling thread, would read the other threads' h_new from
-  // their caches while they wait (LSTM B=64 I=H=256 inference: 4% of the time with the fast
-  // rounding). Not in row groups, whose steps run concurrently, nor with a projection (its h_prev
-  // is not the pointwise step's h).
+  // (their float32 values stay as they are), x_t read as stored instead where `stored_input` is
+  // given (CpuStepWeight::stored_input). h_prev's rows are there already where the previous step's
+  // pointwise passes rounded its h_new, each thread the units it computed, into this buffer:
+  // rounding them here, on the calling thread, would read the other threads' h_new from their
+  // caches while they wait (LSTM B=64 I=H=256 inference: 4% of the time with the fast rounding).
+  // Not in row groups, whose steps run concurrently, nor with a projection (its h_prev is not the
+  // pointwise step's h).
   template <class Cell>
   static void fused_bf16_step(const CpuStepWeight<float>& w_hh, const StepForward<float>& a, int64_t row_begin,
                               int64_t row_end, float* gates, int64_t ld_gates, float beta, const float* input,
