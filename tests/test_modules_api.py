@@ -9,8 +9,9 @@ from torch import nn
 from torch.func import functional_call
 
 import fused_rnn
-from helpers import (CELL_KINDS, LAYER_KINDS, assert_close_nested, assert_same_outputs_and_grads,
-                     assert_state_dicts_identical, leaf, make_kind_pair, make_pair, output_tensors)
+from helpers import (CELL_KINDS, LAYER_KINDS, assert_close_nested, assert_close_scaled,
+                     assert_same_outputs_and_grads, assert_state_dicts_identical, leaf, leaves_and_params,
+                     make_kind_pair, make_pair, output_tensors, weighted_loss_grads)
 
 pytestmark = pytest.mark.usefixtures("torch_test_state")
 
@@ -258,6 +259,45 @@ def test_nan_in_input_propagates_like_nn(kind, dtype, hidden):
         assert torch.isnan(ref_t).any()
         assert torch.equal(torch.isnan(ours_t), torch.isnan(ref_t))
     assert_close_nested(our_out, ref_out, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("kind", [k for k in list(LAYER_KINDS) + list(CELL_KINDS) if "RELU" not in k])
+def test_saturated_activations_match_nn(kind, dtype):
+    """Pre-activations far past where sigmoid and tanh saturate (biases of up to ~500; an LSTM's
+    cell state growing by about 1 a step, to ~40-60, or starting there in a cell) give torch.nn's
+    outputs and gradients, not NaN. 37 units: full vectors and a scalar tail. In float32 the
+    gradients through saturated gates are ill-conditioned for both (torch.nn's and ours 1e-4 of
+    their scale off a float64 run, LSTM): compared to 1e-3 of their scale."""
+    is_cell = kind in CELL_KINDS
+    ref, ours = make_kind_pair(kind, 4, 37, dtype=dtype, **({} if is_cell else dict(num_layers=2)))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(ref.named_parameters(), ours.named_parameters(), strict=True):
+            if name.startswith("bias"):
+                p.copy_(150 * torch.randn(p.shape, generator=generator, dtype=dtype))
+                q.copy_(p)
+    batch, lstm = 3, kind.startswith("LSTM")
+    if is_cell:
+        leaves = {"input": leaf(batch, 4, dtype=dtype), "h0": leaf(batch, 37, dtype=dtype)}
+        if lstm:
+            leaves["c0"] = (60 * torch.randn(batch, 37, generator=generator, dtype=dtype)).requires_grad_()
+    else:
+        leaves = {"input": leaf(60, batch, 4, dtype=dtype), "h0": leaf(2, batch, 37, dtype=dtype)}
+        if lstm:
+            leaves["c0"] = leaf(2, batch, 37, dtype=dtype)
+    state = (leaves["h0"], leaves["c0"]) if lstm else leaves["h0"]
+    call = lambda m: m(leaves["input"], state)  # noqa: E731
+    if dtype == torch.float64:
+        our_out, _ = assert_same_outputs_and_grads(ref, ours, leaves, call, dtype)
+    else:
+        ref_out, our_out = call(ref), call(ours)
+        assert_close_nested(our_out, ref_out, dtype)
+        ref_grads = weighted_loss_grads(ref_out, leaves_and_params(ref, leaves))
+        our_grads = weighted_loss_grads(our_out, leaves_and_params(ours, leaves))
+        for name in ref_grads:
+            assert_close_scaled(our_grads[name], ref_grads[name], 1e-3, f"grad of {name}")
+    assert not any(torch.isnan(t).any() for t in output_tensors(our_out))
 
 
 # ---- package helpers --------------------------------------------------------------------------

@@ -48,12 +48,14 @@ namespace fused_rnn {
 // e^x = 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 in two parts,
 // so r is exact), e^r by a degree-5 polynomial (coefficients fitted to e^r on that interval:
 // relative error ~2.5e-7, about 2 ulp), 2^n built in the exponent bits. x is first clamped to
-// [-87.3, 88.7], where e^x is a normal float: above, it gives ~3.3e38 rather than inf, which is
-// all the activations need, as they only divide by 1 + e^x.
+// [-87.3, 88.3], where n <= 127 and e^x is a normal float: above, it gives ~2.2e38 rather than
+// inf, which is all the activations need, as they only divide by 1 + e^x (an infinite 1 + e^x
+// would make the refined reciprocal 0 x inf = NaN; from 88.38 on, n rounds to 128, whose 2^n is
+// inf: sigmoid(x < -88.4) and tanh(x > 44.2) were NaN until 2026-12-05).
 FR_HD at::vec::Vectorized<float> exp_clamped(const at::vec::Vectorized<float>& x_in) {
   using V = at::vec::Vectorized<float>;
   using I = at::vec::Vectorized<int32_t>;
-  const V x = at::vec::clamp(x_in, V(-87.3f), V(88.7f));  // a NaN passes (min/max return it)
+  const V x = at::vec::clamp(x_in, V(-87.3f), V(88.3f));  // a NaN passes (min/max return it)
   const V n = (x * V(1.44269504f)).round();
   const V r = at::vec::fmadd(n, V(-1.428606765330187e-06f), at::vec::fmadd(n, V(-0.693145751953125f), x));
   V p = at::vec::fmadd(V(0.008369148708879948f), r, V(0.041917506605386734f));
