@@ -263,10 +263,11 @@ struct CpuStepWeight {
   // are the panels' pairs, and x_t need not be converted to float32 and rounded back (LSTM B=64
   // I=H=256 inference: 3% of the time, on the calling thread).
   bool stored_input = false;
+  // Rows [0, rows) of operand buffer `buffer` hold the last step's h_new: the next step's h_prev
+  // where it reads it from h_state (the layer call's own, as is this weight) or from `output`.
   struct RoundedH {
-    int64_t buffer = 0, rows = 0;  // rows [0, rows) of operand buffer `buffer` hold h_prev...
-    const S* output = nullptr;     // ...where the step reads it from these (the last step's output rows)
-    const S* state = nullptr;      // or from h_state
+    int64_t buffer = 0, rows = 0;
+    const S* output = nullptr;
   };
   mutable RoundedH rounded_h;  // written by each step (fused_bf16_step), which run one at a time
 
@@ -736,7 +737,7 @@ struct CpuBackend {
     const bool carries = w_hh.row_groups == 1 && !a.project && w_hh.operands.dim() == 3;
     const float* h_rows = h_prev != nullptr ? h_prev : a.h_state;
     RoundedH& rounded = w_hh.rounded_h;
-    const bool ready = carries && (h_rows == rounded.output || (h_prev == nullptr && a.h_state == rounded.state));
+    const bool ready = carries && (h_rows == rounded.output || h_prev == nullptr);
     const int64_t buffer = carries ? rounded.buffer : 0, ready_rows = ready ? std::min(rounded.rows, row_end) : 0;
     c10::BFloat16* operands = w_hh.operands.data_ptr<c10::BFloat16>() + buffer * w_hh.operands.stride(0);
     round_rows_to_bf16(h_rows, h_out, operands, ld, std::max(row_begin, ready_rows), row_end, h_out);
@@ -760,7 +761,7 @@ struct CpuBackend {
           panel_forward<Cell>(panels, a, p, row_begin + block_first, rows);
           if (next != nullptr) round_panel_units(panels, p, a.h_state, h_out, next, ld, row_begin + block_first, rows);
         });
-    if (carries) rounded = RoundedH{1 - buffer, row_end, a.output, a.h_state};
+    if (carries) rounded = RoundedH{1 - buffer, row_end, a.output};
   }
 
   // Panel p's units of rows [first, first + rows) of h (h_out columns) rounded into the same place
@@ -768,14 +769,11 @@ struct CpuBackend {
   template <class P>
   static void round_panel_units(const P& panels, int64_t p, const float* h, int64_t h_out, c10::BFloat16* operands,
                                 int64_t ld, int64_t first, int64_t rows) {
-    for (int64_t v = 0; v < panels.unit_vectors(); ++v) {
-      const int64_t j = panels.unit(p, v), lanes = panels.valid_lanes(p, v);
-      if (lanes <= 0) continue;
-      for (int64_t b = first; b < first + rows; ++b) {
-        round_to_bf16(h + b * h_out + j, operands + b * ld + j, lanes);
-        if (j + lanes == h_out && h_out % 2) operands[b * ld + h_out] = c10::BFloat16(0.0f);
-      }
-    }
+    for_each_panel_unit(panels, p, first, first + rows, [&](int64_t b, int64_t j, bool vec) {
+      const int64_t units = vec ? P::kWidth : 1;
+      round_to_bf16(h + b * h_out + j, operands + b * ld + j, units);
+      if (j + units == h_out && h_out % 2) operands[b * ld + h_out] = c10::BFloat16(0.0f);
+    });
   }
 
   // Rows [row_begin, row_end) of h_prev for a fused step's GEMM (at row_begin): in place where the
