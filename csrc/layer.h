@@ -8,8 +8,8 @@
 //   Backend::dense_weight<S>(w, trans, bias, rows, chunk_rows, operands) -> an object whose
 //       .apply_out(out, x) computes out = x op(w) (+ bias), op(w) = w^T if trans: the large GEMMs
 //       outside the time loop over `rows` rows in all, one chunk of at most `chunk_rows` at a time
-//       (out may be a column range of a wider buffer; bias may be undefined). `operands` as for
-//       recurrent_weight
+//       (out may be a column range of a wider buffer; bias may be undefined; w in S, or in the
+//       forward as recurrent_weight's w_ih). `operands` as for recurrent_weight
 //   Backend::weight_grad_out<S>(grad_w, g, x, accumulate, operands): grad_w = g^T x, or += if
 //       accumulate (a weight's gradient, a chunk of rows at a time); `operands` as for recurrent_weight
 //   Backend::scratch(Scratch role, sizes, options) -> a tensor for the duration of the op
@@ -20,7 +20,9 @@
 //       and whose .row_groups says how many row groups the steps may be split into. `operands` as
 //       for recurrent_weight
 //   Backend::recurrent_weight<Cell, S>(w_hh, h_out, hidden, max_rows, steps, w_ih, bias, operands)
-//       -> the same for W_hh [gates*hidden, h_out] in h_prev W_hh^T. Where w_ih is given, the
+//       -> the same for W_hh [gates*hidden, h_out] in h_prev W_hh^T (w_hh and w_ih tensors, in S or,
+//       where Backend::kHalfKernels is false, in the layer's storage type, as dense_weight's w in
+//       the forward: the backend converts what it reads in S). Where w_ih is given, the
 //       backend may fold the input projection into it (its .folded_input > 0): each step's GEMM
 //       then computes [h_prev, x_t] [W_hh, W_ih]^T + bias, and the input projection is skipped.
 //       `operands`: for a layer computed in a wider type than its storage type, the storage
@@ -266,9 +268,9 @@ Tensor fold_biases(const LayerWeights& w, int64_t H, const at::TensorOptions& op
   return bias;
 }
 
-// layer_forward with every tensor in the type the layer computes in, except perhaps `input_`
-// (in its storage type `operands`, else undefined; the backend may round the forward GEMMs'
-// operands to it, see Backend::recurrent_weight).
+// layer_forward with every tensor in the type the layer computes in, except perhaps `input_`, W_ih
+// and W_hh (in the storage type `operands`, else undefined; the backend may round the forward
+// GEMMs' operands to it, see Backend::recurrent_weight).
 template <class Cell, class Backend>
 std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c10::optional<Tensor>& batch_sizes,
                                                   const Tensor& hx, const Tensor& cx, const LayerWeights& w,
@@ -293,8 +295,8 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
   const Tensor h_init = hx.contiguous();
   Tensor h_state = Backend::empty(h_init.sizes(), opts);
   Tensor c_state = Cell::kHasCell ? Backend::empty(cx.sizes(), opts) : Tensor();
-  // In training, a storage type's output is computed a chunk of steps at a time (below) and rounded.
-  const bool round_output = save_reserve && operands != at::ScalarType::Undefined;
+  // A storage type's output is computed a chunk of steps at a time (below) and rounded.
+  const bool round_output = operands != at::ScalarType::Undefined;
   Tensor output = Backend::empty({s.rows, H_out}, round_output ? opts.dtype(operands) : opts);
   Tensor hidden_gates = Cell::kSeparateHiddenGates ? Backend::scratch(Scratch::kHiddenGates, {B, G * H}, opts) : Tensor();
 
@@ -318,7 +320,7 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     a.bias_hn = Cell::kSeparateHiddenGates ? (w.b_hh.defined() ? ptr<S>(w.b_hh) + 2 * H : ptr<S>(no_bias_hn)) : nullptr;
     // GRU's hidden gates need W_hh h alone, and a projected LSTM's step input is not its output.
     const bool may_fold = !Cell::kSeparateHiddenGates && !project;
-    const auto w_hh_t = Backend::template recurrent_weight<Cell, S>(ptr<S>(w.w_hh), H_out, H, B, T,
+    const auto w_hh_t = Backend::template recurrent_weight<Cell, S>(w.w_hh, H_out, H, B, T,
                                                                     may_fold ? w.w_ih : Tensor(), bias, operands);
     const bool folded = w_hh_t.folded_input > 0;
     const bool x_stored = folded && Backend::reads_stored_input(w_hh_t, x);
@@ -330,13 +332,18 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     // Backend::min_projection_chunk_rows, as each chunk's projection reads all of W_ih (from memory
     // where it outgrows the caches: LSTM I=H=2048 B=16, 64 MiB of W_ih, would read it for every
     // 2 steps); a reserve in the storage type gets each chunk's saved values, rounded, after the
-    // chunk. An input in the storage type is converted a chunk at a time (all at once with reused
-    // rows: one chunk keeps the threads on their own rows for the whole sequence).
+    // chunk. An input in the storage type is converted a chunk at a time, as the output is rounded;
+    // with gates that need no chunks, the chunks hold about kForwardChunkValues output values (the
+    // rounding of a whole sequence's float32 output, a copy as large as the output, took 3% of a
+    // bfloat16 LSTM's inference at B=64 I=H=256); else, where the gates need none either, one chunk
+    // keeps the threads on their own rows for the whole sequence.
     const bool round_reserve = keep && operands != at::ScalarType::Undefined;
     const bool gates_in_reserve = keep && !round_reserve, reuse_rows = folded && !keep;
-    const int64_t chunk = (gates_in_reserve || reuse_rows) && !round_output
+    const bool gates_unchunked = gates_in_reserve || reuse_rows;
+    const int64_t chunk = gates_unchunked && !round_output
                               ? std::max<int64_t>(T, 1)
-                              : std::max<int64_t>(Backend::kForwardChunkValues / std::max<int64_t>(1, B * width),
+                              : std::max<int64_t>(Backend::kForwardChunkValues /
+                                                      std::max<int64_t>(1, B * (gates_unchunked ? H_out : width)),
                                                   (Backend::template min_projection_chunk_rows<S>(w.w_ih, s.rows) + B - 1) /
                                                       std::max<int64_t>(1, B));
     const Tensor chunk_output = round_output ? Backend::empty({std::min(s.rows, chunk * B), H_out}, opts) : output;
@@ -428,12 +435,12 @@ std::vector<Tensor> layer_forward(const Tensor& input, const c10::optional<Tenso
     return layer_forward_in_compute_type<Cell, Backend>(input, batch_sizes, hx, cx, w, reverse, relu, save_reserve,
                                                         at::ScalarType::Undefined);
   // A storage type computed in a wider one: the state is carried between steps unrounded, and
-  // the results are rounded to the storage type. The input, and in training the output and the
+  // the results are rounded to the storage type. The input, the output and in training the
   // reserve, the largest tensors, are converted a chunk of steps at a time (below); the rest whole.
   const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
-  return to_type<Backend>(layer_forward_in_compute_type<Cell, Backend>(input, batch_sizes, up(hx), up(cx),
-                                                                       to_type<Backend>(w, compute), reverse, relu,
-                                                                       save_reserve, storage),
+  const LayerWeights weights{w.w_ih, w.w_hh, up(w.b_ih), up(w.b_hh), up(w.w_hr)};  // W_ih, W_hh as stored
+  return to_type<Backend>(layer_forward_in_compute_type<Cell, Backend>(input, batch_sizes, up(hx), up(cx), weights,
+                                                                       reverse, relu, save_reserve, storage),
                           storage);
 }
 

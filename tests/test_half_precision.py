@@ -299,11 +299,13 @@ def assert_layer_rounds_exactly_the_gemm_operands(mode, shape, reverse=False):
 
 # Where the steps do not run in row groups (a small L2), each step's pointwise passes round the
 # h_new of their units for the next step's GEMM (fused_bf16_step): over chunks of steps (64 rows x
-# 40 steps of an LSTM are 3 chunks), in reverse, with an odd hidden size, the input projection
-# folded in or hoisted (a small L3).
+# 40 steps: an LSTM's hoisted gates take 3 chunks; 160 rows x 49 of output are rounded in 2), in
+# reverse, with odd sizes (pairs padded, panels of fewer units than a vector), the input
+# projection folded in or hoisted (a small L3).
 @pytest.mark.parametrize("folded", [True, False], ids=["folded", "hoisted"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("shape", [(40, 64, 16, 48), (9, 20, 17, 33)], ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+@pytest.mark.parametrize("shape", [(40, 64, 16, 48), (40, 160, 15, 49), (9, 20, 17, 33)],
+                         ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn"])
 def test_bf16_steps_round_the_next_h_prev_exactly(mode, shape, reverse, folded, set_cache_sizes):
     set_cache_sizes(1 << 12, fused_rnn._cpu.cache_sizes()[1] if folded else 1 << 12)

@@ -47,24 +47,34 @@ namespace fused_rnn {
 // Activations on float vectors, which the pointwise passes spend most of their time in.
 // e^x = 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 in two parts,
 // so r is exact), e^r by a degree-5 polynomial (coefficients fitted to e^r on that interval:
-// relative error ~2.5e-7, about 2 ulp), 2^n built in the exponent bits. x is first clamped to
-// [-87.3, 88.3], where n <= 127 and e^x is a normal float: above, it gives ~2.2e38 rather than
-// inf, which is all the activations need, as they only divide by 1 + e^x (an infinite 1 + e^x
-// would make the refined reciprocal 0 x inf = NaN; from 88.38 on, n rounds to 128, whose 2^n is
-// inf: sigmoid(x < -88.4) and tanh(x > 44.2) were NaN until 2026-12-05).
+// relative error ~2.5e-7, about 2 ulp), times 2^n (AVX-512's vscalefps; else built in the exponent
+// bits, the same product). x is first clamped to [-87.3, 88.3], where n <= 127 and e^x is a normal
+// float: above, it gives ~2.2e38 rather than inf, which is all the activations need, as they only
+// divide by 1 + e^x (an infinite 1 + e^x would make the refined reciprocal 0 x inf = NaN; from
+// 88.38 on, n rounds to 128, whose 2^n is inf: sigmoid(x < -88.4) and tanh(x > 44.2) were NaN
+// until 2026-12-05). kNegated gives e^-x, with the same roundings as exp_clamped(-x) but without
+// the negation.
+template <bool kNegated = false>
 FR_HD at::vec::Vectorized<float> exp_clamped(const at::vec::Vectorized<float>& x_in) {
   using V = at::vec::Vectorized<float>;
-  using I = at::vec::Vectorized<int32_t>;
-  const V x = at::vec::clamp(x_in, V(-87.3f), V(88.3f));  // a NaN passes (min/max return it)
-  const V n = (x * V(1.44269504f)).round();
-  const V r = at::vec::fmadd(n, V(-1.428606765330187e-06f), at::vec::fmadd(n, V(-0.693145751953125f), x));
+  constexpr float kLog2e = 1.44269504f, kLn2High = 0.693145751953125f, kLn2Low = 1.428606765330187e-06f;
+  // a NaN passes (min/max return it)
+  const V x = kNegated ? at::vec::clamp(x_in, V(-88.3f), V(87.3f)) : at::vec::clamp(x_in, V(-87.3f), V(88.3f));
+  const V n = (x * V(kNegated ? -kLog2e : kLog2e)).round();
+  const V r = kNegated ? at::vec::fnmadd(n, V(kLn2Low), at::vec::fnmsub(n, V(kLn2High), x))  // -x - n ln 2
+                       : at::vec::fnmadd(n, V(kLn2Low), at::vec::fnmadd(n, V(kLn2High), x));
   V p = at::vec::fmadd(V(0.008369148708879948f), r, V(0.041917506605386734f));
   p = at::vec::fmadd(p, r, V(0.16666504740715027f));
   p = at::vec::fmadd(p, r, V(0.49998870491981506f));
   p = at::vec::fmadd(p, r, V(1.0f));
   p = at::vec::fmadd(p, r, V(1.0000001192092896f));
+#if defined(CPU_CAPABILITY_AVX512)
+  return V(_mm512_scalef_ps(p, n));
+#else
+  using I = at::vec::Vectorized<int32_t>;
   const I two_n = (at::vec::convert_to_int_of_same_size(n) + I(127)) << I(23);
   return p * at::vec::cast<float>(two_n);
+#endif
 }
 
 // 1 / d for the d >= 1 of sigmoid and tanh: the hardware estimate refined by one Newton step
@@ -77,7 +87,7 @@ FR_HD at::vec::Vectorized<float> reciprocal(const at::vec::Vectorized<float>& d)
 #else
   const V r(_mm256_rcp_ps(d));
 #endif
-  return r * at::vec::fmadd(d.neg(), r, V(2.0f));
+  return r * at::vec::fnmadd(d, r, V(2.0f));
 #else
   return V(1.0f) / d;
 #endif
@@ -89,7 +99,7 @@ struct Act<at::vec::Vectorized<S>> {
   static constexpr bool kFast = std::is_same_v<S, float>;
 
   static FR_HD V sigmoid(const V& x) {
-    if constexpr (kFast) return reciprocal(V(1.0f) + exp_clamped(x.neg()));
+    if constexpr (kFast) return reciprocal(V(1.0f) + exp_clamped<true>(x));
     else return V(S(1)) / (V(S(1)) + x.neg().exp());
   }
   // tanh(x) = 1 - 2 / (1 + e^{2x}): one exp, far less than Sleef's tanh; its error stays about
@@ -167,28 +177,6 @@ bool bf16_products_for(at::ScalarType operands) {
   return false;
 #endif
 }
-
-// n float32 values rounded to bfloat16 (to nearest, ties to even), as operands of bfloat16 panels
-// only: with AVX512-BF16's conversion instruction, 32 values an instruction where at::vec's
-// integer rounding takes about ten for 16 (the steps' serial rounding of h_prev: LSTM B=64 H=256
-// inference, 4% of the time). It flushes denormals to zero, as the dot-product instruction
-// treats them anyway.
-#if defined(CPU_CAPABILITY_AVX512)
-__attribute__((target("avx512bf16"))) void round_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
-    _mm512_storeu_si512(dst + i, reinterpret_cast<const __m512i&>(pairs));
-  }
-  for (; i < n; i += 16) {
-    const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
-    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(lanes, src + i));
-    _mm256_mask_storeu_epi16(dst + i, lanes, reinterpret_cast<const __m256i&>(rounded));
-  }
-}
-#else
-void round_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) { at::vec::convert(src, dst, n); }
-#endif
 
 // Rows [row_begin, row_end) of a float32 matrix (row stride ld_src, `cols` columns) rounded to
 // bfloat16 into the same rows of dst (row stride ld_dst), with a 0 after them where cols is odd:
@@ -271,6 +259,10 @@ struct CpuStepWeight {
   };
   mutable RoundedH rounded_h;  // written by each step (fused_bf16_step), which run one at a time
 
+  // A recurrent weight's W_hh and W_ih where it converted them to S (recurrent_weight): w and the
+  // folded input's rows point into them.
+  at::Tensor w_hh_copy, w_ih_copy;
+
   bool has_panels() const { return panels.defined() || bf16_panels.defined(); }
 
   void gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const;
@@ -282,7 +274,9 @@ struct CpuStepWeight {
 // as the gate columns of the reserve).
 template <typename S>
 struct CpuDenseWeight {
-  at::Tensor w, bias;  // w [n, k] when trans, else [k, n]; bias [n] or undefined
+  // w [n, k] when trans, else [k, n], in S (or bfloat16, where bf16_panels are laid out from it);
+  // bias [n] or undefined
+  at::Tensor w, bias;
   bool trans;
   Panels<S> panels;
   Panels<S, c10::BFloat16> bf16_panels;  // instead of panels, multiplying in bfloat16
@@ -434,15 +428,20 @@ struct CpuBackend {
   static CpuDenseWeight<S> dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias, int64_t rows,
                                         int64_t chunk_rows, at::ScalarType operands) {
     constexpr int64_t kMinPanelRows = 128, kFewestPanelRows = 16;
-    CpuDenseWeight<S> dw{w.contiguous(), bias.defined() ? bias.contiguous() : bias, trans};
     const int64_t k = w.size(trans ? 1 : 0), n = w.size(trans ? 0 : 1);
-    if (k <= 0 || n <= 0 || rows < kFewestPanelRows) return dw;
+    const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
+    const bool panels_pay = k > 0 && n > 0 && rows >= kFewestPanelRows;
     if constexpr (std::is_same_v<S, float>) {
-      if (bf16_products_for(operands)) {
-        dw.bf16_panels = Panels<S, c10::BFloat16>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
+      if (panels_pay && bf16_products_for(operands)) {  // from bfloat16 weights as they are
+        CpuDenseWeight<S> dw{lays_out_stored<S>(w, operands) ? w.contiguous() : in_compute_type<S>(w), b, trans};
+        dw.bf16_panels = dw.w.scalar_type() == at::kBFloat16
+                             ? Panels<S, c10::BFloat16>(ptr<c10::BFloat16>(dw.w), trans, k, 1, n, Scratch::kInputWeight)
+                             : Panels<S, c10::BFloat16>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
         return dw;
       }
     }
+    CpuDenseWeight<S> dw{in_compute_type<S>(w), b, trans};
+    if (!panels_pay) return dw;
     if (chunk_rows >= rows && (trans || rows >= kMinPanelRows)) {
       dw.panels = Panels<S>(typename Panels<S>::LaidOutOnUse{}, ptr<S>(dw.w), trans, k, n);
     } else if (rows >= kMinPanelRows) {
@@ -542,29 +541,33 @@ struct CpuBackend {
       if (trans) sw.rows = WeightRows<S>(w, k, 1, n);
       else sw.combinations = RowCombinations<S>(w, k, n);
     } else if (panels_pay(steps, max_rows, kMinStepPanelRows)) {
-      lay_out<S>(sw, 1, n, max_rows, slot, nullptr, operands);
+      lay_out<S, S>(sw, w, 1, n, max_rows, slot, nullptr, operands);
     }
     return sw;
   }
 
-  // Lays out a step weight's panels (`gates` groups of `units` columns; w_tail as in Panels) and
-  // its row groups: in bfloat16 where bf16_products_for(operands), with the buffer its steps round
-  // their operands into, else in S.
-  template <typename S>
-  static void lay_out(CpuStepWeight<S>& sw, int64_t gates, int64_t units, int64_t max_rows, Scratch slot,
-                      const S* w_tail, at::ScalarType operands) {
+  // Lays out a step weight's panels of w (`gates` groups of `units` columns; w_tail as in Panels)
+  // and its row groups: in bfloat16 where bf16_products_for(operands), with the buffer its steps
+  // round their operands into, else in S. w is in S, or in bfloat16 for bfloat16 panels.
+  template <typename S, typename W>
+  static void lay_out(CpuStepWeight<S>& sw, const W* w, int64_t gates, int64_t units, int64_t max_rows, Scratch slot,
+                      const W* w_tail, at::ScalarType operands) {
     const int64_t k_tail = sw.folded_input;
     if constexpr (std::is_same_v<S, float>) {
       if (bf16_products_for(operands)) {
-        sw.bf16_panels = Panels<S, c10::BFloat16>(sw.w, sw.trans, sw.k, gates, units, slot, w_tail, k_tail);
+        sw.bf16_panels = Panels<S, c10::BFloat16>(w, sw.trans, sw.k, gates, units, slot, w_tail, k_tail);
         sw.operands = cpu_scratch(Scratch::kStateCopy, {max_rows, sw.bf16_panels.padded_k()},
                                   at::TensorOptions().dtype(at::kBFloat16));
         sw.row_groups = row_groups_for(max_rows, sw.k * sw.n * static_cast<int64_t>(sizeof(c10::BFloat16)));
         return;
       }
     }
-    sw.panels = Panels<S>(sw.w, sw.trans, sw.k, gates, units, slot, w_tail, k_tail);
-    sw.row_groups = row_groups_for(max_rows, sw.k * sw.n * static_cast<int64_t>(sizeof(S)));
+    if constexpr (std::is_same_v<W, S>) {
+      sw.panels = Panels<S>(w, sw.trans, sw.k, gates, units, slot, w_tail, k_tail);
+      sw.row_groups = row_groups_for(max_rows, sw.k * sw.n * static_cast<int64_t>(sizeof(S)));
+    } else {
+      TORCH_INTERNAL_ASSERT(false, "fused_rnn: weights not in the compute type reach only bfloat16 panels");
+    }
   }
 
   // Whether a layer's input projection is folded into each step's GEMM, gates = [h_prev, x_t]
@@ -598,19 +601,54 @@ struct CpuBackend {
   static void fold_input(CpuStepWeight<S>& sw, const at::Tensor& w_ih, const at::Tensor& bias) {
     sw.folded_input = w_ih.size(1);
     sw.k += sw.folded_input;
-    sw.bias = bias.defined() ? bias.contiguous() : at::zeros({sw.n}, w_ih.options());
+    sw.bias = bias.defined() ? bias.contiguous()
+                             : at::zeros({sw.n}, w_ih.options().dtype(c10::CppTypeToScalarType<S>::value));
+  }
+
+  // Whether the weights `w` of a layer computed in S are laid out in bfloat16 panels as they are:
+  // bfloat16 weights multiplied in bfloat16 (no float32 copy of them is then made).
+  template <typename S>
+  static bool lays_out_stored(const at::Tensor& w, at::ScalarType operands) {
+    return std::is_same_v<S, float> && w.scalar_type() == at::kBFloat16 && bf16_products_for(operands);
+  }
+
+  // w in S, contiguous: itself, or a copy.
+  template <typename S>
+  static at::Tensor in_compute_type(const at::Tensor& w) {
+    constexpr auto type = c10::CppTypeToScalarType<S>::value;
+    if (!w.defined()) return w;
+    return (w.scalar_type() == type ? w : w.to(type)).contiguous();
   }
 
   // W_hh [G*H, H_out] for the recurrent GEMM h_prev W_hh^T, its panels grouped by gate.
   // With w_ih given, the input projection may be folded into each step's GEMM (fold_input_projection):
-  // gates = [h_prev, x_t] [W_hh, W_ih]^T + bias.
+  // gates = [h_prev, x_t] [W_hh, W_ih]^T + bias. W_hh and W_ih come in the layer's storage type
+  // (layer.h): bfloat16 panels are laid out from bfloat16 weights as they are, all else reads a
+  // copy in S.
   template <class Cell, typename S>
-  static CpuStepWeight<S> recurrent_weight(const S* w_hh, int64_t h_out, int64_t hidden, int64_t max_rows,
-                                           int64_t steps, const at::Tensor& w_ih, const at::Tensor& bias,
-                                           at::ScalarType operands) {
+  static CpuStepWeight<S> recurrent_weight(const at::Tensor& w_hh_stored, int64_t h_out, int64_t hidden,
+                                           int64_t max_rows, int64_t steps, const at::Tensor& w_ih_stored,
+                                           const at::Tensor& bias, at::ScalarType operands) {
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
     const int64_t n = Cell::kGates * hidden;
+    if (lays_out_stored<S>(w_hh_stored, operands) && h_out > 0 && hidden > 0 &&
+        panels_pay(steps, max_rows, kMinRecurrentPanelRows)) {
+      using BF16 = c10::BFloat16;
+      const at::Tensor w_hh = w_hh_stored.contiguous();
+      const at::Tensor w_ih = w_ih_stored.defined() ? w_ih_stored.contiguous() : w_ih_stored;
+      CpuStepWeight<S> sw{nullptr, true, h_out, n};
+      if (w_ih.defined() && fold_input_projection<Cell, S>(max_rows, (h_out + w_ih.size(1)) * n, operands))
+        fold_input(sw, w_ih, bias);
+      lay_out<S, BF16>(sw, ptr<BF16>(w_hh), Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight,
+                       sw.folded_input ? ptr<BF16>(w_ih) : nullptr, operands);
+      add_operand_buffers(sw, max_rows);
+      return sw;
+    }
+    const at::Tensor w_hh_copy = in_compute_type<S>(w_hh_stored), w_ih = in_compute_type<S>(w_ih_stored);
+    const S* w_hh = ptr<S>(w_hh_copy);
     CpuStepWeight<S> sw{w_hh, true, h_out, n};
+    sw.w_hh_copy = w_hh_copy;
+    sw.w_ih_copy = w_ih;
     if (h_out <= 0 || hidden <= 0) return sw;
     if (reads_in_place(true, steps, max_rows, operands)) {
       // Calls of a few steps over a few rows fold the input projection in as well: each step then
@@ -642,14 +680,19 @@ struct CpuBackend {
       sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
       return sw;
     }
-    lay_out<S>(sw, Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight, w_tail, operands);
+    lay_out<S, S>(sw, w_hh, Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight, w_tail, operands);
     if (sw.panels.defined()) sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
-    if (sw.bf16_panels.defined()) {  // two operand buffers (fused_bf16_step)
-      sw.operands = cpu_scratch(Scratch::kStateCopy, {2, max_rows, sw.bf16_panels.padded_k()},
-                                at::TensorOptions().dtype(at::kBFloat16));
-      sw.stored_input = sw.folded_input > 0 && sw.folded_input % 2 == 0;
-    }
+    add_operand_buffers(sw, max_rows);
     return sw;
+  }
+
+  // A recurrent weight's two operand buffers, where it has bfloat16 panels (fused_bf16_step).
+  template <typename S>
+  static void add_operand_buffers(CpuStepWeight<S>& sw, int64_t max_rows) {
+    if (!sw.bf16_panels.defined()) return;
+    sw.operands = cpu_scratch(Scratch::kStateCopy, {2, max_rows, sw.bf16_panels.padded_k()},
+                              at::TensorOptions().dtype(at::kBFloat16));
+    sw.stored_input = sw.folded_input > 0 && sw.folded_input % 2 == 0;
   }
 
   // Up to `groups` row groups, one per thread, of about equal work: with packed input each row
@@ -709,13 +752,15 @@ struct CpuBackend {
   }
 
   // The pointwise step of panel p's units for rows [first, first + rows), whose gates its GEMM has
-  // just summed.
+  // just summed: inlined into the loop over the rows, which then keeps the activations' constants
+  // in registers.
   template <class Cell, class P, typename S>
   static void panel_forward(const P& panels, const StepForward<S>& a, int64_t p, int64_t first, int64_t rows) {
-    for_each_panel_unit(panels, p, first, first + rows, [&](int64_t b, int64_t j, bool vec) {
+    const auto point = [&](int64_t b, int64_t j, bool vec) __attribute__((always_inline)) {
       if (vec) Cell::template forward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
       else Cell::template forward<S, ScalarIO<S>>(a, b, j);
-    });
+    };
+    for_each_panel_unit(panels, p, first, first + rows, point);
   }
 
   // fused_step multiplying in bfloat16: the rows' h_prev and x_t are rounded into an operand buffer
