@@ -59,7 +59,7 @@ struct StepForward {
   int64_t hidden;
   bool relu;             // RNN only
   bool project;          // LSTM only: h goes to the reserve; a GEMM then projects it
-  bool save;             // LSTM only: keep the activations in the reserve for the backward pass
+  bool save;             // keep the activations in the reserve for the backward pass (LSTM, GRU)
 };
 
 // Pointers for one time step of the backward pass.
@@ -154,10 +154,12 @@ struct GruCell {
     S* h_state = a.h_state + b * H + j;
     const V h_prev = IO::load(h_state);
     const V h = n + z * (h_prev - n);  // (1 - z) * n + z * h_prev
-    IO::store(r_ptr, r);
-    IO::store(r_ptr + H, z);
-    IO::store(r_ptr + 2 * H, n);
-    IO::store(r_ptr + 3 * H, hn);
+    if (a.save) {
+      IO::store(r_ptr, r);
+      IO::store(r_ptr + H, z);
+      IO::store(r_ptr + 2 * H, n);
+      IO::store(r_ptr + 3 * H, hn);
+    }
     IO::store(h_state, h);
     IO::store(a.output + b * a.ld_output + j, h);
   }

@@ -287,9 +287,11 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
   const Tensor x = input_.reshape({s.rows, I}).contiguous();
   const auto opts = hx.options();
 
-  // RNN keeps no reserve: its backward reads only h.
-  const int64_t R = Cell::reserve_width(H, project), width = std::max<int64_t>(R, G * H);
+  // RNN keeps no reserve: its backward reads only h. A step's gate row holds its G*H gates, and
+  // what the pointwise step saves for the backward (and a projected LSTM's h) after them.
+  const int64_t R = Cell::reserve_width(H, project);
   const bool keep = save_reserve && R > 0;
+  const int64_t width = keep || project ? std::max<int64_t>(R, G * H) : G * H;
   Tensor reserve;
 
   const Tensor h_init = hx.contiguous();

@@ -612,12 +612,15 @@ struct CpuBackend {
     return std::is_same_v<S, float> && w.scalar_type() == at::kBFloat16 && bf16_products_for(operands);
   }
 
-  // w in S, contiguous: itself, or a copy.
+  // w in S, contiguous: itself, or a copy (in memory from cpu_empty's cache of blocks, as
+  // layer.h's copies of a half-precision layer's other tensors).
   template <typename S>
   static at::Tensor in_compute_type(const at::Tensor& w) {
     constexpr auto type = c10::CppTypeToScalarType<S>::value;
-    if (!w.defined()) return w;
-    return (w.scalar_type() == type ? w : w.to(type)).contiguous();
+    if (!w.defined() || w.scalar_type() == type) return w.defined() ? w.contiguous() : w;
+    at::Tensor copy = cpu_empty(w.sizes(), w.options().dtype(type));
+    copy.copy_(w);
+    return copy;
   }
 
   // W_hh [G*H, H_out] for the recurrent GEMM h_prev W_hh^T, its panels grouped by gate.
