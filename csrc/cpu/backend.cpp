@@ -259,9 +259,9 @@ struct CpuStepWeight {
   };
   mutable RoundedH rounded_h;  // written by each step (fused_bf16_step), which run one at a time
 
-  // A recurrent weight's W_hh and W_ih where it converted them to S (recurrent_weight): w and the
-  // folded input's rows point into them.
-  at::Tensor w_hh_copy, w_ih_copy;
+  // A recurrent weight's W_hh and W_ih as it reads them (recurrent_weight): in S, where w and the
+  // folded input's rows point into them, or bfloat16 as stored for bfloat16 panels.
+  at::Tensor w_hh_data, w_ih_data;
 
   bool has_panels() const { return panels.defined() || bf16_panels.defined(); }
 
@@ -433,7 +433,7 @@ struct CpuBackend {
     const bool panels_pay = k > 0 && n > 0 && rows >= kFewestPanelRows;
     if constexpr (std::is_same_v<S, float>) {
       if (panels_pay && bf16_products_for(operands)) {  // from bfloat16 weights as they are
-        CpuDenseWeight<S> dw{lays_out_stored<S>(w, operands) ? w.contiguous() : in_compute_type<S>(w), b, trans};
+        CpuDenseWeight<S> dw{w.scalar_type() == at::kBFloat16 ? w.contiguous() : in_compute_type<S>(w), b, trans};
         dw.bf16_panels = dw.w.scalar_type() == at::kBFloat16
                              ? Panels<S, c10::BFloat16>(ptr<c10::BFloat16>(dw.w), trans, k, 1, n, Scratch::kInputWeight)
                              : Panels<S, c10::BFloat16>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
@@ -617,7 +617,8 @@ struct CpuBackend {
   template <typename S>
   static at::Tensor in_compute_type(const at::Tensor& w) {
     constexpr auto type = c10::CppTypeToScalarType<S>::value;
-    if (!w.defined() || w.scalar_type() == type) return w.defined() ? w.contiguous() : w;
+    if (!w.defined()) return w;
+    if (w.scalar_type() == type) return w.contiguous();
     at::Tensor copy = cpu_empty(w.sizes(), w.options().dtype(type));
     copy.copy_(w);
     return copy;
@@ -634,24 +635,18 @@ struct CpuBackend {
                                            const at::Tensor& bias, at::ScalarType operands) {
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
     const int64_t n = Cell::kGates * hidden;
-    if (lays_out_stored<S>(w_hh_stored, operands) && h_out > 0 && hidden > 0 &&
-        panels_pay(steps, max_rows, kMinRecurrentPanelRows)) {
-      using BF16 = c10::BFloat16;
-      const at::Tensor w_hh = w_hh_stored.contiguous();
-      const at::Tensor w_ih = w_ih_stored.defined() ? w_ih_stored.contiguous() : w_ih_stored;
-      CpuStepWeight<S> sw{nullptr, true, h_out, n};
-      if (w_ih.defined() && fold_input_projection<Cell, S>(max_rows, (h_out + w_ih.size(1)) * n, operands))
-        fold_input(sw, w_ih, bias);
-      lay_out<S, BF16>(sw, ptr<BF16>(w_hh), Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight,
-                       sw.folded_input ? ptr<BF16>(w_ih) : nullptr, operands);
-      add_operand_buffers(sw, max_rows);
-      return sw;
-    }
-    const at::Tensor w_hh_copy = in_compute_type<S>(w_hh_stored), w_ih = in_compute_type<S>(w_ih_stored);
-    const S* w_hh = ptr<S>(w_hh_copy);
+    // Only bfloat16 panels read bfloat16 weights as they are (reads_in_place and broadcasts never
+    // hold for bfloat16 operands).
+    const bool stored =
+        lays_out_stored<S>(w_hh_stored, operands) && panels_pay(steps, max_rows, kMinRecurrentPanelRows);
+    const auto kept = [&](const at::Tensor& t) {
+      return stored && t.defined() ? t.contiguous() : in_compute_type<S>(t);
+    };
+    const at::Tensor w_hh_data = kept(w_hh_stored), w_ih = kept(w_ih_stored);
+    const S* w_hh = stored ? nullptr : ptr<S>(w_hh_data);
     CpuStepWeight<S> sw{w_hh, true, h_out, n};
-    sw.w_hh_copy = w_hh_copy;
-    sw.w_ih_copy = w_ih;
+    sw.w_hh_data = w_hh_data;
+    sw.w_ih_data = w_ih;
     if (h_out <= 0 || hidden <= 0) return sw;
     if (reads_in_place(true, steps, max_rows, operands)) {
       // Calls of a few steps over a few rows fold the input projection in as well: each step then
@@ -673,29 +668,30 @@ struct CpuBackend {
     if (!panels_pay(steps, max_rows, kMinRecurrentPanelRows)) return sw;
     if (w_ih.defined() && fold_input_projection<Cell, S>(max_rows, (h_out + w_ih.size(1)) * n, operands))
       fold_input(sw, w_ih, bias);
-    const S* w_tail = sw.folded_input ? ptr<S>(w_ih) : nullptr;
-    if (broadcasts(max_rows, sw.k * n * static_cast<int64_t>(sizeof(S)), operands)) {
-      sw.broadcast = BroadcastRows<S>(w_hh, sw.k, Cell::kGates, hidden, w_tail, sw.folded_input);
-      sw.rows = WeightRows<S>(w_hh, sw.k, Cell::kGates, hidden, w_tail, sw.folded_input);
-      // Steps of fewer than kMinBroadcastRows rows run on `rows` (in_place_step), whose copy of
-      // h_prev shares the transposed rows' buffer: a step uses one or the other.
-      sw.transposed = cpu_scratch(Scratch::kStateCopy, {sw.broadcast.transposed_size(max_rows)}, opts);
-      sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
-      return sw;
+    if (stored) {
+      using BF16 = c10::BFloat16;
+      lay_out<S, BF16>(sw, ptr<BF16>(w_hh_data), Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight,
+                       sw.folded_input ? ptr<BF16>(w_ih) : nullptr, operands);
+    } else {
+      const S* w_tail = sw.folded_input ? ptr<S>(w_ih) : nullptr;
+      if (broadcasts(max_rows, sw.k * n * static_cast<int64_t>(sizeof(S)), operands)) {
+        sw.broadcast = BroadcastRows<S>(w_hh, sw.k, Cell::kGates, hidden, w_tail, sw.folded_input);
+        sw.rows = WeightRows<S>(w_hh, sw.k, Cell::kGates, hidden, w_tail, sw.folded_input);
+        // Steps of fewer than kMinBroadcastRows rows run on `rows` (in_place_step), whose copy of
+        // h_prev shares the transposed rows' buffer: a step uses one or the other.
+        sw.transposed = cpu_scratch(Scratch::kStateCopy, {sw.broadcast.transposed_size(max_rows)}, opts);
+        sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
+        return sw;
+      }
+      lay_out<S, S>(sw, w_hh, Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight, w_tail, operands);
+      if (sw.panels.defined()) sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
     }
-    lay_out<S, S>(sw, w_hh, Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight, w_tail, operands);
-    if (sw.panels.defined()) sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
-    add_operand_buffers(sw, max_rows);
+    if (sw.bf16_panels.defined()) {  // two operand buffers (fused_bf16_step)
+      sw.operands = cpu_scratch(Scratch::kStateCopy, {2, max_rows, sw.bf16_panels.padded_k()},
+                                at::TensorOptions().dtype(at::kBFloat16));
+      sw.stored_input = sw.folded_input > 0 && sw.folded_input % 2 == 0;
+    }
     return sw;
-  }
-
-  // A recurrent weight's two operand buffers, where it has bfloat16 panels (fused_bf16_step).
-  template <typename S>
-  static void add_operand_buffers(CpuStepWeight<S>& sw, int64_t max_rows) {
-    if (!sw.bf16_panels.defined()) return;
-    sw.operands = cpu_scratch(Scratch::kStateCopy, {2, max_rows, sw.bf16_panels.padded_k()},
-                              at::TensorOptions().dtype(at::kBFloat16));
-    sw.stored_input = sw.folded_input > 0 && sw.folded_input % 2 == 0;
   }
 
   // Up to `groups` row groups, one per thread, of about equal work: with packed input each row
