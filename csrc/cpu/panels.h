@@ -90,10 +90,10 @@ class Panels {
   }
 
   // The same panels of a plain matrix (one gate), each laid out only as multiply() reaches it, into
-  // a buffer of the thread that multiplies it (k x 64 bytes with AVX2, in L2), and multiplied there
-  // by all of A's rows: for a product made once, the same layout work without a copy of the whole
-  // weight, and no panel read back from memory. w must outlive the panels, which are multiplied
-  // through multiply() only (block() reads panels laid out at once).
+  // a buffer of the thread that multiplies it (in L2), and multiplied there by all of A's rows: for
+  // a product made once, the same layout work without a copy of the whole weight, and no panel read
+  // back from memory. w must outlive the panels, which are multiplied through multiply() only
+  // (block() reads panels laid out at once).
   struct LaidOutOnUse {};
   Panels(LaidOutOnUse, const S* w, bool trans, int64_t k, int64_t units) : Panels(k, 1, units, 0) {
     source_ = w;
@@ -135,6 +135,10 @@ class Panels {
   struct Sweep {
     int64_t begin, end;
     int64_t share, shares;  // this block prefetches part `share` of `shares` of the next range
+    // Whether the products are added to C as an earlier range of k left it, from panel row 0 of a
+    // buffer holding only this range (panels laid out on use a block of k at a time); else as
+    // begin > 0 says.
+    bool continues = false;
   };
 
   // Where a block prefetches: the next panel row's vectors at `at`, one row every `every` rows it
@@ -181,6 +185,9 @@ class Panels {
   int64_t block_work() const { return block_rows() * k_ * vectors_ * kWidth; }
 
  private:
+  void multiply_on_use_by_blocks(int64_t m, const E* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
+                                 const S* bias) const;
+
   // block() on panel p laid out at `panel`.
   void block_in(const E* panel, int64_t p, int64_t rows, const E* a, int64_t lda, int64_t lda_k, S beta, S* c,
                 int64_t ldc, const S* bias, const E* a_tail, int64_t lda_tail, Sweep sweep) const {
@@ -413,7 +420,7 @@ class Panels {
     for (int v = 0; v < NV; ++v) col[v] = column(p, first + v), lanes[v] = valid_lanes(p, first + v);
     const int64_t begin = sweep.begin, end = std::min(sweep.end, panel_rows());
     V acc[R][NV];
-    if (begin > 0) {  // a later range: on from C
+    if (begin > 0 || sweep.continues) {  // a later range: on from C
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
@@ -540,8 +547,15 @@ template <typename S, typename E>
 void Panels<S, E>::multiply(int64_t m, const E* a, int64_t lda, int64_t lda_k, S beta, S* c, int64_t ldc,
                             const S* bias) const {
   TORCH_INTERNAL_ASSERT(k_tail_ == 0, "Panels::multiply reads A from one matrix");
+  if constexpr (kPack == 1) {  // (panels laid out on use are in S)
+    if (source_ != nullptr && !source_trans_) {
+      multiply_on_use_by_blocks(m, a, lda, lda_k, beta, c, ldc, bias);
+      return;
+    }
+  }
   if (source_ != nullptr) {
-    // Each thread lays out its panels one at a time, each multiplied by all of A's rows before the next.
+    // Each thread lays out its panels one at a time (each a block of whole rows of w^T), each
+    // multiplied by all of A's rows before the next.
     const int64_t R = block_rows();
     at::parallel_for(0, count_, 1, [&](int64_t begin, int64_t end) {
       const at::Tensor buffer = cpu_scratch(Scratch::kPanelOnUse, {panel_size()},
@@ -562,6 +576,55 @@ void Panels<S, E>::multiply(int64_t m, const E* a, int64_t lda, int64_t lda_k, S
         block(p, rows, a + first * lda, lda, lda_k, beta, c + first * ldc, ldc, bias, nullptr, 0, sweep);
       },
       [](int64_t, int64_t, int64_t) {});
+}
+
+// multiply() on panels of w [k, n] laid out on use. A panel is a strip of w's columns whose k rows
+// lie n values apart, a page or more at n >= 1024: laid out whole, each of its rows would take a TLB
+// miss and wait for memory, for every panel (for the backward's input gradient through a GRU's
+// 48 MiB W_ih at H=2048, 2-3% of the whole call). Each thread lays out a block of k rows of one of
+// its panels at a time instead, the blocks of all its panels in turn before the next k: the block's
+// rows of w then stay in the TLB for the next panel's, and while all of A's rows multiply one
+// block, the next is prefetched into L2 a slice at a time. A block and A's same columns take about
+// half of L2. Each sum adds the same products in the same order as over whole panels.
+template <typename S, typename E>
+void Panels<S, E>::multiply_on_use_by_blocks(int64_t m, const E* a, int64_t lda, int64_t lda_k, S beta, S* c,
+                                             int64_t ldc, const S* bias) const {
+  static_assert(kPack == 1);
+  const int64_t R = block_rows(), width = vectors_ * kWidth, n = units_;
+  const int64_t block_bytes_per_k = (m + width) * static_cast<int64_t>(sizeof(E));
+  const int64_t k_block = std::max<int64_t>(16, cache_sizes().l2 / 2 / block_bytes_per_k / 16 * 16);
+  const int64_t row_blocks = (m + R - 1) / R;
+  at::parallel_for(0, count_, 1, [&](int64_t begin, int64_t end) {
+    const at::Tensor buffer = cpu_scratch(Scratch::kPanelOnUse, {std::min(k_block, k_) * width},
+                                          at::TensorOptions().dtype(c10::CppTypeToScalarType<E>::value));
+    E* panel = buffer.template data_ptr<E>();
+    // Columns [unit(p, 0), + lanes(p)) of w are panel p's.
+    const auto lanes = [&](int64_t p) { return std::clamp<int64_t>(n - unit(p, 0), 0, width); };
+    for (int64_t lo = 0; lo < k_; lo += k_block) {
+      const int64_t hi = std::min(k_, lo + k_block);
+      for (int64_t p = begin; p < end; ++p) {
+        const S* strip = source_ + unit(p, 0);
+        const int64_t valid = lanes(p);
+        for (int64_t i = lo; i < hi; ++i) {
+          std::copy_n(strip + i * n, valid, panel + (i - lo) * width);
+          std::fill_n(panel + (i - lo) * width + valid, width - valid, S(0));
+        }
+        // The next block: panel p + 1's rows [lo, hi), else the first panel's of the next k.
+        const bool same_k = p + 1 < end;
+        const int64_t next_lo = same_k ? lo : hi, next_hi = std::min(k_, next_lo + k_block);
+        const S* next_strip = source_ + unit(same_k ? p + 1 : begin, 0);
+        const int64_t next_bytes = lanes(same_k ? p + 1 : begin) * static_cast<int64_t>(sizeof(S));
+        const int64_t slice = (next_hi - next_lo + row_blocks - 1) / row_blocks;
+        int64_t next = next_lo;
+        for (int64_t first = 0; first < m; first += R) {
+          block_in(panel, p, std::min(R, m - first), a + first * lda + lo * lda_k, lda, lda_k, beta,
+                   c + first * ldc, ldc, bias, nullptr, 0, Sweep{0, hi - lo, 0, 0, lo > 0});
+          for (const int64_t stop = std::min(next_hi, next + slice); next < stop; ++next)
+            prefetch_to_l2(next_strip + next * n, next_bytes);
+        }
+      }
+    }
+  });
 }
 
 }  // namespace fused_rnn
