@@ -8,8 +8,8 @@
 //   Backend::dense_weight<S>(w, trans, bias, rows, chunk_rows, operands) -> an object whose
 //       .apply_out(out, x) computes out = x op(w) (+ bias), op(w) = w^T if trans: the large GEMMs
 //       outside the time loop over `rows` rows in all, one chunk of at most `chunk_rows` at a time
-//       (out may be a column range of a wider buffer; bias may be undefined; w in S, or in the
-//       forward as recurrent_weight's w_ih). `operands` as for recurrent_weight
+//       (out may be a column range of a wider buffer; bias may be undefined; w in S, or as
+//       recurrent_weight's w_ih). `operands` as for recurrent_weight
 //   Backend::weight_grad_out<S>(grad_w, g, x, accumulate, operands): grad_w = g^T x, or += if
 //       accumulate (a weight's gradient, a chunk of rows at a time); `operands` as for recurrent_weight
 //   Backend::scratch(Scratch role, sizes, options) -> a tensor for the duration of the op
@@ -17,8 +17,9 @@
 //   Backend::step_weight<S>(w, trans, k, n, max_rows, steps, role, operands) -> an object whose
 //       .gemm(m, a, lda, beta, c, ldc) computes row-major C[m, n] = A[m, k] op(W) + beta C
 //       for a weight W used at each of `steps` steps (a backend may re-layout it once per call),
-//       and whose .row_groups says how many row groups the steps may be split into. `operands` as
-//       for recurrent_weight
+//       and whose .row_groups says how many row groups the steps may be split into. w: a tensor
+//       in S, or as recurrent_weight's w_hh; undefined where steps is 0. `operands` as for
+//       recurrent_weight
 //   Backend::recurrent_weight<Cell, S>(w_hh, h_out, hidden, max_rows, steps, w_ih, bias, operands)
 //       -> the same for W_hh [gates*hidden, h_out] in h_prev W_hh^T (w_hh and w_ih tensors, in S or,
 //       where Backend::kHalfKernels is false, in the layer's storage type, as dense_weight's w in
@@ -241,10 +242,12 @@ Tensor to_type(const Tensor& t, at::ScalarType type) {
   return copy;
 }
 
+// w in `type`, except W_ih and W_hh, left as stored: the backend converts what it reads in
+// `type` and lays bfloat16 panels out from them as they are (Backend::recurrent_weight).
 template <class Backend>
-LayerWeights to_type(const LayerWeights& w, at::ScalarType type) {
-  return {to_type<Backend>(w.w_ih, type), to_type<Backend>(w.w_hh, type), to_type<Backend>(w.b_ih, type),
-          to_type<Backend>(w.b_hh, type), to_type<Backend>(w.w_hr, type)};
+LayerWeights to_type_except_gate_weights(const LayerWeights& w, at::ScalarType type) {
+  return {w.w_ih, w.w_hh, to_type<Backend>(w.b_ih, type), to_type<Backend>(w.b_hh, type),
+          to_type<Backend>(w.w_hr, type)};
 }
 
 template <class Backend>
@@ -355,7 +358,7 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
                                                              {reuse_rows ? B : std::min(s.rows, chunk * B), width}, opts);
     const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias, folded ? 0 : s.rows,
                                                           std::min(s.rows, chunk * B), operands);
-    const auto w_hr_t = Backend::template step_weight<S>(ptr<S>(w.w_hr), true, H, H_out, B, project ? T : 0,
+    const auto w_hr_t = Backend::template step_weight<S>(w.w_hr, true, H, H_out, B, project ? T : 0,
                                                          Scratch::kProjectionWeight, at::ScalarType::Undefined);
     [[maybe_unused]] const auto persistent = persistent_recurrence<Backend, Cell, S>(w.w_hh, H, H_out, B, false);
     for (int64_t first = 0; first < T; first += chunk) {
@@ -440,15 +443,15 @@ std::vector<Tensor> layer_forward(const Tensor& input, const c10::optional<Tenso
   // the results are rounded to the storage type. The input, the output and in training the
   // reserve, the largest tensors, are converted a chunk of steps at a time (below); the rest whole.
   const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
-  const LayerWeights weights{w.w_ih, w.w_hh, up(w.b_ih), up(w.b_hh), up(w.w_hr)};  // W_ih, W_hh as stored
+  const LayerWeights weights = to_type_except_gate_weights<Backend>(w, compute);
   return to_type<Backend>(layer_forward_in_compute_type<Cell, Backend>(input, batch_sizes, up(hx), up(cx), weights,
                                                                        reverse, relu, save_reserve, storage),
                           storage);
 }
 
 // layer_backward with every tensor in the type the layer computes in, except perhaps `input`,
-// `grad_output`, `output` and `reserve` (their storage type `operands`, else undefined: see
-// Backend::recurrent_weight).
+// `grad_output`, `output`, `reserve`, W_ih and W_hh (their storage type `operands`, else
+// undefined: see Backend::recurrent_weight).
 template <class Cell, class Backend>
 std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, const Tensor& grad_hy,
                                                    const Tensor& grad_cy, const Tensor& input,
@@ -529,9 +532,9 @@ std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, co
     // a single step without it needs no W_hh at all, so nothing is prepared for it. (Longer calls
     // prepare W_hh as for T steps either way, so that leaving dL/dhx out changes no other gradient.)
     const int64_t w_hh_products = hx_grad || T > 1 ? T : 0;
-    const auto w_hh_step = Backend::template step_weight<S>(ptr<S>(w.w_hh), false, G * H, H_out, B, w_hh_products,
+    const auto w_hh_step = Backend::template step_weight<S>(w.w_hh, false, G * H, H_out, B, w_hh_products,
                                                             Scratch::kRecurrentWeight, operands);
-    const auto w_hr_step = Backend::template step_weight<S>(ptr<S>(w.w_hr), false, H_out, H, B, project ? T : 0,
+    const auto w_hr_step = Backend::template step_weight<S>(w.w_hr, false, H_out, H, B, project ? T : 0,
                                                             Scratch::kProjectionWeight, at::ScalarType::Undefined);
     [[maybe_unused]] const auto persistent = persistent_recurrence<Backend, Cell, S>(w.w_hh, H, H_out, B, true);
     for (int64_t first = 0; first < T; first += chunk) {
@@ -660,11 +663,12 @@ std::vector<Tensor> layer_backward(const Tensor& grad_output, const Tensor& grad
                                                          weight_grads, hx_grad, at::ScalarType::Undefined);
   // A storage type computed in a wider one: the input, the output, dL/d output, the reserve and
   // dL/d input, the largest tensors, are converted a chunk of rows at a time as the backward
-  // reaches them; the rest up front.
+  // reaches them; W_ih and W_hh by the backend, where it reads them in the compute type; the rest
+  // up front.
   const auto up = [&](const Tensor& t) { return to_type<Backend>(t, compute); };
   return to_type<Backend>(layer_backward_in_compute_type<Cell, Backend>(
                               grad_output, up(grad_hy), up(grad_cy), input, batch_sizes, up(hx), up(cx),
-                              to_type<Backend>(w, compute), output, reserve, has_bias, reverse, relu,
+                              to_type_except_gate_weights<Backend>(w, compute), output, reserve, has_bias, reverse, relu,
                               input_grad, weight_grads, hx_grad, storage),
                           storage);
 }

@@ -259,9 +259,10 @@ struct CpuStepWeight {
   };
   mutable RoundedH rounded_h;  // written by each step (fused_bf16_step), which run one at a time
 
-  // A recurrent weight's W_hh and W_ih as it reads them (recurrent_weight): in S, where w and the
-  // folded input's rows point into them, or bfloat16 as stored for bfloat16 panels.
-  at::Tensor w_hh_data, w_ih_data;
+  // The weight as the steps read it (for a recurrent weight W_hh, and W_ih where it is folded in):
+  // in S, where w and the folded input's rows point into them, or bfloat16 as stored for bfloat16
+  // panels.
+  at::Tensor w_data, w_ih_data;
 
   bool has_panels() const { return panels.defined() || bf16_panels.defined(); }
 
@@ -537,16 +538,27 @@ struct CpuBackend {
   }
 
   // Per-step weights are read in place where reads_in_place says so, else laid out in panels once
-  // where that pays (panels_pay); else each step's GEMM goes to MKL.
+  // where that pays (panels_pay); else each step's GEMM goes to MKL. Bfloat16 panels are laid out
+  // from a bfloat16 weight as it is (the backward's W_hh of a bfloat16 layer: no float32 copy of
+  // it, 4 bytes a weight, is made); all else reads w in S.
   template <typename S>
-  static CpuStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t max_rows,
+  static CpuStepWeight<S> step_weight(const at::Tensor& w_stored, bool trans, int64_t k, int64_t n, int64_t max_rows,
                                       int64_t steps, Scratch slot, at::ScalarType operands) {
+    const bool used = k > 0 && n > 0 && steps > 0;
+    const bool in_place = reads_in_place(trans, steps, max_rows, operands);
+    const bool panels = !in_place && panels_pay(steps, max_rows, kMinStepPanelRows);
+    const bool stored = panels && lays_out_stored<S>(w_stored, operands);
+    const at::Tensor data = !used ? at::Tensor() : stored ? w_stored.contiguous() : in_compute_type<S>(w_stored);
+    const S* w = stored ? nullptr : ptr<S>(data);
     CpuStepWeight<S> sw{w, trans, k, n};
-    if (k <= 0 || n <= 0) return sw;
-    if (reads_in_place(trans, steps, max_rows, operands)) {
+    sw.w_data = data;
+    if (!used) return sw;
+    if (in_place) {
       if (trans) sw.rows = WeightRows<S>(w, k, 1, n);
       else sw.combinations = RowCombinations<S>(w, k, n);
-    } else if (panels_pay(steps, max_rows, kMinStepPanelRows)) {
+    } else if (stored) {
+      lay_out<S, c10::BFloat16>(sw, ptr<c10::BFloat16>(data), 1, n, max_rows, slot, nullptr, operands);
+    } else if (panels) {
       lay_out<S, S>(sw, w, 1, n, max_rows, slot, nullptr, operands);
     }
     return sw;
@@ -651,7 +663,7 @@ struct CpuBackend {
     const at::Tensor w_hh_data = kept(w_hh_stored), w_ih = kept(w_ih_stored);
     const S* w_hh = stored ? nullptr : ptr<S>(w_hh_data);
     CpuStepWeight<S> sw{w_hh, true, h_out, n};
-    sw.w_hh_data = w_hh_data;
+    sw.w_data = w_hh_data;
     sw.w_ih_data = w_ih;
     if (h_out <= 0 || hidden <= 0) return sw;
     if (reads_in_place(true, steps, max_rows, operands)) {

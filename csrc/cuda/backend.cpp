@@ -316,17 +316,17 @@ struct CudaBackend {
 
   // cuBLAS reads W in place: nothing to prepare, whatever the batch or the number of steps.
   template <typename S>
-  static CudaStepWeight<S> step_weight(const S* w, bool trans, int64_t k, int64_t n, int64_t /*max_rows*/,
+  static CudaStepWeight<S> step_weight(const at::Tensor& w, bool trans, int64_t k, int64_t n, int64_t /*max_rows*/,
                                        int64_t /*steps*/, Scratch /*slot*/,
                                        at::ScalarType /*operands: never set, kHalfKernels*/) {
-    return {w, trans, k, n, at::cuda::getCurrentCUDABlasHandle()};
+    return {ptr<S>(w), trans, k, n, at::cuda::getCurrentCUDABlasHandle()};
   }
 
   template <class Cell, typename S>
   static CudaStepWeight<S> recurrent_weight(const at::Tensor& w_hh, int64_t h_out, int64_t hidden, int64_t max_rows,
                                             int64_t steps, const at::Tensor& /*w_ih*/, const at::Tensor& /*bias*/,
                                             at::ScalarType operands) {
-    return step_weight<S>(ptr<S>(w_hh), true, h_out, Cell::kGates * hidden, max_rows, steps,
+    return step_weight<S>(w_hh, true, h_out, Cell::kGates * hidden, max_rows, steps,
                           Scratch::kRecurrentWeight, operands);
   }
 
