@@ -22,8 +22,8 @@
 //       recurrent_weight
 //   Backend::recurrent_weight<Cell, S>(w_hh, h_out, hidden, max_rows, steps, w_ih, bias, operands)
 //       -> the same for W_hh [gates*hidden, h_out] in h_prev W_hh^T (w_hh and w_ih tensors, in S or,
-//       where Backend::kHalfKernels is false, in the layer's storage type, as dense_weight's w in
-//       the forward: the backend converts what it reads in S). Where w_ih is given, the
+//       where Backend::kHalfKernels is false, in the layer's storage type, as dense_weight's w:
+//       the backend converts what it reads in S). Where w_ih is given, the
 //       backend may fold the input projection into it (its .folded_input > 0): each step's GEMM
 //       then computes [h_prev, x_t] [W_hh, W_ih]^T + bias, and the input projection is skipped.
 //       `operands`: for a layer computed in a wider type than its storage type, the storage

@@ -438,11 +438,9 @@ struct CpuBackend {
     const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
     const bool panels_pay = k > 0 && n > 0 && rows >= kFewestPanelRows;
     if constexpr (std::is_same_v<S, float>) {
-      if (panels_pay && bf16_products_for(operands)) {  // from bfloat16 weights as they are
-        CpuDenseWeight<S> dw{w.scalar_type() == at::kBFloat16 ? w.contiguous() : in_compute_type<S>(w), b, trans};
-        dw.bf16_panels = dw.w.scalar_type() == at::kBFloat16
-                             ? Panels<S, c10::BFloat16>(ptr<c10::BFloat16>(dw.w), trans, k, 1, n, Scratch::kInputWeight)
-                             : Panels<S, c10::BFloat16>(ptr<S>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
+      if (panels_pay && lays_out_stored<S>(w, operands)) {  // from the bfloat16 weights as they are
+        CpuDenseWeight<S> dw{w.contiguous(), b, trans};
+        dw.bf16_panels = Panels<S, c10::BFloat16>(ptr<c10::BFloat16>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
         return dw;
       }
     }
@@ -557,34 +555,30 @@ struct CpuBackend {
       if (trans) sw.rows = WeightRows<S>(w, k, 1, n);
       else sw.combinations = RowCombinations<S>(w, k, n);
     } else if (stored) {
-      lay_out<S, c10::BFloat16>(sw, ptr<c10::BFloat16>(data), 1, n, max_rows, slot, nullptr, operands);
+      lay_out<S, c10::BFloat16>(sw, ptr<c10::BFloat16>(data), 1, n, max_rows, slot, nullptr);
     } else if (panels) {
-      lay_out<S, S>(sw, w, 1, n, max_rows, slot, nullptr, operands);
+      lay_out<S, S>(sw, w, 1, n, max_rows, slot, nullptr);
     }
     return sw;
   }
 
   // Lays out a step weight's panels of w (`gates` groups of `units` columns; w_tail as in Panels)
-  // and its row groups: in bfloat16 where bf16_products_for(operands), with the buffer its steps
-  // round their operands into, else in S. w is in S, or in bfloat16 for bfloat16 panels.
+  // and its row groups: a weight in S in panels in S; bfloat16 weights, multiplied in bfloat16
+  // (lays_out_stored), in bfloat16 panels, with the buffer the steps round their operands into.
   template <typename S, typename W>
   static void lay_out(CpuStepWeight<S>& sw, const W* w, int64_t gates, int64_t units, int64_t max_rows, Scratch slot,
-                      const W* w_tail, at::ScalarType operands) {
+                      const W* w_tail) {
     const int64_t k_tail = sw.folded_input;
-    if constexpr (std::is_same_v<S, float>) {
-      if (bf16_products_for(operands)) {
-        sw.bf16_panels = Panels<S, c10::BFloat16>(w, sw.trans, sw.k, gates, units, slot, w_tail, k_tail);
-        sw.operands = cpu_scratch(Scratch::kStateCopy, {max_rows, sw.bf16_panels.padded_k()},
-                                  at::TensorOptions().dtype(at::kBFloat16));
-        sw.row_groups = row_groups_for(max_rows, sw.k * sw.n * static_cast<int64_t>(sizeof(c10::BFloat16)));
-        return;
-      }
-    }
     if constexpr (std::is_same_v<W, S>) {
       sw.panels = Panels<S>(w, sw.trans, sw.k, gates, units, slot, w_tail, k_tail);
       sw.row_groups = row_groups_for(max_rows, sw.k * sw.n * static_cast<int64_t>(sizeof(S)));
+    } else if constexpr (std::is_same_v<S, float>) {
+      sw.bf16_panels = Panels<S, c10::BFloat16>(w, sw.trans, sw.k, gates, units, slot, w_tail, k_tail);
+      sw.operands = cpu_scratch(Scratch::kStateCopy, {max_rows, sw.bf16_panels.padded_k()},
+                                at::TensorOptions().dtype(at::kBFloat16));
+      sw.row_groups = row_groups_for(max_rows, sw.k * sw.n * static_cast<int64_t>(sizeof(c10::BFloat16)));
     } else {
-      TORCH_INTERNAL_ASSERT(false, "fused_rnn: weights not in the compute type reach only bfloat16 panels");
+      TORCH_INTERNAL_ASSERT(false, "fused_rnn: bfloat16 panels accumulate in float32");
     }
   }
 
@@ -689,7 +683,7 @@ struct CpuBackend {
     if (stored) {
       using BF16 = c10::BFloat16;
       lay_out<S, BF16>(sw, ptr<BF16>(w_hh_data), Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight,
-                       sw.folded_input ? ptr<BF16>(w_ih) : nullptr, operands);
+                       sw.folded_input ? ptr<BF16>(w_ih) : nullptr);
     } else {
       const S* w_tail = sw.folded_input ? ptr<S>(w_ih) : nullptr;
       if (broadcasts(max_rows, sw.k * n * static_cast<int64_t>(sizeof(S)), operands)) {
@@ -701,7 +695,7 @@ struct CpuBackend {
         sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
         return sw;
       }
-      lay_out<S, S>(sw, w_hh, Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight, w_tail, operands);
+      lay_out<S, S>(sw, w_hh, Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight, w_tail);
       if (sw.panels.defined()) sw.h_prev_copy = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, opts);
     }
     if (sw.bf16_panels.defined()) {  // two operand buffers (fused_bf16_step)

@@ -298,13 +298,13 @@ class Panels {
     }
   }
 
-  // n weights in the panels' type: rounded (kPack 2: float32 to bfloat16, a long row at a time), or
-  // copied where they have it.
+  // n weights in the panels' type (kPack 2: bfloat16): rounded from float32 a long row at a time,
+  // or copied where they have it.
   template <typename W>
   static void to_pack_type(const W* src, E* dst, int64_t n) {
+    static_assert(std::is_same_v<E, c10::BFloat16> && (std::is_same_v<W, E> || std::is_same_v<W, float>));
     if constexpr (std::is_same_v<W, E>) std::copy_n(src, n, dst);
-    else if constexpr (std::is_same_v<W, float> && std::is_same_v<E, c10::BFloat16>) round_to_bf16(src, dst, n);
-    else at::vec::convert(src, dst, n);
+    else round_to_bf16(src, dst, n);
   }
 
   template <int NV, int R = block_rows_for<NV>()>

@@ -326,8 +326,8 @@ struct CudaBackend {
   static CudaStepWeight<S> recurrent_weight(const at::Tensor& w_hh, int64_t h_out, int64_t hidden, int64_t max_rows,
                                             int64_t steps, const at::Tensor& /*w_ih*/, const at::Tensor& /*bias*/,
                                             at::ScalarType operands) {
-    return step_weight<S>(w_hh, true, h_out, Cell::kGates * hidden, max_rows, steps,
-                          Scratch::kRecurrentWeight, operands);
+    return step_weight<S>(w_hh, true, h_out, Cell::kGates * hidden, max_rows, steps, Scratch::kRecurrentWeight,
+                          operands);
   }
 
   // A single group of all rows: each step is one GEMM and one kernel over its whole batch.
