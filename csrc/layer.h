@@ -7,9 +7,9 @@
 //   Backend::guard(Device) -> RAII object that makes the device current for the op
 //   Backend::dense_weight<S>(w, trans, bias, rows, chunk_rows, operands) -> an object whose
 //       .apply_out(out, x) computes out = x op(w) (+ bias), op(w) = w^T if trans: the large GEMMs
-//       outside the time loop over `rows` rows in all, one chunk of at most `chunk_rows` at a time
-//       (out may be a column range of a wider buffer; bias may be undefined; w in S, or as
-//       recurrent_weight's w_ih). `operands` as for recurrent_weight
+//       outside the time loop over `rows` rows in all (0: never applied), one chunk of at most
+//       `chunk_rows` at a time (out may be a column range of a wider buffer; bias may be
+//       undefined; w in S, or as recurrent_weight's w_ih). `operands` as for recurrent_weight
 //   Backend::weight_grad_out<S>(grad_w, g, x, accumulate, operands): grad_w = g^T x, or += if
 //       accumulate (a weight's gradient, a chunk of rows at a time); `operands` as for recurrent_weight
 //   Backend::scratch(Scratch role, sizes, options) -> a tensor for the duration of the op

@@ -256,6 +256,28 @@ def test_bf16_backward_makes_no_float32_copy_of_the_weights():
     assert min(_peak_memory_bytes(step, torch.device("cpu")) for _ in range(3)) < 8 * w_hh_bytes
 
 
+# With the input projection folded into each step's GEMM, no chunk of input is projected apart from
+# the steps: the call makes no float32 copy of W_ih for that projection (it made one, unused, until
+# 2026-12-06: a bfloat16 LSTM I=1024 H=256 inference call of 4 steps of 16 rows peaked at 6.8 MiB,
+# now 2.8, where the folded bfloat16 panels of [W_hh, W_ih] take 2.5). The cache sizes make it fold
+# on any machine.
+@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need AVX512-BF16")
+@pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
+def test_folded_bf16_input_projection_makes_no_float32_copy_of_w_ih(set_cache_sizes):
+    set_cache_sizes(1 << 20, 64 << 20)
+    torch.manual_seed(0)
+    module = fused_rnn.LSTM(1024, 256).to(torch.bfloat16).eval()
+    x = torch.randn(4, 16, 1024, dtype=torch.bfloat16)
+
+    def step():
+        with torch.no_grad():
+            module(x)
+
+    step()  # warm
+    w_ih_float32_bytes = module.weight_ih_l0.numel() * 4
+    assert min(_peak_memory_bytes(step, torch.device("cpu")) for _ in range(3)) < w_ih_float32_bytes
+
+
 def emulated_layer(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, round_h):
     """Output of one unpacked layer in float64 from the same bfloat16 values, with h_prev rounded to
     bfloat16 before each step's recurrent GEMM where round_h (x already is bfloat16)."""
