@@ -821,14 +821,15 @@ struct CpuBackend {
                                   : nullptr;
     const float* bias = input_size ? ptr<float>(w_hh.bias) : nullptr;
     const int64_t m = row_end - row_begin;
+    // (The closures hold copies, a's too: for_each_panel_block.)
     for_each_panel_block(
         panels, m, panels.sweep_rows(m),
-        [&](int64_t p, int64_t block_first, int64_t rows, P::Sweep sweep) {
+        [=, &panels](int64_t p, int64_t block_first, int64_t rows, P::Sweep sweep) {
           const int64_t first = row_begin + block_first;
           panels.block(p, rows, operands + first * ld, ld, 1, beta, gates + first * ld_gates, ld_gates, bias,
                        x_rows + first * ld_x, ld_x, sweep);
         },
-        [&](int64_t p, int64_t block_first, int64_t rows) {
+        [=, &panels](int64_t p, int64_t block_first, int64_t rows) {
           panel_forward<Cell>(panels, a, p, row_begin + block_first, rows);
           if (next != nullptr) round_panel_units(panels, p, a.h_state, h_out, next, ld, row_begin + block_first, rows);
         });
@@ -916,13 +917,13 @@ struct CpuBackend {
     const int64_t m = row_end - row_begin;
     for_each_panel_block(
         panels, m, panels.sweep_rows(m),
-        [&](int64_t p, int64_t block_first, int64_t rows, typename Panels<S>::Sweep sweep) {
+        [=, &panels](int64_t p, int64_t block_first, int64_t rows, typename Panels<S>::Sweep sweep) {
           const int64_t first = row_begin + block_first;
           const S* x_rows = input_size ? input + first * input_size : nullptr;
           panels.block(p, rows, h_rows + block_first * h_out, h_out, 1, beta, gates + first * ld_gates, ld_gates, bias,
                        x_rows, input_size, sweep);
         },
-        [&](int64_t p, int64_t block_first, int64_t rows) {
+        [=, &panels](int64_t p, int64_t block_first, int64_t rows) {
           panel_forward<Cell>(panels, a, p, row_begin + block_first, rows);
         });
   }
@@ -959,7 +960,7 @@ struct CpuBackend {
   template <class Cell, typename S>
   static void backward_step(const CpuStepWeight<S>& w_hh, const S* grad_gates_after, int64_t after_end,
                             const StepBackward<S>& a, int64_t row_begin, int64_t row_end) {
-    auto point = [&](int64_t b, int64_t j, bool vec) {
+    const auto point = [a](int64_t b, int64_t j, bool vec) {  // (a copy: for_each_panel_block)
       if (vec) Cell::template backward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
       else Cell::template backward<S, ScalarIO<S>>(a, b, j);
     };
@@ -982,14 +983,14 @@ struct CpuBackend {
       const int64_t m = rows_end - row_begin;
       for_each_panel_block(
           panels, m, panels.sweep_rows(m),
-          [&](int64_t p, int64_t block_first, int64_t rows, auto sweep) {
+          [=, &panels, grad_h_state = a.grad_h_state](int64_t p, int64_t block_first, int64_t rows, auto sweep) {
             const int64_t first = row_begin + block_first;
             const int64_t gemm_rows = std::clamp<int64_t>(after_end - first, 0, rows);
             if (gemm_rows > 0)
-              panels.block(p, gemm_rows, a_rows + first * ld_a, ld_a, 1, beta, a.grad_h_state + first * h_out, h_out,
+              panels.block(p, gemm_rows, a_rows + first * ld_a, ld_a, 1, beta, grad_h_state + first * h_out, h_out,
                            nullptr, nullptr, 0, sweep);
           },
-          [&](int64_t p, int64_t block_first, int64_t rows) {
+          [=, &panels](int64_t p, int64_t block_first, int64_t rows) {
             const int64_t first = row_begin + block_first;
             for_each_panel_unit(panels, p, first, std::min(first + rows, row_end), point);
           });

@@ -496,6 +496,19 @@ inline int64_t parallel_grain(int64_t item_work) {
   return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, item_work));
 }
 
+// at::parallel_for(begin, end, grain, f), each thread calling its own copy of f, on its own stack:
+// give it a closure holding values (captured by copy), not references to the caller's frame. Read
+// from the calling thread's stack, what a product's items read cost the other thread: the loop
+// around the items (for_each_panel_block) took 3.6% of a bfloat16 LSTM inference call at B=64
+// I=H=512, 1.6% on copies (AVX-512 Zen 4, perf).
+template <typename F>
+void parallel_for_on_copies(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, [&f](int64_t first, int64_t last) {
+    const F own = f;
+    own(first, last);
+  });
+}
+
 // Runs multiply(p, first_row, rows, sweep) over every (panel, block of rows, sweep) of an m-row
 // product, then finish(p, first_row, rows) for the panel's blocks: in parallel when there is enough
 // work, contiguous ranges keeping each thread on its panels (see below). With one sweep per panel,
@@ -516,11 +529,11 @@ void for_each_panel_block(const P& b, int64_t m, int64_t sweep, const F& multipl
   const int64_t R = b.block_rows(), row_blocks = (m + R - 1) / R, panel_rows = b.panel_rows();
   // The blocks of full register rows share the prefetch of the next range between them.
   const int64_t full_blocks = m / R;
-  const auto sweep_of = [&](int64_t lo, int64_t first) {
+  const auto sweep_of = [=](int64_t lo, int64_t first) {
     return Sweep{lo, lo + sweep, first / R, first + R <= m ? full_blocks : 0};
   };
   if (sweep < panel_rows) {  // a panel's sweeps are far more work than waking a thread
-    at::parallel_for(0, b.count(), 1, [&](int64_t begin, int64_t end) {
+    parallel_for_on_copies(0, b.count(), 1, [=](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t lo = 0; lo < panel_rows; lo += sweep)
           for (int64_t first = 0; first < m; first += R) multiply(p, first, std::min(R, m - first), sweep_of(lo, first));
@@ -532,7 +545,7 @@ void for_each_panel_block(const P& b, int64_t m, int64_t sweep, const F& multipl
   constexpr int64_t kRowBlocksPerGroup = 8;
   const int64_t count = b.count();
   const int64_t group = 2 * b.bytes() <= cache_sizes().l2 ? kRowBlocksPerGroup : row_blocks;
-  const auto run = [&](int64_t idx) {
+  const auto run = [=](int64_t idx) {
     // Item idx: block `within % blocks` of group g's, in panel `within / blocks`.
     const int64_t g = idx / (count * group), within = idx - g * count * group;
     const int64_t blocks = std::min(group, row_blocks - g * group);
@@ -554,7 +567,7 @@ void for_each_panel_block(const P& b, int64_t m, int64_t sweep, const F& multipl
   const int64_t items = count * row_blocks, grain = parallel_grain(b.block_work());
   const int64_t shares = std::min<int64_t>(at::get_num_threads(), (items + grain - 1) / grain);
   if (m < kMinSharedRows || shares <= 1 || at::in_parallel_region()) {
-    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    parallel_for_on_copies(0, items, grain, [=](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end; ++idx) run(idx);
     });
     return;
@@ -562,10 +575,10 @@ void for_each_panel_block(const P& b, int64_t m, int64_t sweep, const F& multipl
   struct alignas(64) Next {  // a share's next item, on a cache line of its own
     std::atomic<int64_t> item;
   };
-  std::vector<Next> next(shares);
+  std::vector<Next> next_of_share(shares);
   const int64_t per_share = (items + shares - 1) / shares;
-  for (int64_t t = 0; t < shares; ++t) next[t].item.store(t * per_share, std::memory_order_relaxed);
-  at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
+  for (int64_t t = 0; t < shares; ++t) next_of_share[t].item.store(t * per_share, std::memory_order_relaxed);
+  parallel_for_on_copies(0, shares, 1, [=, next = next_of_share.data()](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t k = 0; k < shares; ++k) {  // share t, then the others'
         const int64_t share = (t + k) % shares, stop = std::min(items, (share + 1) * per_share);
@@ -603,7 +616,7 @@ void Panels<S, E>::multiply(int64_t m, const E* a, int64_t lda, int64_t lda_k, S
   }
   for_each_panel_block(
       *this, m, panel_rows(),
-      [&](int64_t p, int64_t first, int64_t rows, Sweep sweep) {
+      [=, this](int64_t p, int64_t first, int64_t rows, Sweep sweep) {
         block(p, rows, a + first * lda, lda, lda_k, beta, c + first * ldc, ldc, bias, nullptr, 0, sweep);
       },
       [](int64_t, int64_t, int64_t) {});
