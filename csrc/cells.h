@@ -56,6 +56,8 @@ struct StepForward {
   S* c_state;            // LSTM only: [batch, H]: c_prev in, c_new out
   S* output;             // [batch, ld_output]: h_new (not written when LSTM projects)
   int64_t ld_output;
+  void* output_rounded;  // null, or where the backend's steps write h_new rounded to the layer's
+                         // storage type ([batch, ld_output]; layer.h, Backend::rounds_output)
   int64_t hidden;
   bool relu;             // RNN only
   bool project;          // LSTM only: h goes to the reserve; a GEMM then projects it

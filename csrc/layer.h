@@ -42,6 +42,10 @@
 //       or x_t_stored in the input's own type where Backend::reads_stored_input said so. h_prev, if
 //       not null, holds the same values as h_state (rows of stride h_out) where the pointwise step
 //       does not overwrite them
+//   Backend::rounds_output(w_hh) -> whether the steps of a recurrent weight, in a layer computed in a
+//       wider type than its storage type (`operands`), can write h_new rounded to the storage type
+//       into StepForward::output_rounded themselves (the layer then sets it, and points
+//       StepForward::output at h_state)
 //   Backend::reads_stored_input(w_hh, x) -> whether the steps of a recurrent weight with the input
 //       folded in may read the contiguous input x in its own type, which then is not converted to
 //       S (CPU: bfloat16 products read a bfloat16 input as it is)
@@ -300,7 +304,8 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
   const Tensor h_init = hx.contiguous();
   Tensor h_state = Backend::empty(h_init.sizes(), opts);
   Tensor c_state = Cell::kHasCell ? Backend::empty(cx.sizes(), opts) : Tensor();
-  // A storage type's output is computed a chunk of steps at a time (below) and rounded.
+  // A storage type's output is computed a chunk of steps at a time (below) and rounded, or rounded
+  // by the steps (Backend::rounds_output).
   const bool round_output = operands != at::ScalarType::Undefined;
   Tensor output = Backend::empty({s.rows, H_out}, round_output ? opts.dtype(operands) : opts);
   Tensor hidden_gates = Cell::kSeparateHiddenGates ? Backend::scratch(Scratch::kHiddenGates, {B, G * H}, opts) : Tensor();
@@ -342,16 +347,20 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     // rounding of a whole sequence's float32 output, a copy as large as the output, took 3% of a
     // bfloat16 LSTM's inference at B=64 I=H=256); else, where the gates need none either, one chunk
     // keeps the threads on their own rows for the whole sequence.
+    // Where the steps round h_new into the output themselves (Backend::rounds_output), it has no
+    // chunks to round, and the pointwise step's h_new goes to h_state alone.
+    const bool steps_round_output = round_output && !project && Backend::rounds_output(w_hh_t);
+    const bool round_chunks = round_output && !steps_round_output;
     const bool round_reserve = keep && operands != at::ScalarType::Undefined;
     const bool gates_in_reserve = keep && !round_reserve, reuse_rows = folded && !keep;
     const bool gates_unchunked = gates_in_reserve || reuse_rows;
-    const int64_t chunk = gates_unchunked && !round_output
+    const int64_t chunk = gates_unchunked && !round_chunks
                               ? std::max<int64_t>(T, 1)
                               : std::max<int64_t>(Backend::kForwardChunkValues /
                                                       std::max<int64_t>(1, B * (gates_unchunked ? H_out : width)),
                                                   (Backend::template min_projection_chunk_rows<S>(w.w_ih, s.rows) + B - 1) /
                                                       std::max<int64_t>(1, B));
-    const Tensor chunk_output = round_output ? Backend::empty({std::min(s.rows, chunk * B), H_out}, opts) : output;
+    const Tensor chunk_output = round_chunks ? Backend::empty({std::min(s.rows, chunk * B), H_out}, opts) : output;
     if (keep) reserve = Backend::empty({s.rows, R}, round_reserve ? opts.dtype(operands) : opts);
     const Tensor gates = gates_in_reserve ? reserve
                                           : Backend::scratch(Scratch::kGates,
@@ -367,7 +376,7 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
       const int64_t t_lo = reverse ? T - last : first, t_hi = reverse ? T - first : last;
       const int64_t row_lo = s.offset[t_lo], row_hi = t_hi < T ? s.offset[t_hi] : s.rows;
       const int64_t gates_lo = gates_in_reserve ? row_lo : 0;  // gate buffer row of row_lo
-      const int64_t output_lo = round_output ? row_lo : 0;      // chunk_output's first row
+      const int64_t output_lo = round_chunks ? row_lo : 0;      // chunk_output's first row
       const Tensor x_chunk = part(x, 0, row_lo, row_hi - row_lo);
       const Tensor x_rows = x_stored ? x_chunk : to_type<Backend>(x_chunk, compute);
       if (!folded) {
@@ -389,13 +398,18 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
           const int64_t end = std::min(s.batch[t], row_end), row = s.offset[t];
           if (end <= row_begin) continue;
           step.reserve = ptr<S>(gates) + (reuse_rows ? 0 : (row - row_lo + gates_lo) * width);
-          step.output = ptr<S>(chunk_output) + (row - output_lo) * H_out;
+          if (steps_round_output) {
+            step.output = step.h_state;
+            step.output_rounded = static_cast<char*>(output.data_ptr()) + row * H_out * output.element_size();
+          } else {
+            step.output = ptr<S>(chunk_output) + (row - output_lo) * H_out;
+          }
           // h_prev in place for the GEMM: hx at the first step, else the previous step's output
           // rows; none (h_state is read) where some rows start from hx mid-sequence (packed, time
-          // reversed) or the previous step's output has been rounded with its chunk.
+          // reversed) or the previous step's output has been rounded (with its chunk, or by the step).
           const int64_t before = reverse ? t + 1 : t - 1;
           const S* h_prev = k == 0 ? ptr<S>(h_init)
-                            : s.batch[before] >= end && !(round_output && k == first)
+                            : s.batch[before] >= end && !steps_round_output && !(round_chunks && k == first)
                                 ? ptr<S>(chunk_output) + (s.offset[before] - output_lo) * H_out
                                 : nullptr;
           // Recurrent GEMM, h_prev W_hh^T, straight into the gate rows (or GRU's hidden gates),
@@ -419,7 +433,7 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
       });
       if (round_reserve)
         part(reserve, 0, row_lo, row_hi - row_lo).copy_(part(part(gates, 0, 0, row_hi - row_lo), 1, 0, R));
-      if (round_output) part(output, 0, row_lo, row_hi - row_lo).copy_(part(chunk_output, 0, 0, row_hi - row_lo));
+      if (round_chunks) part(output, 0, row_lo, row_hi - row_lo).copy_(part(chunk_output, 0, 0, row_hi - row_lo));
     }
   });
 

@@ -342,18 +342,22 @@ def assert_layer_rounds_exactly_the_gemm_operands(mode, shape, reverse=False):
     assert agreement[not expected_rounding] < 0.92, agreement
 
 
-# Where the steps do not run in row groups (a small L2), each step's pointwise passes round the
-# h_new of their units for the next step's GEMM (fused_bf16_step): over chunks of steps (64 rows x
-# 40 steps: an LSTM's hoisted gates take 3 chunks; 160 rows x 49 of output are rounded in 2), in
-# reverse, with odd sizes (pairs padded, panels of fewer units than a vector), the input
-# projection folded in or hoisted (a small L3).
+# Each step's pointwise passes round the h_new of their units for the next step's GEMM, and into
+# the bfloat16 output (fused_bf16_step): with the steps split between the threads by units (a small
+# L2) or run in row groups (a large one: each thread the steps of its rows), over chunks of steps
+# (64 rows x 40 steps: an LSTM's hoisted gates take 3 chunks), in reverse, with odd sizes (pairs
+# padded, panels of fewer units than a vector), the input projection folded in or hoisted (a
+# small L3).
+@pytest.mark.parametrize("groups", [False, True], ids=["by-units", "row-groups"])
 @pytest.mark.parametrize("folded", [True, False], ids=["folded", "hoisted"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("shape", [(40, 64, 16, 48), (40, 160, 15, 49), (9, 20, 17, 33)],
                          ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn"])
-def test_bf16_steps_round_the_next_h_prev_exactly(mode, shape, reverse, folded, set_cache_sizes):
-    set_cache_sizes(1 << 12, fused_rnn._cpu.cache_sizes()[1] if folded else 1 << 12)
+def test_bf16_steps_round_the_next_h_prev_exactly(mode, shape, reverse, folded, groups, set_cache_sizes):
+    torch.set_num_threads(2)  # the fixture restores it
+    l2 = 64 << 20 if groups else 1 << 12
+    set_cache_sizes(l2, max(2 * l2, fused_rnn._cpu.cache_sizes()[1]) if folded else 1 << 12)
     assert_layer_rounds_exactly_the_gemm_operands(mode, shape, reverse)
 
 

@@ -243,7 +243,7 @@ struct CpuStepWeight {
   // Multiplying in bfloat16 (bf16_products_for), the panels are these instead, and each step
   // rounds A's rows (h_prev and x_t; gate gradients) into the same rows of `operands`. A recurrent
   // weight has two such buffers: each step's pointwise passes round the h_new they compute into the
-  // one its GEMM does not read, where the next step finds its h_prev (`rounded_h`).
+  // one its GEMM does not read, where the next step finds its h_prev (`rounded_in`).
   Panels<S, c10::BFloat16> bf16_panels;
   at::Tensor operands;
   // With the input folded into bfloat16 panels and an even number of inputs, the steps may read a
@@ -251,13 +251,11 @@ struct CpuStepWeight {
   // are the panels' pairs, and x_t need not be converted to float32 and rounded back (LSTM B=64
   // I=H=256 inference: 3% of the time, on the calling thread).
   bool stored_input = false;
-  // Rows [0, rows) of operand buffer `buffer` hold the last step's h_new: the next step's h_prev
-  // where it reads it from h_state (the layer call's own, as is this weight) or from `output`.
-  struct RoundedH {
-    int64_t buffer = 0, rows = 0;
-    const S* output = nullptr;
-  };
-  mutable RoundedH rounded_h;  // written by each step (fused_bf16_step), which run one at a time
+  // For each row, the operand buffer that holds its last h_new, rounded by the step that computed
+  // it (fused_bf16_step), or -1 where no step of this layer call has yet: a row's h_prev, which a
+  // step reads from h_state or from the last step's output, is always the last h_new computed for
+  // that row, or its initial state. Each step writes its own rows' (row groups, concurrently).
+  mutable std::vector<int8_t> rounded_in;
 
   // The weight as the steps read it (for a recurrent weight W_hh, and W_ih where it is folded in):
   // in S, where w and the folded input's rows point into them, or bfloat16 as stored for bfloat16
@@ -716,6 +714,7 @@ struct CpuBackend {
     if (sw.bf16_panels.defined()) {  // two operand buffers (fused_bf16_step)
       sw.operands = cpu_scratch(Scratch::kStateCopy, {2, max_rows, sw.bf16_panels.padded_k()},
                                 at::TensorOptions().dtype(at::kBFloat16));
+      sw.rounded_in.assign(max_rows, -1);
       sw.stored_input = sw.folded_input > 0 && sw.folded_input % 2 == 0;
     }
     return without_source(std::move(sw));
@@ -741,6 +740,14 @@ struct CpuBackend {
     at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) run(bounds[g], bounds[g + 1]);
     });
+  }
+
+  // The steps on bfloat16 panels that carry h_new, rounded, to the next step (fused_bf16_step)
+  // copy it into the output too: no float32 output is written, read back and rounded a chunk at a
+  // time.
+  template <typename S>
+  static bool rounds_output(const CpuStepWeight<S>& w_hh) {
+    return w_hh.bf16_panels.defined() && w_hh.operands.dim() == 3;
   }
 
   template <typename S>
@@ -795,23 +802,23 @@ struct CpuBackend {
   // pointwise passes rounded its h_new, each thread the units it computed, into this buffer:
   // rounding them here, on the calling thread, would read the other threads' h_new from their
   // caches while they wait (LSTM B=64 I=H=256 inference: 4% of the time with the fast rounding).
-  // Not in row groups, whose steps run concurrently, nor with a projection (its h_prev is not the
-  // pointwise step's h).
+  // Not with a projection (its h_prev is not the pointwise step's h).
   template <class Cell>
   static void fused_bf16_step(const CpuStepWeight<float>& w_hh, const StepForward<float>& a, int64_t row_begin,
                               int64_t row_end, float* gates, int64_t ld_gates, float beta, const float* input,
                               const float* h_prev, const c10::BFloat16* stored_input = nullptr) {
     using P = Panels<float, c10::BFloat16>;
-    using RoundedH = CpuStepWeight<float>::RoundedH;
     const P& panels = w_hh.bf16_panels;
     const int64_t input_size = w_hh.folded_input, h_out = w_hh.k - input_size, ld = panels.padded_k();
-    const bool carries = w_hh.row_groups == 1 && !a.project && w_hh.operands.dim() == 3;
+    const bool carries = !a.project && w_hh.operands.dim() == 3;
     const float* h_rows = h_prev != nullptr ? h_prev : a.h_state;
-    RoundedH& rounded = w_hh.rounded_h;
-    const bool ready = carries && (h_rows == rounded.output || h_prev == nullptr);
-    const int64_t buffer = carries ? rounded.buffer : 0, ready_rows = ready ? std::min(rounded.rows, row_end) : 0;
+    // The GEMM reads the buffer that holds the first row's h_prev (0 where none does yet); the rows
+    // whose h_prev is not there are rounded into it now.
+    int8_t* const rounded_in = carries ? w_hh.rounded_in.data() : nullptr;
+    const int64_t buffer = carries ? std::max<int8_t>(rounded_in[row_begin], 0) : 0;
     c10::BFloat16* operands = w_hh.operands.data_ptr<c10::BFloat16>() + buffer * w_hh.operands.stride(0);
-    round_rows_to_bf16(h_rows, h_out, operands, ld, std::max(row_begin, ready_rows), row_end, h_out);
+    for (int64_t r = row_begin; r < row_end; ++r)
+      if (!carries || rounded_in[r] != buffer) round_rows_to_bf16(h_rows, h_out, operands, ld, r, r + 1, h_out);
     // x_t's rows: as stored, or rounded beside h_prev's.
     const c10::BFloat16* x_rows = stored_input != nullptr ? stored_input : operands + panels.padded_head();
     const int64_t ld_x = stored_input != nullptr ? input_size : ld;
@@ -820,6 +827,9 @@ struct CpuBackend {
     c10::BFloat16* next = carries ? w_hh.operands.data_ptr<c10::BFloat16>() + (1 - buffer) * w_hh.operands.stride(0)
                                   : nullptr;
     const float* bias = input_size ? ptr<float>(w_hh.bias) : nullptr;
+    // h_new rounded into the output too (rounds_output): each row is h_out values.
+    auto* const output_rounded = static_cast<c10::BFloat16*>(a.output_rounded);
+    TORCH_INTERNAL_ASSERT(output_rounded == nullptr || (carries && a.ld_output == h_out));
     const int64_t m = row_end - row_begin;
     // (The closures hold copies, a's too: for_each_panel_block.)
     for_each_panel_block(
@@ -831,20 +841,25 @@ struct CpuBackend {
         },
         [=, &panels](int64_t p, int64_t block_first, int64_t rows) {
           panel_forward<Cell>(panels, a, p, row_begin + block_first, rows);
-          if (next != nullptr) round_panel_units(panels, p, a.h_state, h_out, next, ld, row_begin + block_first, rows);
+          if (next != nullptr)
+            round_panel_units(panels, p, a.h_state, h_out, next, ld, row_begin + block_first, rows, output_rounded);
         });
-    if (carries) rounded = RoundedH{1 - buffer, row_end, a.output};
+    if (carries) std::fill(rounded_in + row_begin, rounded_in + row_end, static_cast<int8_t>(1 - buffer));
   }
 
   // Panel p's units of rows [first, first + rows) of h (h_out columns) rounded into the same place
-  // in `operands` (row stride ld), with the 0 after the last unit where h_out is odd.
+  // in `operands` (row stride ld), with the 0 after the last unit where h_out is odd, and into
+  // `output` (row stride h_out) where given. (Copied from `operands` instead, the output's stores
+  // took 1.9% of a bfloat16 LSTM inference call at B=64 I=H=256, perf; rounded again, 0.5%.
+  // round_to_bf16 flushes denormals to zero: such an output holds 0 for an h under 1.2e-38.)
   template <class P>
   static void round_panel_units(const P& panels, int64_t p, const float* h, int64_t h_out, c10::BFloat16* operands,
-                                int64_t ld, int64_t first, int64_t rows) {
+                                int64_t ld, int64_t first, int64_t rows, c10::BFloat16* output = nullptr) {
     for_each_panel_unit(panels, p, first, first + rows, [&](int64_t b, int64_t j, bool vec) {
       const int64_t units = vec ? P::kWidth : 1;
       round_to_bf16(h + b * h_out + j, operands + b * ld + j, units);
       if (j + units == h_out && h_out % 2) operands[b * ld + h_out] = c10::BFloat16(0.0f);
+      if (output != nullptr) round_to_bf16(h + b * h_out + j, output + b * h_out + j, units);
     });
   }
 

@@ -46,6 +46,11 @@ __attribute__((target("avx512bf16"))) inline void round_to_bf16(const float* src
     const __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
     _mm512_storeu_si512(dst + i, reinterpret_cast<const __m512i&>(pairs));
   }
+  if (i + 16 <= n) {  // a whole vector: an unmasked store
+    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), reinterpret_cast<const __m256i&>(rounded));
+    i += 16;
+  }
   for (; i < n; i += 16) {
     const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
     const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(lanes, src + i));

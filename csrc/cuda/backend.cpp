@@ -343,6 +343,12 @@ struct CudaBackend {
     return false;
   }
 
+  // Half-precision layers compute in their own type here (kHalfKernels): no output to round.
+  template <typename S>
+  static bool rounds_output(const CudaStepWeight<S>& /*w_hh*/) {
+    return false;
+  }
+
   // The recurrent GEMM on cuBLAS, then the pointwise kernel, on the same stream (rows start at 0:
   // there is only one row group).
   template <class Cell, typename S>

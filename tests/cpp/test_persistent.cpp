@@ -684,7 +684,7 @@ void check_forward(const Case& c, bool relu, bool save, const std::string& name)
         else rg[(row + b) * width + q] += sum;
       }
     StepForward<double> a{rg.data() + row * width, width, rhg.data(), rb.data(), rh.data(), rc.data(),
-                          rout.data() + row * H, H, H, relu, false, save};
+                          rout.data() + row * H, H, nullptr, H, relu, false, save};
     for (int64_t b = 0; b < s.batch[t]; ++b)
       for (int64_t j = 0; j < H; ++j) Cell::template forward<double, DoubleIO>(a, b, j);
   }
@@ -696,7 +696,7 @@ void check_forward(const Case& c, bool relu, bool save, const std::string& name)
     const Chunk chunk = make_chunk(s, k0, std::min(T, k0 + c.chunk_steps), c.reverse);
     ForwardArgs<S> args{};
     args.step = {gates.data() + chunk.row_lo * width, width, hidden_gates.data(), bias_hn.data(), nullptr, cs.data(),
-                 output.data() + chunk.row_lo * H, H, H, relu, false, save};
+                 output.data() + chunk.row_lo * H, H, nullptr, H, relu, false, save};
     args.hidden_gates = hidden_gates.data();
     args.w_hh = w.data();
     args.state_rows = B;
