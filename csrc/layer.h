@@ -48,7 +48,8 @@
 //       StepForward::output at h_state)
 //   Backend::reads_stored_input(w_hh, x) -> whether the steps of a recurrent weight with the input
 //       folded in may read the contiguous input x in its own type, which then is not converted to
-//       S (CPU: bfloat16 products read a bfloat16 input as it is)
+//       S (CPU: bfloat16 products read a bfloat16 input as it is); and (w_ih, x), for a dense
+//       weight's apply_out
 //   Backend::backward_step<Cell, S>(w_hh, grad_gates_after, after_end, const StepBackward<S>&,
 //       row_begin, row_end): where grad_gates_after is not null, first grad_h_state (+)=
 //       grad_gates_after W_hh over rows [row_begin, after_end) (the step after's W_hh-side gate
@@ -333,7 +334,6 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     const auto w_hh_t = Backend::template recurrent_weight<Cell, S>(w.w_hh, H_out, H, B, T,
                                                                     may_fold ? w.w_ih : Tensor(), bias, operands);
     const bool folded = w_hh_t.folded_input > 0;
-    const bool x_stored = folded && Backend::reads_stored_input(w_hh_t, x);
     // The gate buffer: the reserve itself when it is kept in the compute type (its rows start as
     // the gate pre-activations and end as what backward reads). Else, with the input folded in
     // and no reserve, a step's gates come from its own GEMM alone: every step reuses the same
@@ -367,6 +367,9 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
                                                              {reuse_rows ? B : std::min(s.rows, chunk * B), width}, opts);
     const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias, folded ? 0 : s.rows,
                                                           std::min(s.rows, chunk * B), operands);
+    // Whatever reads x (the steps where the input is folded in, else the input projection) may
+    // read it as stored: then no chunk of it is converted to S.
+    const bool x_stored = folded ? Backend::reads_stored_input(w_hh_t, x) : Backend::reads_stored_input(w_ih_t, x);
     const auto w_hr_t = Backend::template step_weight<S>(w.w_hr, true, H, H_out, B, project ? T : 0,
                                                          Scratch::kProjectionWeight, at::ScalarType::Undefined);
     [[maybe_unused]] const auto persistent = persistent_recurrence<Backend, Cell, S>(w.w_hh, H, H_out, B, false);
@@ -420,9 +423,10 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
           else
             Backend::template recurrent_step<Cell, S>(
                 w_hh_t, step, row_begin, end, step.reserve, width, S(folded ? 0 : 1),
-                x_stored ? nullptr : ptr<S>(x_rows) + (row - row_lo) * I,
-                x_stored ? static_cast<const char*>(x_rows.data_ptr()) + (row - row_lo) * I * x_rows.element_size()
-                         : nullptr,
+                folded && !x_stored ? ptr<S>(x_rows) + (row - row_lo) * I : nullptr,
+                folded && x_stored
+                    ? static_cast<const char*>(x_rows.data_ptr()) + (row - row_lo) * I * x_rows.element_size()
+                    : nullptr,
                 h_prev);
           if (project) {
             S* out_rows = step.output + row_begin * H_out;

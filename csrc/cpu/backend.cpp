@@ -755,6 +755,13 @@ struct CpuBackend {
     return w_hh.stored_input && x.scalar_type() == at::kBFloat16 && x.is_contiguous();
   }
 
+  // bfloat16 panels multiply a bfloat16 x's rows as they are (apply_out): no float32 copy of them
+  // is made to be rounded back.
+  template <typename S>
+  static bool reads_stored_input(const CpuDenseWeight<S>& w, const at::Tensor& x) {
+    return w.bf16_panels.defined() && x.scalar_type() == at::kBFloat16 && x.is_contiguous();
+  }
+
   // gates = h_prev W_hh^T + beta gates (beta 1 onto the projected input; beta 0 for GRU's hidden
   // gates, and with the input folded in, where the GEMM adds x_t W_ih^T + bias itself), then the
   // cell's pointwise step; with panels, each thread runs both for its block of hidden units in one pass.
@@ -1030,9 +1037,20 @@ void CpuDenseWeight<S>::apply_out(at::Tensor& out, const at::Tensor& x) const {
     if (bf16_panels.defined()) {
       TORCH_INTERNAL_ASSERT(x.is_contiguous() && out.stride(1) == 1);
       const int64_t k = bf16_panels.k(), ld = bf16_panels.padded_k();
+      const bool stored = x.scalar_type() == at::kBFloat16;  // (reads_stored_input)
+      if (stored && ld == k)  // rows of pairs as the panels read them
+        return bf16_panels.multiply(m, ptr<c10::BFloat16>(x), k, 1, 0.0f, ptr<float>(out), out.stride(0),
+                                    ptr<float>(bias));
+      // Else the rows go into a buffer: rounded from float32, or copied, each padded to pairs.
       at::Tensor operands = cpu_scratch(Scratch::kInputCopy, {m, ld}, x.options().dtype(at::kBFloat16));
       c10::BFloat16* rows = operands.data_ptr<c10::BFloat16>();
-      at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) { round_rows_to_bf16(ptr<float>(x), k, rows, ld, begin, end, k); });
+      at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
+        if (!stored) return round_rows_to_bf16(ptr<float>(x), k, rows, ld, begin, end, k);
+        for (int64_t r = begin; r < end; ++r) {
+          std::copy_n(ptr<c10::BFloat16>(x) + r * k, k, rows + r * ld);
+          std::fill(rows + r * ld + k, rows + (r + 1) * ld, c10::BFloat16(0.0f));
+        }
+      });
       bf16_panels.multiply(m, rows, ld, 1, 0.0f, ptr<float>(out), out.stride(0), ptr<float>(bias));
       return;
     }

@@ -343,6 +343,8 @@ struct CudaBackend {
     return false;
   }
 
+  static bool reads_stored_input(const DenseWeight& /*w_ih*/, const at::Tensor& /*x*/) { return false; }
+
   // Half-precision layers compute in their own type here (kHalfKernels): no output to round.
   template <typename S>
   static bool rounds_output(const CudaStepWeight<S>& /*w_hh*/) {
