@@ -348,13 +348,16 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     // bfloat16 LSTM's inference at B=64 I=H=256); else, where the gates need none either, one chunk
     // keeps the threads on their own rows for the whole sequence.
     // Where the steps round h_new into the output themselves (Backend::rounds_output), it has no
-    // chunks to round, and the pointwise step's h_new goes to h_state alone.
+    // chunks to round, and the pointwise step's h_new goes to h_state alone. An input the steps
+    // read (folded in) and cannot read as stored still goes a chunk at a time.
     const bool steps_round_output = round_output && !project && Backend::rounds_output(w_hh_t);
     const bool round_chunks = round_output && !steps_round_output;
+    const bool steps_read_stored = folded && Backend::reads_stored_input(w_hh_t, x);
+    const bool steps_convert_input = folded && !steps_read_stored && x.scalar_type() != compute;
     const bool round_reserve = keep && operands != at::ScalarType::Undefined;
     const bool gates_in_reserve = keep && !round_reserve, reuse_rows = folded && !keep;
     const bool gates_unchunked = gates_in_reserve || reuse_rows;
-    const int64_t chunk = gates_unchunked && !round_chunks
+    const int64_t chunk = gates_unchunked && !round_chunks && !steps_convert_input
                               ? std::max<int64_t>(T, 1)
                               : std::max<int64_t>(Backend::kForwardChunkValues /
                                                       std::max<int64_t>(1, B * (gates_unchunked ? H_out : width)),
@@ -369,7 +372,7 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
                                                           std::min(s.rows, chunk * B), operands);
     // Whatever reads x (the steps where the input is folded in, else the input projection) may
     // read it as stored: then no chunk of it is converted to S.
-    const bool x_stored = folded ? Backend::reads_stored_input(w_hh_t, x) : Backend::reads_stored_input(w_ih_t, x);
+    const bool x_stored = folded ? steps_read_stored : Backend::reads_stored_input(w_ih_t, x);
     const auto w_hr_t = Backend::template step_weight<S>(w.w_hr, true, H, H_out, B, project ? T : 0,
                                                          Scratch::kProjectionWeight, at::ScalarType::Undefined);
     [[maybe_unused]] const auto persistent = persistent_recurrence<Backend, Cell, S>(w.w_hh, H, H_out, B, false);

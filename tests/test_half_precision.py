@@ -278,6 +278,25 @@ def test_folded_bf16_input_projection_makes_no_float32_copy_of_w_ih(set_cache_si
     assert min(_peak_memory_bytes(step, torch.device("cpu")) for _ in range(3)) < w_ih_float32_bytes
 
 
+# An input the folded steps cannot read as stored (an odd number of features) is converted to
+# float32 a chunk of steps at a time, never whole: LSTM I=1023 H=256, 200 steps of 16 rows, peaks at
+# 8.8 MiB, below the input's float32 size (12.5).
+@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need AVX512-BF16")
+@pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
+def test_folded_bf16_steps_convert_an_odd_input_a_chunk_at_a_time(set_cache_sizes):
+    set_cache_sizes(1 << 20, 64 << 20)
+    torch.manual_seed(0)
+    module = fused_rnn.LSTM(1023, 256).to(torch.bfloat16).eval()
+    x = torch.randn(200, 16, 1023, dtype=torch.bfloat16)
+
+    def step():
+        with torch.no_grad():
+            module(x)
+
+    step()  # warm
+    assert min(_peak_memory_bytes(step, torch.device("cpu")) for _ in range(3)) < x.numel() * 4
+
+
 # A hoisted input projection on bfloat16 panels reads a bfloat16 input's rows as they are, with no
 # float32 copy of them (rounded back to bfloat16 into a buffer before 2026-12-06): a bfloat16 GRU
 # I=1024 H=64 inference call of 8 steps of 64 rows, one chunk, peaked at 4.1 MiB, now 1.0.
