@@ -256,63 +256,40 @@ def test_bf16_backward_makes_no_float32_copy_of_the_weights():
     assert min(_peak_memory_bytes(step, torch.device("cpu")) for _ in range(3)) < 8 * w_hh_bytes
 
 
-# With the input projection folded into each step's GEMM, no chunk of input is projected apart from
-# the steps: the call makes no float32 copy of W_ih for that projection (it made one, unused, until
-# 2026-12-06: a bfloat16 LSTM I=1024 H=256 inference call of 4 steps of 16 rows peaked at 6.8 MiB,
-# now 2.8, where the folded bfloat16 panels of [W_hh, W_ih] take 2.5). The cache sizes make it fold
-# on any machine.
+def inference_peak_bytes(module, x):
+    """The least peak memory of three bfloat16 inference calls (after one to warm)."""
+    def step():
+        with torch.no_grad():
+            module(x)
+
+    step()
+    return min(_peak_memory_bytes(step, torch.device("cpu")) for _ in range(3))
+
+
+# Inference calls that make no float32 copy of what they can read as stored, each peaking below the
+# float32 size of what the copy would be, on bfloat16 products (the cache sizes make the LSTMs fold
+# their input projection into the steps on any machine):
+# - folded: no float32 copy of W_ih for a projection that never runs (made until 2026-12-06: LSTM
+#   I=1024 H=256, 4 steps of 16 rows, peaked at 6.8 MiB, now 2.8, where the folded bfloat16 panels
+#   of [W_hh, W_ih] take 2.5);
+# - folded, an odd number of features (not read as stored): the input converted to float32 a chunk
+#   of steps at a time, never whole (LSTM I=1023 H=256, 200 steps of 16 rows: 8.8 MiB, where the
+#   whole input in float32 is 12.5);
+# - hoisted (GRU): the projection reads the input's rows as they are, not a float32 copy rounded
+#   back to bfloat16 (I=1024 H=64, 8 steps of 64 rows in one chunk: 4.1 MiB before, now 1.0).
 @pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need AVX512-BF16")
 @pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
-def test_folded_bf16_input_projection_makes_no_float32_copy_of_w_ih(set_cache_sizes):
+@pytest.mark.parametrize("case", ["folded-w_ih", "folded-odd-input", "hoisted-input"])
+def test_bf16_inference_makes_no_float32_copy_of_what_it_reads_as_stored(case, set_cache_sizes):
     set_cache_sizes(1 << 20, 64 << 20)
     torch.manual_seed(0)
-    module = fused_rnn.LSTM(1024, 256).to(torch.bfloat16).eval()
-    x = torch.randn(4, 16, 1024, dtype=torch.bfloat16)
-
-    def step():
-        with torch.no_grad():
-            module(x)
-
-    step()  # warm
-    w_ih_float32_bytes = module.weight_ih_l0.numel() * 4
-    assert min(_peak_memory_bytes(step, torch.device("cpu")) for _ in range(3)) < w_ih_float32_bytes
-
-
-# An input the folded steps cannot read as stored (an odd number of features) is converted to
-# float32 a chunk of steps at a time, never whole: LSTM I=1023 H=256, 200 steps of 16 rows, peaks at
-# 8.8 MiB, below the input's float32 size (12.5).
-@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need AVX512-BF16")
-@pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
-def test_folded_bf16_steps_convert_an_odd_input_a_chunk_at_a_time(set_cache_sizes):
-    set_cache_sizes(1 << 20, 64 << 20)
-    torch.manual_seed(0)
-    module = fused_rnn.LSTM(1023, 256).to(torch.bfloat16).eval()
-    x = torch.randn(200, 16, 1023, dtype=torch.bfloat16)
-
-    def step():
-        with torch.no_grad():
-            module(x)
-
-    step()  # warm
-    assert min(_peak_memory_bytes(step, torch.device("cpu")) for _ in range(3)) < x.numel() * 4
-
-
-# A hoisted input projection on bfloat16 panels reads a bfloat16 input's rows as they are, with no
-# float32 copy of them (rounded back to bfloat16 into a buffer before 2026-12-06): a bfloat16 GRU
-# I=1024 H=64 inference call of 8 steps of 64 rows, one chunk, peaked at 4.1 MiB, now 1.0.
-@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need AVX512-BF16")
-@pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
-def test_bf16_input_projection_reads_the_input_as_stored():
-    torch.manual_seed(0)
-    module = fused_rnn.GRU(1024, 64).to(torch.bfloat16).eval()
-    x = torch.randn(8, 64, 1024, dtype=torch.bfloat16)
-
-    def step():
-        with torch.no_grad():
-            module(x)
-
-    step()  # warm
-    assert min(_peak_memory_bytes(step, torch.device("cpu")) for _ in range(3)) < x.numel() * 4
+    kind, input_size, hidden, steps, batch = {"folded-w_ih": ("LSTM", 1024, 256, 4, 16),
+                                              "folded-odd-input": ("LSTM", 1023, 256, 200, 16),
+                                              "hoisted-input": ("GRU", 1024, 64, 8, 64)}[case]
+    module = getattr(fused_rnn, kind)(input_size, hidden).to(torch.bfloat16).eval()
+    x = torch.randn(steps, batch, input_size, dtype=torch.bfloat16)
+    copied = module.weight_ih_l0 if case == "folded-w_ih" else x
+    assert inference_peak_bytes(module, x) < copied.numel() * 4
 
 
 def emulated_layer(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, round_h):
