@@ -743,7 +743,7 @@ struct CpuBackend {
   }
 
   // The steps on bfloat16 panels that carry h_new, rounded, to the next step (fused_bf16_step)
-  // copy it into the output too: no float32 output is written, read back and rounded a chunk at a
+  // round it into the output too: no float32 output is written, read back and rounded a chunk at a
   // time.
   template <typename S>
   static bool rounds_output(const CpuStepWeight<S>& w_hh) {
