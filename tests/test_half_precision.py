@@ -292,6 +292,21 @@ def test_bf16_inference_makes_no_float32_copy_of_what_it_reads_as_stored(case, s
     assert inference_peak_bytes(module, x) < copied.numel() * 4
 
 
+# At batch 1 the steps read the bfloat16 W_hh where it lies and the input projection lays W_ih out a
+# panel at a time as it multiplies (csrc/cpu/backend.cpp: recurrent_weight, dense_weight): no copy of
+# either weight. I=H=1024, 100 steps: until 2026-12-06 both were laid out in bfloat16 panels, the
+# call peaking above twice the size of W_hh (LSTM 16+ MiB); now LSTM 2.0 MiB, GRU 1.6, RNN 0.8 (Zen 4).
+@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need AVX512-BF16")
+@pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
+@pytest.mark.parametrize("class_name", ["LSTM", "GRU", "RNN"])
+def test_bf16_inference_at_batch_1_makes_no_copy_of_the_weights(class_name):
+    torch.manual_seed(0)
+    module = getattr(fused_rnn, class_name)(1024, 1024).to(torch.bfloat16).eval()
+    x = torch.randn(100, 1, 1024, dtype=torch.bfloat16)
+    w_hh = module.weight_hh_l0
+    assert inference_peak_bytes(module, x) < w_hh.numel() * w_hh.element_size()
+
+
 def emulated_layer(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, round_h):
     """Output of one unpacked layer in float64 from the same bfloat16 values, with h_prev rounded to
     bfloat16 before each step's recurrent GEMM where round_h (x already is bfloat16)."""
@@ -317,8 +332,10 @@ def emulated_layer(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, round_h):
 
 # (steps, batch, input, hidden): odd sizes (padding of the bfloat16 pairs), batches below and above
 # the one where the input is folded into the recurrent GEMM, and enough rows for the input
-# projection's own bfloat16 GEMM.
-BF16_PRODUCT_SHAPES = [(12, 5, 7, 33), (12, 20, 17, 40), (6, 130, 9, 16), (10, 24, 64, 48)]
+# projection's own bfloat16 GEMM; batch 1 (W_hh read in place, its rows' k odd, or a whole vector
+# and half of one).
+BF16_PRODUCT_SHAPES = [(12, 5, 7, 33), (12, 20, 17, 40), (6, 130, 9, 16), (10, 24, 64, 48), (20, 1, 17, 33),
+                       (24, 1, 64, 48)]
 
 
 @pytest.mark.parametrize("shape", BF16_PRODUCT_SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))

@@ -246,6 +246,9 @@ struct CpuStepWeight {
   // one its GEMM does not read, where the next step finds its h_prev (`rounded_in`).
   Panels<S, c10::BFloat16> bf16_panels;
   at::Tensor operands;
+  // Or, for the steps of one row, a bfloat16 W_hh read where it lies (bf16_in_place_step), h_prev
+  // rounded into the first row of `operands`.
+  WeightRows<S, c10::BFloat16> bf16_rows;
   // With the input folded into bfloat16 panels and an even number of inputs, the steps may read a
   // bfloat16 input's rows of x_t as they are (reads_stored_input): as stored, each row's pairs
   // are the panels' pairs, and x_t need not be converted to float32 and rounded back (LSTM B=64
@@ -426,9 +429,10 @@ struct CpuBackend {
   //    is as fast as the kept layout and saves its copy (backward, T=100, I=H=2048, AVX-512 Zen 4,
   //    in-process A/B against the kept layout: GRU B=16 0.997x, B=64 0.993x, LSTM B=16 1.015x,
   //    B=64 0.992x; peak memory GRU B=16 281 -> 234 MiB, where torch.nn's measured 247-292).
-  //  - Multiplying in bfloat16, on bfloat16 panels laid out once, from 16 rows: a bfloat16 layer's
-  //    copies of its tensors already cost more memory than the layout, and MKL would multiply in
-  //    float32.
+  //  - Multiplying in bfloat16, on bfloat16 panels from 16 rows (MKL would multiply in float32):
+  //    laid out on use where the call's rows go in one chunk (x W^T), as in float32 (a batch-1 call
+  //    of a GRU at I=H=512 needs 1.5 MiB for its layout of W_ih, 0.8 MiB for all else), else
+  //    laid out once.
   template <typename S>
   static CpuDenseWeight<S> dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias, int64_t rows,
                                         int64_t chunk_rows, at::ScalarType operands) {
@@ -442,8 +446,11 @@ struct CpuBackend {
     const bool panels_pay = k > 0 && n > 0 && rows >= kFewestPanelRows;
     if constexpr (std::is_same_v<S, float>) {
       if (panels_pay && lays_out_stored<S>(w, operands)) {  // from the bfloat16 weights as they are
+        using P = Panels<S, c10::BFloat16>;
         CpuDenseWeight<S> dw{w.contiguous(), b, trans};
-        dw.bf16_panels = Panels<S, c10::BFloat16>(ptr<c10::BFloat16>(dw.w), trans, k, 1, n, Scratch::kInputWeight);
+        const auto* stored = ptr<c10::BFloat16>(dw.w);
+        dw.bf16_panels = chunk_rows >= rows && trans ? P(typename P::LaidOutOnUse{}, stored, trans, k, n)
+                                                     : P(stored, trans, k, 1, n, Scratch::kInputWeight);
         return dw;
       }
     }
@@ -660,10 +667,10 @@ struct CpuBackend {
                                            const at::Tensor& bias, at::ScalarType operands) {
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
     const int64_t n = Cell::kGates * hidden;
-    // Only bfloat16 panels read bfloat16 weights as they are (reads_in_place and broadcasts never
-    // hold for bfloat16 operands).
-    const bool stored =
-        lays_out_stored<S>(w_hh_stored, operands) && panels_pay(steps, max_rows, kMinRecurrentPanelRows);
+    // Only bfloat16 panels and the steps of one row (bf16_rows) read bfloat16 weights as they are
+    // (reads_in_place and broadcasts never hold for bfloat16 operands).
+    const bool stored = lays_out_stored<S>(w_hh_stored, operands) &&
+                        (max_rows <= 1 || panels_pay(steps, max_rows, kMinRecurrentPanelRows));
     const auto kept = [&](const at::Tensor& t) {
       return stored && t.defined() ? t.contiguous() : in_compute_type<S>(t);
     };
@@ -673,6 +680,18 @@ struct CpuBackend {
     sw.w_data = w_hh_data;
     sw.w_ih_data = w_ih;
     if (h_out <= 0 || hidden <= 0) return sw;
+    if (stored && max_rows <= 1) {
+      // Steps of one row, bound by reading W_hh, read it where it lies: no copy of it in panels,
+      // which for a GRU at I=H=512 was twice what the rest of its inference call needs, nor the
+      // time to lay it out (AVX-512 Zen 4, T=100 inference, in-process A/B against the panels,
+      // with the input projection's panels laid out on use: LSTM, GRU and RNN at H=256 and 512
+      // 1.09-1.16x, training 1.03-1.28x).
+      if constexpr (std::is_same_v<S, float>) {
+        sw.bf16_rows = WeightRows<S, c10::BFloat16>(ptr<c10::BFloat16>(w_hh_data), h_out, Cell::kGates, hidden);
+        sw.operands = cpu_scratch(Scratch::kStateCopy, {max_rows, h_out}, at::TensorOptions().dtype(at::kBFloat16));
+      }
+      return sw;
+    }
     if (reads_in_place(true, steps, max_rows, operands)) {
       // Calls of a few steps over a few rows fold the input projection in as well: each step then
       // reads W_ih too, but no separate GEMM of a few rows runs, which costs MKL more than the rows'
@@ -745,9 +764,10 @@ struct CpuBackend {
   // The steps on bfloat16 panels that carry h_new, rounded, to the next step (fused_bf16_step)
   // round it into the output too: no float32 output is written, read back and rounded a chunk at a
   // time.
+  // So do the steps of one row on a bfloat16 W_hh read in place (bf16_in_place_step).
   template <typename S>
   static bool rounds_output(const CpuStepWeight<S>& w_hh) {
-    return w_hh.bf16_panels.defined() && w_hh.operands.dim() == 3;
+    return (w_hh.bf16_panels.defined() && w_hh.operands.dim() == 3) || w_hh.bf16_rows.defined();
   }
 
   template <typename S>
@@ -777,6 +797,9 @@ struct CpuBackend {
                                      static_cast<const c10::BFloat16*>(input_stored));
     }
     TORCH_INTERNAL_ASSERT(input_stored == nullptr);
+    if constexpr (std::is_same_v<S, float>) {
+      if (w_hh.bf16_rows.defined()) return bf16_in_place_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, h_prev);
+    }
     if (w_hh.broadcast.defined())
       return broadcast_step<Cell>(w_hh, a, row_begin, row_end, gates, ld_gates, beta, input, h_prev);
     if (w_hh.rows.defined())
@@ -898,6 +921,29 @@ struct CpuBackend {
       for (int64_t p = begin; p < end; ++p) {
         rows.block(p, m, h_rows, h_out, beta, gates + row_begin * ld_gates, ld_gates, bias, x_rows, input_size);
         panel_forward<Cell>(rows, a, p, row_begin, m);
+      }
+    });
+  }
+
+  // in_place_step on a bfloat16 W_hh (bf16_rows): h_prev's rows rounded to bfloat16 first, as the
+  // bfloat16 panels' steps round them; each block's h_new rounded into the output after its
+  // pointwise step (rounds_output).
+  template <class Cell>
+  static void bf16_in_place_step(const CpuStepWeight<float>& w_hh, const StepForward<float>& a, int64_t row_begin,
+                                 int64_t row_end, float* gates, int64_t ld_gates, float beta, const float* h_prev) {
+    const int64_t h_out = w_hh.k, m = row_end - row_begin;
+    c10::BFloat16* h_rows = w_hh.operands.data_ptr<c10::BFloat16>() + row_begin * h_out;
+    round_to_bf16((h_prev != nullptr ? h_prev : a.h_state) + row_begin * h_out, h_rows, m * h_out);
+    const WeightRows<float, c10::BFloat16>& rows = w_hh.bf16_rows;
+    auto* const output = static_cast<c10::BFloat16*>(a.output_rounded);
+    for_each_block_range(rows, m, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        rows.block(p, m, h_rows, h_out, beta, gates + row_begin * ld_gates, ld_gates);
+        panel_forward<Cell>(rows, a, p, row_begin, m);
+        if (output != nullptr)
+          for_each_panel_unit(rows, p, row_begin, row_end, [&](int64_t b, int64_t j, bool vec) {
+            round_to_bf16(a.h_state + b * h_out + j, output + b * a.ld_output + j, vec ? rows.kWidth : 1);
+          });
       }
     });
   }

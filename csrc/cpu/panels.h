@@ -99,14 +99,22 @@ class Panels {
   // a buffer of the thread that multiplies it (in L2), and multiplied there by all of A's rows: for
   // a product made once, the same layout work without a copy of the whole weight, and no panel read
   // back from memory. w must outlive the panels, which are multiplied through multiply() only
-  // (block() reads panels laid out at once).
+  // (block() reads panels laid out at once). The weight is in S, or in E where it has it (bfloat16
+  // weights, transposed only).
   struct LaidOutOnUse {};
-  Panels(LaidOutOnUse, const S* w, bool trans, int64_t k, int64_t units) : Panels(k, 1, units, 0) {
-    source_ = w;
+  template <typename W>
+  Panels(LaidOutOnUse, const W* w, bool trans, int64_t k, int64_t units) : Panels(k, 1, units, 0) {
+    static_assert(std::is_same_v<W, S> || std::is_same_v<W, E>, "weights in S or in the panels' type");
+    if constexpr (std::is_same_v<W, S>) {
+      source_ = w;
+    } else {
+      TORCH_INTERNAL_ASSERT(trans, "panels laid out on use from E are of w^T");
+      stored_source_ = w;
+    }
     source_trans_ = trans;
   }
 
-  bool defined() const { return data_.defined() || source_ != nullptr; }
+  bool defined() const { return data_.defined() || source_ != nullptr || stored_source_ != nullptr; }
   int64_t count() const { return count_; }
   // Bytes of all the panels laid out (whether or not they are, at once).
   int64_t bytes() const { return count_ * panel_size() * static_cast<int64_t>(sizeof(E)); }
@@ -482,8 +490,9 @@ class Panels {
 
   at::Tensor data_;  // [count][k / kPack][vectors][kWidth][kPack]
   E* base_ = nullptr;
-  // Panels laid out on use (LaidOutOnUse): the weight they come from; no data_.
+  // Panels laid out on use (LaidOutOnUse): the weight they come from, in S or in E; no data_.
   const S* source_ = nullptr;
+  const E* stored_source_ = nullptr;
   bool source_trans_ = false;
   int64_t k_ = 0, k_tail_ = 0, gates_ = 1, units_ = 0, unit_vectors_ = 1, vectors_ = 0, count_ = 0;
   int64_t head_packs_ = 0, tail_packs_ = 0;  // panel rows of the head's k and of the tail's
@@ -602,7 +611,7 @@ void Panels<S, E>::multiply(int64_t m, const E* a, int64_t lda, int64_t lda_k, S
       return;
     }
   }
-  if (source_ != nullptr) {
+  if (source_ != nullptr || stored_source_ != nullptr) {
     // Each thread lays out its panels one at a time (each a block of whole rows of w^T), each
     // multiplied by all of A's rows before the next.
     const int64_t R = block_rows();
@@ -611,7 +620,8 @@ void Panels<S, E>::multiply(int64_t m, const E* a, int64_t lda, int64_t lda_k, S
                                             at::TensorOptions().dtype(c10::CppTypeToScalarType<E>::value));
       E* panel = buffer.template data_ptr<E>();
       for (int64_t p = begin; p < end; ++p) {
-        lay_out<S>(panel, p, source_, source_trans_, nullptr);
+        if (stored_source_ != nullptr) lay_out<E>(panel, p, stored_source_, source_trans_, nullptr);
+        else lay_out<S>(panel, p, source_, source_trans_, nullptr);
         for (int64_t first = 0; first < m; first += R)
           block_in(panel, p, std::min(R, m - first), a + first * lda, lda, lda_k, beta, c + first * ldc, ldc, bias,
                    nullptr, 0, Sweep{0, panel_rows(), 0, 0});

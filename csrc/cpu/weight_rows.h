@@ -55,8 +55,9 @@ inline at::vec::Vectorized<S> in_register(at::vec::Vectorized<S> v) {
 // A weight W [gates * units, k] read where it lies, in blocks of kWidth units of every gate: like
 // Panels, the columns of C = A W^T form `gates` groups of `units` (the gates of a cell), and block p
 // holds the same kWidth units of every gate, so that the cell's pointwise step for those units can
-// follow the block's products directly. What WeightRows and BroadcastRows share.
-template <typename S>
+// follow the block's products directly. What WeightRows and BroadcastRows share. W's values are E:
+// S, or bfloat16 (WeightRows<float, c10::BFloat16>, multiplying in bfloat16).
+template <typename S, typename E = S>
 class WeightRowBlocks {
  public:
   using V = at::vec::Vectorized<S>;
@@ -65,7 +66,7 @@ class WeightRowBlocks {
   WeightRowBlocks() = default;
   // w: row-major [gates * units, k]. With `w_tail`, W = [w, w_tail] joined along k, as Panels
   // joins them: w is [gates * units, k - k_tail] and w_tail [gates * units, k_tail].
-  WeightRowBlocks(const S* w, int64_t k, int64_t gates, int64_t units, const S* w_tail = nullptr, int64_t k_tail = 0)
+  WeightRowBlocks(const E* w, int64_t k, int64_t gates, int64_t units, const E* w_tail = nullptr, int64_t k_tail = 0)
       : w_(w), w_tail_(w_tail), k_(k - k_tail), k_tail_(k_tail), gates_(gates), units_(units),
         count_((units + kWidth - 1) / kWidth) {}
 
@@ -79,15 +80,17 @@ class WeightRowBlocks {
   int64_t row_work() const { return gates_ * kWidth * (k_ + k_tail_); }
 
  protected:
-  const S* w_ = nullptr;
-  const S* w_tail_ = nullptr;
+  const E* w_ = nullptr;
+  const E* w_tail_ = nullptr;
   int64_t k_ = 0, k_tail_ = 0, gates_ = 1, units_ = 0, count_ = 0;  // k_: w's part of k
 };
 
-// C = A W^T, each value of C the dot product of A's row with a row of W.
-template <typename S>
-class WeightRows : public WeightRowBlocks<S> {
-  using Base = WeightRowBlocks<S>;
+// C = A W^T, each value of C the dot product of A's row with a row of W. With E bfloat16 (S float),
+// A's rows are bfloat16 too, each product of a pair of k summed in float32 by the AVX512-BF16
+// instruction (the AVX-512 build only), as the bfloat16 panels multiply.
+template <typename S, typename E = S>
+class WeightRows : public WeightRowBlocks<S, E> {
+  using Base = WeightRowBlocks<S, E>;
   using Base::w_, Base::w_tail_, Base::k_, Base::k_tail_, Base::gates_, Base::units_;
 
  public:
@@ -98,30 +101,37 @@ class WeightRows : public WeightRowBlocks<S> {
   // Rows [0, rows) of C for block p's columns: C = A W^T + beta C (+ bias, length gates * units,
   // where given), A's row r at a + r * lda; with a w_tail, A is joined the same way, its last
   // k_tail columns at a_tail + r * lda_tail. (C is not read where beta is 0.)
-  void block(int64_t p, int64_t rows, const S* a, int64_t lda, S beta, S* c, int64_t ldc, const S* bias = nullptr,
-             const S* a_tail = nullptr, int64_t lda_tail = 0) const {
+  void block(int64_t p, int64_t rows, const E* a, int64_t lda, S beta, S* c, int64_t ldc, const S* bias = nullptr,
+             const E* a_tail = nullptr, int64_t lda_tail = 0) const {
     const int64_t first = unit(p, 0), lanes = valid_lanes(p, 0);
     for (int64_t g = 0; g < gates_; ++g) {
       const int64_t row = g * units_ + first;
-      for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
-        const int64_t group = std::min(kRowGroup, rows - r0);
-        // The sums of the group's rows only, in raw storage: V's default constructor zeroes, and
-        // zeroing all kRowGroup x kWidth vectors (16 KiB with AVX-512) cost a step of one row
-        // more than its products (AVX-512 Zen 4, LSTM T=100 B=1 inference: I=H=64 0.46 -> 0.24
-        // ms, I=H=128 1.0 -> 0.6-0.8 ms).
-        alignas(V) unsigned char storage[sizeof(V) * kRowGroup * kWidth];
-        V(&acc)[kRowGroup][kWidth] = *reinterpret_cast<V(*)[kRowGroup][kWidth]>(storage);
-        for (int64_t r = 0; r < group; ++r)
+      // Row r's dot products for the block's units of gate g into C.
+      const auto store = [&](int64_t r, V sums) {
+        if (bias != nullptr) sums = sums + V::loadu(bias + row, lanes);
+        S* out = c + r * ldc + row;
+        if (beta != S(0)) sums = at::vec::fmadd(V::loadu(out, lanes), V(beta), sums);
+        sums.store(out, lanes);
+      };
+      if constexpr (!std::is_same_v<E, S>) {  // bfloat16: a row of A at a time (the steps of batch 1)
+        for (int64_t r = 0; r < rows; ++r)
+          store(r, pair_sums(w_ + row * k_, k_, a + r * lda, w_tail_ + row * k_tail_, k_tail_, a_tail + r * lda_tail,
+                             lanes));
+      } else {
+        for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
+          const int64_t group = std::min(kRowGroup, rows - r0);
+          // The sums of the group's rows only, in raw storage: V's default constructor zeroes, and
+          // zeroing all kRowGroup x kWidth vectors (16 KiB with AVX-512) cost a step of one row
+          // more than its products (AVX-512 Zen 4, LSTM T=100 B=1 inference: I=H=64 0.46 -> 0.24
+          // ms, I=H=128 1.0 -> 0.6-0.8 ms).
+          alignas(V) unsigned char storage[sizeof(V) * kRowGroup * kWidth];
+          V(&acc)[kRowGroup][kWidth] = *reinterpret_cast<V(*)[kRowGroup][kWidth]>(storage);
+          for (int64_t r = 0; r < group; ++r)
 #pragma GCC unroll 16
-          for (int l = 0; l < kWidth; ++l) new (&acc[r][l]) V(S(0));
-        dot_rows(acc, group, w_ + row * k_, k_, a + r0 * lda, lda, lanes);
-        if (k_tail_ > 0) dot_rows(acc, group, w_tail_ + row * k_tail_, k_tail_, a_tail + r0 * lda_tail, lda_tail, lanes);
-        for (int64_t r = 0; r < group; ++r) {
-          V sums = lane_sums(acc[r]);
-          if (bias != nullptr) sums = sums + V::loadu(bias + row, lanes);
-          S* out = c + (r0 + r) * ldc + row;
-          if (beta != S(0)) sums = at::vec::fmadd(V::loadu(out, lanes), V(beta), sums);
-          sums.store(out, lanes);
+            for (int l = 0; l < kWidth; ++l) new (&acc[r][l]) V(S(0));
+          dot_rows(acc, group, w_ + row * k_, k_, a + r0 * lda, lda, lanes);
+          if (k_tail_ > 0) dot_rows(acc, group, w_tail_ + row * k_tail_, k_tail_, a_tail + r0 * lda_tail, lda_tail, lanes);
+          for (int64_t r = 0; r < group; ++r) store(r0 + r, lane_sums(acc[r]));
         }
       }
     }
@@ -195,6 +205,72 @@ class WeightRows : public WeightRowBlocks<S> {
     for (int a = 0; a < ARows; ++a)
 #pragma GCC unroll 16
       for (int l = 0; l < WRows; ++l) acc_io[a][l] = acc[a][l];
+  }
+
+#if defined(CPU_CAPABILITY_AVX512)
+  // acc[l] += W's row l (of pair_sums) times x over k values, a vector of 32 at a time.
+  static inline __attribute__((always_inline, target("avx512bf16"))) void add_pair_products(
+      __m512 (&acc)[kWidth], const E* w, int64_t k, const E* x, int64_t lanes) {
+    constexpr int64_t kValues = 2 * kWidth;  // bfloat16 values of k per vector
+    const E* row[kWidth];
+#pragma GCC unroll 16
+    for (int l = 0; l < kWidth; ++l) row[l] = w + std::min<int64_t>(l, lanes - 1) * k;
+    int64_t i = 0;
+    for (; i + kValues <= k; i += kValues) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
+#pragma GCC unroll 16
+      for (int l = 0; l < kWidth; ++l) acc[l] = _mm512_dpbf16_ps(acc[l], (__m512bh)_mm512_loadu_si512(row[l] + i), xv);
+    }
+    if (i < k) {  // the last k % 32 values, the rest of the vectors zero (an odd last pair's too)
+      const __mmask32 mask = static_cast<__mmask32>((uint64_t(1) << (k - i)) - 1);
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + i);
+#pragma GCC unroll 16
+      for (int l = 0; l < kWidth; ++l)
+        acc[l] = _mm512_dpbf16_ps(acc[l], (__m512bh)_mm512_maskz_loadu_epi16(mask, row[l] + i), xv);
+    }
+  }
+#endif
+
+  // A vector whose lane l is the dot product of W's row l (rows k apart from w; rows past `lanes`
+  // repeat the last) with x, joined along k with the same of w_tail and x_tail, in bfloat16 (E) summed
+  // in float32 (S): each row's sum runs in 16 lanes, a vector of pairs of k at a time (kWidth
+  // independent chains), then the rows' 16 lanes are added in a tree of shuffles in registers
+  // (through memory, as lane_sums adds them, the sums took half as long as the products at k = 512).
+  // Out of line, as only this function may use the AVX512-BF16 instruction.
+#if defined(CPU_CAPABILITY_AVX512)
+  __attribute__((noinline, target("avx512bf16")))
+#endif
+  static V pair_sums(const E* w, int64_t k, const E* x, const E* w_tail, int64_t k_tail, const E* x_tail,
+                     int64_t lanes) {
+    static_assert(std::is_same_v<S, float> && sizeof(E) == 2 && kWidth == 16, "bfloat16 rows sum in float32");
+#if defined(CPU_CAPABILITY_AVX512)
+    __m512 acc[kWidth];
+#pragma GCC unroll 16
+    for (int l = 0; l < kWidth; ++l) acc[l] = _mm512_setzero_ps();
+    add_pair_products(acc, w, k, x, lanes);
+    if (k_tail > 0) add_pair_products(acc, w_tail, k_tail, x_tail, lanes);
+    // 16 rows -> 8 vectors, each 128-bit lane holding two rows' partial sums [a b a b]; -> 4, each
+    // 128-bit lane four rows' [a b c d]; -> 2, then 1, adding 128-bit lanes: lane l is row l's sum.
+    __m512 two[8], four[4], eight[2];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i)
+      two[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]),
+                             _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i)
+      four[i] = _mm512_add_ps(_mm512_shuffle_ps(two[2 * i], two[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_ps(two[2 * i], two[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; ++i)
+      eight[i] = _mm512_add_ps(_mm512_shuffle_f32x4(four[2 * i], four[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                               _mm512_shuffle_f32x4(four[2 * i], four[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(eight[0], eight[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(eight[0], eight[1], _MM_SHUFFLE(3, 1, 3, 1)));
+#else
+    (void)w, (void)k, (void)x, (void)w_tail, (void)k_tail, (void)x_tail, (void)lanes;
+    TORCH_INTERNAL_ASSERT(false, "bfloat16 weight rows need the AVX-512 build");
+    return V();
+#endif
   }
 
   // A vector whose lane l is the sum of acc[l]'s lanes (in lane order): acc transposed through
