@@ -307,6 +307,19 @@ def test_bf16_inference_at_batch_1_makes_no_copy_of_the_weights(class_name):
     assert inference_peak_bytes(module, x) < w_hh.numel() * w_hh.element_size()
 
 
+# A bfloat16 layer's chunk of float32 gates holds at most half the steps (csrc/layer.h,
+# narrow_steps): GRU I=H=64, 100 steps of 16 rows, hoisted, until 2026-12-06 one chunk of 85 steps
+# (1 MiB), the call peaking at 1.25 MiB, above the 1.17 MiB all the steps' gates take in float32;
+# now two of 50, 0.84 MiB (torch.nn 1.05, Zen 4).
+@pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
+def test_bf16_inference_chunks_hold_half_the_steps_gates():
+    torch.manual_seed(0)
+    steps, batch, hidden = 100, 16, 64
+    module = fused_rnn.GRU(hidden, hidden).to(torch.bfloat16).eval()
+    x = torch.randn(steps, batch, hidden, dtype=torch.bfloat16)
+    assert inference_peak_bytes(module, x) < steps * batch * 3 * hidden * 4
+
+
 def emulated_layer(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, round_h):
     """Output of one unpacked layer in float64 from the same bfloat16 values, with h_prev rounded to
     bfloat16 before each step's recurrent GEMM where round_h (x already is bfloat16)."""
