@@ -242,8 +242,8 @@ class WeightRows : public WeightRowBlocks<S, E> {
 #endif
   static V pair_sums(const E* w, int64_t k, const E* x, const E* w_tail, int64_t k_tail, const E* x_tail,
                      int64_t lanes) {
-    static_assert(std::is_same_v<S, float> && sizeof(E) == 2 && kWidth == 16, "bfloat16 rows sum in float32");
 #if defined(CPU_CAPABILITY_AVX512)
+    static_assert(std::is_same_v<S, float> && sizeof(E) == 2 && kWidth == 16, "bfloat16 rows sum in float32");
     __m512 acc[kWidth];
 #pragma GCC unroll 16
     for (int l = 0; l < kWidth; ++l) acc[l] = _mm512_setzero_ps();
