@@ -360,11 +360,12 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
     // A layer stored in a narrower type takes at most the steps whose gates in S fill as much memory
     // as all the steps' would in the storage type, which is what torch.nn's half-precision layers
     // hold (GRU B=16 I=H=64 T=100 bfloat16 inference: one chunk of 85 steps peaked at 1.25 MiB,
-    // torch.nn at 1.04; two of 50 at 0.77).
-    const int64_t narrow_steps = operands == at::ScalarType::Undefined
-                                     ? T
-                                     : (T * static_cast<int64_t>(c10::elementSize(operands)) + sizeof(S) - 1) /
-                                           static_cast<int64_t>(sizeof(S));
+    // torch.nn at 1.04; two of 50 at 0.84).
+    const int64_t narrow_steps =
+        operands == at::ScalarType::Undefined
+            ? T
+            : std::max<int64_t>(1, (T * static_cast<int64_t>(c10::elementSize(operands)) + sizeof(S) - 1) /
+                                       static_cast<int64_t>(sizeof(S)));
     const int64_t chunk =
         gates_unchunked && !round_chunks && !steps_convert_input
             ? std::max<int64_t>(T, 1)
