@@ -669,8 +669,8 @@ struct CpuBackend {
     const int64_t n = Cell::kGates * hidden;
     // Only bfloat16 panels and the steps of one row (bf16_rows) read bfloat16 weights as they are
     // (reads_in_place and broadcasts never hold for bfloat16 operands).
-    const bool stored = lays_out_stored<S>(w_hh_stored, operands) &&
-                        (max_rows <= 1 || panels_pay(steps, max_rows, kMinRecurrentPanelRows));
+    const bool bf16 = lays_out_stored<S>(w_hh_stored, operands), bf16_rows = bf16 && max_rows <= 1;
+    const bool stored = bf16_rows || (bf16 && panels_pay(steps, max_rows, kMinRecurrentPanelRows));
     const auto kept = [&](const at::Tensor& t) {
       return stored && t.defined() ? t.contiguous() : in_compute_type<S>(t);
     };
@@ -680,7 +680,7 @@ struct CpuBackend {
     sw.w_data = w_hh_data;
     sw.w_ih_data = w_ih;
     if (h_out <= 0 || hidden <= 0) return sw;
-    if (stored && max_rows <= 1) {
+    if (bf16_rows) {
       // Steps of one row, bound by reading W_hh, read it where it lies: no copy of it in panels,
       // which for a GRU at I=H=512 was twice what the rest of its inference call needs, nor the
       // time to lay it out (AVX-512 Zen 4, T=100 inference, in-process A/B against the panels,
@@ -878,8 +878,8 @@ struct CpuBackend {
   }
 
   // Panel p's units of rows [first, first + rows) of h (h_out columns) rounded into the same place
-  // in `operands` (row stride ld), with the 0 after the last unit where h_out is odd, and into
-  // `output` (row stride h_out) where given. (Copied from `operands` instead, the output's stores
+  // in `operands` (row stride ld), with the 0 after the last unit where h_out is odd, where given,
+  // and into `output` (row stride h_out) where given. (Copied from `operands` instead, the output's stores
   // took 1.9% of a bfloat16 LSTM inference call at B=64 I=H=256, perf; rounded again, 0.5%.
   // round_to_bf16 flushes denormals to zero: such an output holds 0 for an h under 1.2e-38.)
   template <class P>
@@ -887,8 +887,10 @@ struct CpuBackend {
                                 int64_t ld, int64_t first, int64_t rows, c10::BFloat16* output = nullptr) {
     for_each_panel_unit(panels, p, first, first + rows, [&](int64_t b, int64_t j, bool vec) {
       const int64_t units = vec ? P::kWidth : 1;
-      round_to_bf16(h + b * h_out + j, operands + b * ld + j, units);
-      if (j + units == h_out && h_out % 2) operands[b * ld + h_out] = c10::BFloat16(0.0f);
+      if (operands != nullptr) {
+        round_to_bf16(h + b * h_out + j, operands + b * ld + j, units);
+        if (j + units == h_out && h_out % 2) operands[b * ld + h_out] = c10::BFloat16(0.0f);
+      }
       if (output != nullptr) round_to_bf16(h + b * h_out + j, output + b * h_out + j, units);
     });
   }
@@ -936,14 +938,12 @@ struct CpuBackend {
     round_to_bf16((h_prev != nullptr ? h_prev : a.h_state) + row_begin * h_out, h_rows, m * h_out);
     const WeightRows<float, c10::BFloat16>& rows = w_hh.bf16_rows;
     auto* const output = static_cast<c10::BFloat16*>(a.output_rounded);
+    TORCH_INTERNAL_ASSERT(output == nullptr || a.ld_output == h_out);
     for_each_block_range(rows, m, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         rows.block(p, m, h_rows, h_out, beta, gates + row_begin * ld_gates, ld_gates);
         panel_forward<Cell>(rows, a, p, row_begin, m);
-        if (output != nullptr)
-          for_each_panel_unit(rows, p, row_begin, row_end, [&](int64_t b, int64_t j, bool vec) {
-            round_to_bf16(a.h_state + b * h_out + j, output + b * a.ld_output + j, vec ? rows.kWidth : 1);
-          });
+        if (output != nullptr) round_panel_units(rows, p, a.h_state, h_out, nullptr, 0, row_begin, m, output);
       }
     });
   }
