@@ -322,6 +322,28 @@ def test_bf16_inference_chunks_hold_half_the_steps_gates():
     assert inference_peak_bytes(module, x) < steps * batch * 3 * hidden * 4
 
 
+# A bfloat16 layer's backward converts each chunk's rows of the output (h_prev with them), dL/d
+# output and x to float32, and computes its input gradient there: its chunks count those values
+# beside the gate gradients (csrc/layer.h, layer_backward_in_compute_type). RNN I=H=64, 100 steps of
+# 16 rows: until 2026-12-06 one chunk of all the steps, the call peaking at 3.4 MiB (torch.nn 1.1),
+# above the 1.6 MiB four whole float32 copies take; now four chunks, 1.0 MiB (Zen 4).
+@pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
+def test_bf16_training_chunks_count_the_float32_copies():
+    torch.manual_seed(0)
+    steps, batch, hidden = 100, 16, 64
+    module = fused_rnn.RNN(hidden, hidden).to(torch.bfloat16)
+    x = torch.randn(steps, batch, hidden, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(steps, batch, hidden, dtype=torch.bfloat16)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x)[0].backward(grad)
+
+    step()  # warm
+    assert min(_peak_memory_bytes(step, torch.device("cpu")) for _ in range(3)) < 4 * steps * batch * hidden * 4
+
+
 def emulated_layer(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, round_h):
     """Output of one unpacked layer in float64 from the same bfloat16 values, with h_prev rounded to
     bfloat16 before each step's recurrent GEMM where round_h (x already is bfloat16)."""
