@@ -94,7 +94,7 @@ def test_at_least_as_accurate_as_nn(kind, form, dtype):
 def test_long_sequence_at_least_as_accurate_as_nn(kind, batch):
     """400 steps, hidden 64 in bfloat16, both directions, in training and in inference: a training
     forward converts the input to float32 and rounds the saved activations to bfloat16 a chunk of
-    51-341 steps at a time, and the backward converts them back 32-227 steps at a time. So the
+    51-341 steps at a time, and the backward converts them back 16-210 steps at a time. So the
     conversions cross chunk borders (40 steps stay in one chunk), and at batch 16 LSTM and RNN
     fold the input projection into each step's GEMM, which reads the converted rows."""
     proj = {"proj_size": 16} if kind == "LSTM_PROJ" else {}
