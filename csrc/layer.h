@@ -545,13 +545,20 @@ std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, co
   // go into a reused buffer, from which the input gradient and the weight and bias gradients are
   // taken by large GEMMs before the next chunk, so no [rows, G*H] buffer is needed. A layer stored in
   // a narrower type also converts each chunk's rows of the output (with h_prev), dL/d output, the
-  // reserve and x, and computes its input gradient, in S: those values count too (bfloat16 training,
-  // B=16 I=H=64 T=100: RNN's chunk was the whole sequence, 3.4 MiB at its peak against torch.nn's 1.1).
+  // reserve and x to S, and computes its input gradient there: its chunk holds at most the steps
+  // whose such copies and gate gradients fill half of what the whole sequence's output, dL/d output,
+  // reserve, x and dL/dx take in the storage type (bfloat16 training, I=H=64 T=100: RNN B=16 had one
+  // chunk of all the steps, peaking at 3.4 MiB against torch.nn's 1.1; LSTM B=16 chunks of 32 steps,
+  // 5.2 MiB against 4.1).
   const int64_t T = s.count();
   const bool narrow = operands != at::ScalarType::Undefined;
-  const int64_t row_values = G * H * (Cell::kSeparateHiddenGates ? 2 : 1) + (narrow ? 2 * H_out + R + 2 * I : 0);
-  const int64_t chunk = std::max<int64_t>(Backend::kBackwardChunkValues / std::max<int64_t>(1, B * row_values),
-                                          (kMinChunkRows + B - 1) / std::max<int64_t>(1, B));
+  int64_t chunk = Backend::kBackwardChunkValues / std::max<int64_t>(1, B * G * H);
+  if (narrow) {
+    const int64_t stored = 2 * H_out + R + 2 * I, copies = G * H * (Cell::kSeparateHiddenGates ? 2 : 1) + stored;
+    const int64_t stored_bytes = T * stored * static_cast<int64_t>(c10::elementSize(operands));
+    chunk = std::min(chunk, std::max<int64_t>(1, stored_bytes / (2 * copies * static_cast<int64_t>(c10::elementSize(compute)))));
+  }
+  chunk = std::max(chunk, (kMinChunkRows + B - 1) / std::max<int64_t>(1, B));
   const int64_t chunk_rows = std::min(s.rows, chunk * B);
   Tensor grad_gates = Backend::scratch(Scratch::kGates, {chunk_rows, G * H}, opts);
   Tensor grad_hidden_gates = Cell::kSeparateHiddenGates ? Backend::scratch(Scratch::kHiddenGates, {chunk_rows, G * H}, opts) : grad_gates;

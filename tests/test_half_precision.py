@@ -94,7 +94,7 @@ def test_at_least_as_accurate_as_nn(kind, form, dtype):
 def test_long_sequence_at_least_as_accurate_as_nn(kind, batch):
     """400 steps, hidden 64 in bfloat16, both directions, in training and in inference: a training
     forward converts the input to float32 and rounds the saved activations to bfloat16 a chunk of
-    51-341 steps at a time, and the backward converts them back 16-210 steps at a time. So the
+    51-341 steps at a time, and the backward converts them back 32-86 steps at a time. So the
     conversions cross chunk borders (40 steps stay in one chunk), and at batch 16 LSTM and RNN
     fold the input projection into each step's GEMM, which reads the converted rows."""
     proj = {"proj_size": 16} if kind == "LSTM_PROJ" else {}
@@ -323,10 +323,11 @@ def test_bf16_inference_chunks_hold_half_the_steps_gates():
 
 
 # A bfloat16 layer's backward converts each chunk's rows of the output (h_prev with them), dL/d
-# output and x to float32, and computes its input gradient there: its chunks count those values
-# beside the gate gradients (csrc/layer.h, layer_backward_in_compute_type). RNN I=H=64, 100 steps of
-# 16 rows: until 2026-12-06 one chunk of all the steps, the call peaking at 3.4 MiB (torch.nn 1.1),
-# above the 1.6 MiB four whole float32 copies take; now four chunks, 1.0 MiB (Zen 4).
+# output and x to float32, and computes its input gradient there: a chunk's copies take at most half
+# of what those tensors take in bfloat16 (csrc/layer.h, layer_backward_in_compute_type). RNN
+# I=H=64, 100 steps of 16 rows: until 2026-12-06 one chunk of all the steps, the call peaking at
+# 3.4 MiB (torch.nn 1.1), above the 1.6 MiB four whole float32 copies take; now five chunks, 0.9 MiB
+# (Zen 4).
 @pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
 def test_bf16_training_chunks_count_the_float32_copies():
     torch.manual_seed(0)
