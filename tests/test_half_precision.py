@@ -245,25 +245,33 @@ def test_bf16_backward_makes_no_float32_copy_of_the_weights():
     module = fused_rnn.GRU(1024, 1024).to(torch.bfloat16)
     x = torch.randn(8, 16, 1024, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(8, 16, 1024, dtype=torch.bfloat16)
+    w_hh_bytes = module.weight_hh_l0.numel() * module.weight_hh_l0.element_size()
+    assert training_peak_bytes(module, x, grad) < 8 * w_hh_bytes
 
+
+def least_peak_bytes(step):
+    """The least peak memory of three calls of step (after one to warm)."""
+    step()
+    return min(_peak_memory_bytes(step, torch.device("cpu")) for _ in range(3))
+
+
+def training_peak_bytes(module, x, grad):
+    """The least peak memory of three forward and backward calls (after one to warm)."""
     def step():
         x.grad = None
         module.zero_grad(set_to_none=True)
         module(x)[0].backward(grad)
 
-    step()  # warm
-    w_hh_bytes = module.weight_hh_l0.numel() * module.weight_hh_l0.element_size()
-    assert min(_peak_memory_bytes(step, torch.device("cpu")) for _ in range(3)) < 8 * w_hh_bytes
+    return least_peak_bytes(step)
 
 
 def inference_peak_bytes(module, x):
-    """The least peak memory of three bfloat16 inference calls (after one to warm)."""
+    """The least peak memory of three inference calls (after one to warm)."""
     def step():
         with torch.no_grad():
             module(x)
 
-    step()
-    return min(_peak_memory_bytes(step, torch.device("cpu")) for _ in range(3))
+    return least_peak_bytes(step)
 
 
 # Inference calls that make no float32 copy of what they can read as stored, each peaking below the
@@ -335,14 +343,7 @@ def test_bf16_training_chunks_count_the_float32_copies():
     module = fused_rnn.RNN(hidden, hidden).to(torch.bfloat16)
     x = torch.randn(steps, batch, hidden, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(steps, batch, hidden, dtype=torch.bfloat16)
-
-    def step():
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        module(x)[0].backward(grad)
-
-    step()  # warm
-    assert min(_peak_memory_bytes(step, torch.device("cpu")) for _ in range(3)) < 4 * steps * batch * hidden * 4
+    assert training_peak_bytes(module, x, grad) < 4 * steps * batch * hidden * 4
 
 
 def emulated_layer(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, round_h):

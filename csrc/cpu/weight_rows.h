@@ -87,7 +87,8 @@ class WeightRowBlocks {
 
 // C = A W^T, each value of C the dot product of A's row with a row of W. With E bfloat16 (S float),
 // A's rows are bfloat16 too, each product of a pair of k summed in float32 by the AVX512-BF16
-// instruction (the AVX-512 build only), as the bfloat16 panels multiply.
+// instruction (the AVX-512 build only), as the bfloat16 panels multiply; such a W has no w_tail
+// (the steps that read it, of one row, never fold the input in).
 template <typename S, typename E = S>
 class WeightRows : public WeightRowBlocks<S, E> {
   using Base = WeightRowBlocks<S, E>;
@@ -114,9 +115,8 @@ class WeightRows : public WeightRowBlocks<S, E> {
         sums.store(out, lanes);
       };
       if constexpr (!std::is_same_v<E, S>) {  // bfloat16: a row of A at a time (the steps of batch 1)
-        for (int64_t r = 0; r < rows; ++r)
-          store(r, pair_sums(w_ + row * k_, k_, a + r * lda, w_tail_ + row * k_tail_, k_tail_, a_tail + r * lda_tail,
-                             lanes));
+        TORCH_INTERNAL_ASSERT_DEBUG_ONLY(k_tail_ == 0, "bfloat16 weight rows have no w_tail");
+        for (int64_t r = 0; r < rows; ++r) store(r, pair_sums(w_ + row * k_, k_, a + r * lda, lanes));
       } else {
         for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
           const int64_t group = std::min(kRowGroup, rows - r0);
@@ -207,14 +207,23 @@ class WeightRows : public WeightRowBlocks<S, E> {
       for (int l = 0; l < WRows; ++l) acc_io[a][l] = acc[a][l];
   }
 
+  // A vector whose lane l is the dot product of W's row l (rows k apart from w; rows past `lanes`
+  // repeat the last) with x, in bfloat16 (E) summed in float32 (S): each row's sum runs in 16
+  // lanes, a vector of pairs of k at a time (kWidth independent chains), then the rows' 16 lanes are
+  // added in a tree of shuffles in registers (through memory, as lane_sums adds them, the sums took
+  // half as long as the products at k = 512). Out of line, as only this function may use the
+  // AVX512-BF16 instruction.
 #if defined(CPU_CAPABILITY_AVX512)
-  // acc[l] += W's row l (of pair_sums) times x over k values, a vector of 32 at a time.
-  static inline __attribute__((always_inline, target("avx512bf16"))) void add_pair_products(
-      __m512 (&acc)[kWidth], const E* w, int64_t k, const E* x, int64_t lanes) {
+  __attribute__((noinline, target("avx512bf16")))
+#endif
+  static V pair_sums(const E* w, int64_t k, const E* x, int64_t lanes) {
+#if defined(CPU_CAPABILITY_AVX512)
+    static_assert(std::is_same_v<S, float> && sizeof(E) == 2 && kWidth == 16, "bfloat16 rows sum in float32");
     constexpr int64_t kValues = 2 * kWidth;  // bfloat16 values of k per vector
+    __m512 acc[kWidth];
     const E* row[kWidth];
 #pragma GCC unroll 16
-    for (int l = 0; l < kWidth; ++l) row[l] = w + std::min<int64_t>(l, lanes - 1) * k;
+    for (int l = 0; l < kWidth; ++l) acc[l] = _mm512_setzero_ps(), row[l] = w + std::min<int64_t>(l, lanes - 1) * k;
     int64_t i = 0;
     for (; i + kValues <= k; i += kValues) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
@@ -228,27 +237,6 @@ class WeightRows : public WeightRowBlocks<S, E> {
       for (int l = 0; l < kWidth; ++l)
         acc[l] = _mm512_dpbf16_ps(acc[l], (__m512bh)_mm512_maskz_loadu_epi16(mask, row[l] + i), xv);
     }
-  }
-#endif
-
-  // A vector whose lane l is the dot product of W's row l (rows k apart from w; rows past `lanes`
-  // repeat the last) with x, joined along k with the same of w_tail and x_tail, in bfloat16 (E) summed
-  // in float32 (S): each row's sum runs in 16 lanes, a vector of pairs of k at a time (kWidth
-  // independent chains), then the rows' 16 lanes are added in a tree of shuffles in registers
-  // (through memory, as lane_sums adds them, the sums took half as long as the products at k = 512).
-  // Out of line, as only this function may use the AVX512-BF16 instruction.
-#if defined(CPU_CAPABILITY_AVX512)
-  __attribute__((noinline, target("avx512bf16")))
-#endif
-  static V pair_sums(const E* w, int64_t k, const E* x, const E* w_tail, int64_t k_tail, const E* x_tail,
-                     int64_t lanes) {
-#if defined(CPU_CAPABILITY_AVX512)
-    static_assert(std::is_same_v<S, float> && sizeof(E) == 2 && kWidth == 16, "bfloat16 rows sum in float32");
-    __m512 acc[kWidth];
-#pragma GCC unroll 16
-    for (int l = 0; l < kWidth; ++l) acc[l] = _mm512_setzero_ps();
-    add_pair_products(acc, w, k, x, lanes);
-    if (k_tail > 0) add_pair_products(acc, w_tail, k_tail, x_tail, lanes);
     // 16 rows -> 8 vectors, each 128-bit lane holding two rows' partial sums [a b a b]; -> 4, each
     // 128-bit lane four rows' [a b c d]; -> 2, then 1, adding 128-bit lanes: lane l is row l's sum.
     __m512 two[8], four[4], eight[2];
@@ -267,7 +255,7 @@ class WeightRows : public WeightRowBlocks<S, E> {
     return _mm512_add_ps(_mm512_shuffle_f32x4(eight[0], eight[1], _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(eight[0], eight[1], _MM_SHUFFLE(3, 1, 3, 1)));
 #else
-    (void)w, (void)k, (void)x, (void)w_tail, (void)k_tail, (void)x_tail, (void)lanes;
+    (void)w, (void)k, (void)x, (void)lanes;
     TORCH_INTERNAL_ASSERT(false, "bfloat16 weight rows need the AVX-512 build");
     return V();
 #endif
