@@ -346,6 +346,25 @@ def test_bf16_training_chunks_count_the_float32_copies():
     assert training_peak_bytes(module, x, grad) < 4 * steps * batch * hidden * 4
 
 
+# A bfloat16 training call at batch 1 makes no copy of the weights nor of their gradients: its
+# backward's steps read W_hh where it lies (csrc/cpu/backend.cpp, step_weight), the input gradient
+# lays W_ih out a panel at a time (dense_weight), and W_ih's and W_hh's gradients, one GEMM each
+# over all the steps, are rounded to bfloat16 a slab of rows at a time (weight_grad_out), not
+# computed whole in float32. I=H=1024, 50 steps: until 2026-12-06 the call peaked above twice the
+# size of the bfloat16 weights (LSTM 36 MiB, GRU 29, RNN 13.5, beyond the gradients it replaces);
+# now LSTM 4.3 MiB, GRU 4.1, RNN 1.3 (Zen 4).
+@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need AVX512-BF16")
+@pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
+@pytest.mark.parametrize("class_name", ["LSTM", "GRU", "RNN"])
+def test_bf16_training_at_batch_1_makes_no_copy_of_the_weights(class_name):
+    torch.manual_seed(0)
+    module = getattr(fused_rnn, class_name)(1024, 1024).to(torch.bfloat16)
+    x = torch.randn(50, 1, 1024, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(50, 1, 1024, dtype=torch.bfloat16)
+    w_hh = module.weight_hh_l0
+    assert training_peak_bytes(module, x, grad) < w_hh.numel() * w_hh.element_size()
+
+
 def emulated_layer(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, round_h):
     """Output of one unpacked layer in float64 from the same bfloat16 values, with h_prev rounded to
     bfloat16 before each step's recurrent GEMM where round_h (x already is bfloat16)."""
@@ -431,18 +450,19 @@ def test_bf16_steps_round_the_next_h_prev_exactly(mode, shape, reverse, folded, 
     assert_layer_rounds_exactly_the_gemm_operands(mode, shape, reverse)
 
 
-@pytest.mark.parametrize("batch", [5, 20], ids=["B5", "B20"])
+@pytest.mark.parametrize("batch", [1, 5, 20], ids=["B1", "B5", "B20"])
 @pytest.mark.parametrize("class_name", ["LSTM", "GRU", "RNN"])
 def test_bf16_odd_sizes_against_float64(class_name, batch):
     """Odd input and hidden sizes (bfloat16 panels pad each part of k to pairs, in the forward's
-    [h_prev, x_t] and the backward's gate gradients) and, with B5, an odd number of rows (the k of
-    the weight gradients' GEMMs), batches below and above the folding one: outputs and every
-    gradient within bfloat16 rounding of the float64 layer (a misplaced pair is off by the size of
-    the values)."""
+    [h_prev, x_t] and the backward's gate gradients) and, with B1 and B5, an odd number of rows (the
+    k of the weight gradients' GEMMs), batches below and above the folding one; with B1, W_hh read
+    where it lies by both directions' steps (an odd k of gate rows for GRU and RNN, a part of a
+    vector of units) and the weight gradients rounded by slabs: outputs and every gradient within
+    bfloat16 rounding of the float64 layer (a misplaced pair is off by the size of the values)."""
     torch.manual_seed(0)
     module = getattr(fused_rnn, class_name)(17, 33, num_layers=2, bidirectional=True).bfloat16()
     exact = copy.deepcopy(module).double()
-    x = torch.randn(13, batch, 17).bfloat16()
+    x = torch.randn(13 if batch > 1 else 41, batch, 17).bfloat16()  # B1: 41 rows, enough for panels
     results = []
     for m, inp in ((module, x.requires_grad_()), (exact, x.detach().double().requires_grad_())):
         out, _ = m(inp)

@@ -228,6 +228,9 @@ struct CpuStepWeight {
   // else `combinations`.
   WeightRows<S> rows;
   RowCombinations<S> combinations;
+  // Or, for the backward's steps of one row multiplying in bfloat16, a bfloat16 W_hh read where it
+  // lies, the gate gradients rounded into the first row of `operands`.
+  RowCombinations<S, c10::BFloat16> bf16_combinations;
   // Recurrent weights of many rows a step that would be laid out in panels (broadcasts): read in
   // place by `broadcast`, each step's rows of A transposed into `transposed` first.
   BroadcastRows<S> broadcast;
@@ -266,6 +269,7 @@ struct CpuStepWeight {
   at::Tensor w_data, w_ih_data;
 
   bool has_panels() const { return panels.defined() || bf16_panels.defined(); }
+  bool combines() const { return combinations.defined() || bf16_combinations.defined(); }
 
   void gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const;
 };
@@ -430,9 +434,9 @@ struct CpuBackend {
   //    in-process A/B against the kept layout: GRU B=16 0.997x, B=64 0.993x, LSTM B=16 1.015x,
   //    B=64 0.992x; peak memory GRU B=16 281 -> 234 MiB, where torch.nn's measured 247-292).
   //  - Multiplying in bfloat16, on bfloat16 panels from 16 rows (MKL would multiply in float32):
-  //    laid out on use where the call's rows go in one chunk (x W^T), as in float32 (a batch-1 call
-  //    of a GRU at I=H=512 needs 1.5 MiB for its layout of W_ih, 0.8 MiB for all else), else
-  //    laid out once.
+  //    laid out on use where the call's rows go in one chunk, x W^T as x W (a batch-1 call of a GRU
+  //    at I=H=512 needs 1.5 MiB for its layout of W_ih, 0.8 MiB for all else in the forward, and
+  //    its input gradient 1.5 MiB more), else laid out once.
   template <typename S>
   static CpuDenseWeight<S> dense_weight(const at::Tensor& w, bool trans, const at::Tensor& bias, int64_t rows,
                                         int64_t chunk_rows, at::ScalarType operands) {
@@ -449,8 +453,8 @@ struct CpuBackend {
         using P = Panels<S, c10::BFloat16>;
         CpuDenseWeight<S> dw{w.contiguous(), b, trans};
         const auto* stored = ptr<c10::BFloat16>(dw.w);
-        dw.bf16_panels = chunk_rows >= rows && trans ? P(typename P::LaidOutOnUse{}, stored, trans, k, n)
-                                                     : P(stored, trans, k, 1, n, Scratch::kInputWeight);
+        dw.bf16_panels = chunk_rows >= rows ? P(typename P::LaidOutOnUse{}, stored, trans, k, n)
+                                            : P(stored, trans, k, 1, n, Scratch::kInputWeight);
         return dw;
       }
     }
@@ -474,23 +478,41 @@ struct CpuBackend {
   // B16 10%; g within half of L2, as LSTM B16 H64 and RNN B1 H64, 3-4% slower on MKL).
   // Where bf16_products_for(operands), g and x are rounded to bfloat16 (g transposed, as the
   // kernel reads pairs of k = rows) and multiplied in bfloat16, as torch.nn's bfloat16 layers do.
+  // A grad_w in a narrower type than S (not accumulating) is computed a slab of its rows at a time
+  // into a buffer in S and rounded into it (by_slabs): no copy of the whole in S. x may be in the
+  // storage type `operands`, which bfloat16 panels lay out from as it is (no copy of it in S).
   template <typename S>
   static void weight_grad_out(at::Tensor& grad_w, const at::Tensor& g, const at::Tensor& x, bool accumulate,
                               at::ScalarType operands = at::ScalarType::Undefined) {
     constexpr int64_t kMinPanelRows = 16;
+    const bool narrow = grad_w.scalar_type() != c10::CppTypeToScalarType<S>::value;
+    TORCH_INTERNAL_ASSERT(!narrow || (!accumulate && grad_w.is_contiguous()), "a narrower weight gradient is written once");
     const int64_t rows = x.size(0);
     const bool panels = rows >= kMinPanelRows && x.is_contiguous() && g.stride(1) == 1 && grad_w.is_contiguous() &&
                         x.size(1) > 0;
+    const bool x_stored = x.scalar_type() != c10::CppTypeToScalarType<S>::value;
     if constexpr (std::is_same_v<S, float>) {
       if (panels && bf16_products_for(operands)) {
-        const Panels<float, c10::BFloat16> x_panels(ptr<float>(x), false, rows, 1, x.size(1), Scratch::kGradientPanels);
-        const int64_t n = g.size(1), ld = x_panels.padded_k();
-        const at::Tensor g_t = cpu_scratch(Scratch::kGradientOperands, {n, ld}, g.options().dtype(at::kBFloat16));
-        transpose_to_bf16(ptr<float>(g), g.stride(0), rows, n, g_t.data_ptr<c10::BFloat16>(), ld);
-        x_panels.multiply(n, g_t.data_ptr<c10::BFloat16>(), ld, 1, accumulate ? 1.0f : 0.0f, ptr<float>(grad_w),
-                          grad_w.stride(0));
-        return;
+        using P = Panels<float, c10::BFloat16>;
+        const P x_panels = x_stored ? P(ptr<c10::BFloat16>(x), false, rows, 1, x.size(1), Scratch::kGradientPanels)
+                                    : P(ptr<float>(x), false, rows, 1, x.size(1), Scratch::kGradientPanels);
+        const int64_t ld = x_panels.padded_k();
+        // Rows [row, row + len) of grad_w, from g's same columns, into out.
+        const auto product = [&](int64_t row, int64_t len, float* out, int64_t ld_out) {
+          const at::Tensor g_t = cpu_scratch(Scratch::kGradientOperands, {len, ld}, g.options().dtype(at::kBFloat16));
+          transpose_to_bf16(ptr<float>(g) + row, g.stride(0), rows, len, g_t.data_ptr<c10::BFloat16>(), ld);
+          x_panels.multiply(len, g_t.data_ptr<c10::BFloat16>(), ld, 1, accumulate ? 1.0f : 0.0f, out, ld_out);
+        };
+        if (narrow) return by_slabs<S>(grad_w, product);
+        return product(0, g.size(1), ptr<float>(grad_w), grad_w.stride(0));
       }
+    }
+    if (x_stored) return weight_grad_out<S>(grad_w, g, x.to(g.scalar_type()), accumulate, operands);
+    if (narrow) {
+      return by_slabs<S>(grad_w, [&](int64_t row, int64_t len, S* out, int64_t ld_out) {
+        at::Tensor sums = at::from_blob(out, {len, ld_out}, g.options());
+        weight_grad_out<S>(sums, part(g, 1, row, len), x, false, operands);
+      });
     }
     const int64_t g_bytes = rows * g.size(1) * static_cast<int64_t>(sizeof(S));
     if (panels && 2 * g_bytes <= cache_sizes().l2) {
@@ -504,6 +526,30 @@ struct CpuBackend {
     } else {
       at::mm_out(grad_w, g.t(), x);
     }
+  }
+
+  // grad_w (in a type narrower than S, [n, cols]) by slabs of its rows, in parallel: product(row,
+  // len, out, ld_out) puts rows [row, row + len) in S into a buffer of the thread, which rounds them
+  // into grad_w. Slabs of at most kSlabValues values, at least kSlabsPerThread per thread: the
+  // buffers take at most a quarter of what grad_w would in S.
+  template <typename S, typename F>
+  static void by_slabs(at::Tensor& grad_w, const F& product) {
+    constexpr int64_t kSlabValues = int64_t(1) << 15, kSlabsPerThread = 4;
+    const int64_t n = grad_w.size(0), cols = grad_w.size(1);
+    const int64_t per_thread = (n + kSlabsPerThread * at::get_num_threads() - 1) / (kSlabsPerThread * at::get_num_threads());
+    const int64_t slab = std::max<int64_t>(1, std::min(kSlabValues / std::max<int64_t>(1, cols), per_thread));
+    const auto options = grad_w.options().dtype(c10::CppTypeToScalarType<S>::value);
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(grad_w.scalar_type(), "fused_rnn_weight_grad_slabs", [&] {
+      scalar_t* out = grad_w.data_ptr<scalar_t>();
+      at::parallel_for(0, (n + slab - 1) / slab, 1, [&](int64_t begin, int64_t end) {
+        const at::Tensor sums = cpu_scratch(Scratch::kGradientSlab, {slab, cols}, options);
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t row = b * slab, len = std::min(slab, n - row);
+          product(row, len, ptr<S>(sums), cols);
+          at::vec::convert(ptr<S>(sums), out + row * cols, len * cols);
+        }
+      });
+    });
   }
 
   static void check_dtype(at::ScalarType t) {
@@ -550,19 +596,33 @@ struct CpuBackend {
   // where that pays (panels_pay); else each step's GEMM goes to MKL. Bfloat16 panels are laid out
   // from a bfloat16 weight as it is (the backward's W_hh of a bfloat16 layer: no float32 copy of
   // it, 4 bytes a weight, is made); all else reads w in S.
+  //
+  // The backward's C = A W (dgates W_hh) of one row a step multiplying in bfloat16 reads the
+  // bfloat16 W_hh where it lies too (bf16_combinations), as the forward's steps of one row do: no
+  // copy of it in panels (GRU I=H=512 at batch 1: 1.5 MiB, where torch.nn's whole training call
+  // peaks at 6.5-6.8), with the same sums. (AVX-512 Zen 4, bfloat16 training at batch 1, T=100,
+  // in-process A/B against the panels, with W_ih's input-gradient panels laid out on use and the
+  // weight gradients rounded by slabs, against a layout and whole float32 gradients: LSTM
+  // I=H=512 1.11x, I=H=256 1.04x, RNN I=H=256 1.09x, GRU I=H=256 1.03x, GRU and RNN I=H=512 level.)
   template <typename S>
   static CpuStepWeight<S> step_weight(const at::Tensor& w_stored, bool trans, int64_t k, int64_t n, int64_t max_rows,
                                       int64_t steps, Scratch slot, at::ScalarType operands) {
     const bool used = k > 0 && n > 0 && steps > 0;
-    const bool in_place = reads_in_place(trans, steps, max_rows, operands);
+    const bool bf16_in_place = !trans && max_rows <= 1 && lays_out_stored<S>(w_stored, operands);
+    const bool in_place = bf16_in_place || reads_in_place(trans, steps, max_rows, operands);
     const bool panels = !in_place && panels_pay(steps, max_rows, kMinStepPanelRows);
-    const bool stored = panels && lays_out_stored<S>(w_stored, operands);
+    const bool stored = bf16_in_place || (panels && lays_out_stored<S>(w_stored, operands));
     const at::Tensor data = !used ? at::Tensor() : stored ? w_stored.contiguous() : in_compute_type<S>(w_stored);
     const S* w = stored ? nullptr : ptr<S>(data);
     CpuStepWeight<S> sw{w, trans, k, n};
     sw.w_data = data;
     if (!used) return sw;
-    if (in_place) {
+    if (bf16_in_place) {
+      if constexpr (std::is_same_v<S, float>) {
+        sw.bf16_combinations = RowCombinations<S, c10::BFloat16>(ptr<c10::BFloat16>(data), k, n);
+        sw.operands = cpu_scratch(Scratch::kStateCopy, {max_rows, k + k % 2}, at::TensorOptions().dtype(at::kBFloat16));
+      }
+    } else if (in_place) {
       if (trans) sw.rows = WeightRows<S>(w, k, 1, n);
       else sw.combinations = RowCombinations<S>(w, k, n);
     } else if (stored) {
@@ -1032,19 +1092,29 @@ struct CpuBackend {
       if (vec) Cell::template backward<at::vec::Vectorized<S>, VecIO<S>>(a, b, j);
       else Cell::template backward<S, ScalarIO<S>>(a, b, j);
     };
-    if (grad_gates_after == nullptr || !(w_hh.has_panels() || w_hh.combinations.defined())) {
+    if (grad_gates_after == nullptr || !(w_hh.has_panels() || w_hh.combines())) {
       if (grad_gates_after != nullptr) grad_h_prev_from_gates<Cell>(w_hh, grad_gates_after, a.grad_h_state, row_begin, after_end);
       return for_each_chunk<S>(row_begin, row_end, a.hidden, Cell::kGates, point);
     }
     const S beta = grad_h_prev_beta<Cell, S>();
     const int64_t h_out = w_hh.n, rows_end = std::max(row_end, after_end);
-    if (w_hh.combinations.defined()) {  // each thread's units: their dL/dh, then their pointwise step
-      const RowCombinations<S>& combinations = w_hh.combinations;
+    // Each thread's units: their dL/dh, then their pointwise step (A: the gate gradients' rows, ld_a
+    // values per row).
+    const auto combine = [&](const auto& combinations, const auto* a_rows, int64_t ld_a) {
       return for_each_block_range(combinations, after_end - row_begin, [&](int64_t begin, int64_t end) {
         for (int64_t r = row_begin; r < after_end; ++r)
-          combinations.combine(begin, end, grad_gates_after + r * w_hh.k, beta, a.grad_h_state + r * h_out);
+          combinations.combine(begin, end, a_rows + r * ld_a, beta, a.grad_h_state + r * h_out);
         for (int64_t p = begin; p < end; ++p) for_each_panel_unit(combinations, p, row_begin, row_end, point);
       });
+    };
+    if (w_hh.combinations.defined()) return combine(w_hh.combinations, grad_gates_after, w_hh.k);
+    if constexpr (std::is_same_v<S, float>) {
+      if (w_hh.bf16_combinations.defined()) {
+        const int64_t ld = w_hh.k + w_hh.k % 2;
+        c10::BFloat16* operands = w_hh.operands.template data_ptr<c10::BFloat16>();
+        round_rows_to_bf16(grad_gates_after, w_hh.k, operands, ld, row_begin, after_end, w_hh.k);
+        return combine(w_hh.bf16_combinations, static_cast<const c10::BFloat16*>(operands), ld);
+      }
     }
     // A = the gate gradients' rows (at row 0: ld_a values per row), on either kind of panels.
     const auto run = [&](const auto& panels, const auto* a_rows, int64_t ld_a) {
@@ -1132,6 +1202,15 @@ void CpuStepWeight<S>::gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, in
       at::Tensor rows = cpu_scratch(Scratch::kGemmOperands, {m, ld}, at::TensorOptions().dtype(at::kBFloat16));
       round_rows_to_bf16(a, lda, rows.data_ptr<c10::BFloat16>(), ld, 0, m, k);
       return bf16_panels.multiply(m, rows.data_ptr<c10::BFloat16>(), ld, 1, beta, c, ldc);
+    }
+    if (bf16_combinations.defined()) {
+      const int64_t ld = k + k % 2;
+      at::Tensor rows = cpu_scratch(Scratch::kGemmOperands, {m, ld}, at::TensorOptions().dtype(at::kBFloat16));
+      const c10::BFloat16* rounded = rows.data_ptr<c10::BFloat16>();
+      round_rows_to_bf16(a, lda, rows.data_ptr<c10::BFloat16>(), ld, 0, m, k);
+      return for_each_block_range(bf16_combinations, m, [&](int64_t begin, int64_t end) {
+        for (int64_t r = 0; r < m; ++r) bf16_combinations.combine(begin, end, rounded + r * ld, beta, c + r * ldc);
+      });
     }
   }
   if (rows.defined()) {

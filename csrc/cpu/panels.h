@@ -100,17 +100,13 @@ class Panels {
   // a product made once, the same layout work without a copy of the whole weight, and no panel read
   // back from memory. w must outlive the panels, which are multiplied through multiply() only
   // (block() reads panels laid out at once). The weight is in S, or in E where it has it (bfloat16
-  // weights, transposed only).
+  // weights).
   struct LaidOutOnUse {};
   template <typename W>
   Panels(LaidOutOnUse, const W* w, bool trans, int64_t k, int64_t units) : Panels(k, 1, units, 0) {
     static_assert(std::is_same_v<W, S> || std::is_same_v<W, E>, "weights in S or in the panels' type");
-    if constexpr (std::is_same_v<W, S>) {
-      source_ = w;
-    } else {
-      TORCH_INTERNAL_ASSERT(trans, "panels laid out on use from E are of w^T");
-      stored_source_ = w;
-    }
+    if constexpr (std::is_same_v<W, S>) source_ = w;
+    else stored_source_ = w;
     source_trans_ = trans;
   }
 

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace fused_rnn {
@@ -474,8 +475,10 @@ class BroadcastRows : public WeightRowBlocks<S> {
 
 // C = A W + beta C, W [k, n], a row at a time: blocks of kBlockVectors vectors of C's columns, a
 // thread taking a contiguous range of them (see combine). Each value is beta C + the products in
-// order of k, as the panels' kernel adds them.
-template <typename S>
+// order of k, as the panels' kernel adds them. With E bfloat16 (S float; the AVX-512 build only), W
+// and A's rows are bfloat16 (A's padded with a 0 after an odd k), and each product of a pair of k
+// is summed in float32 by the AVX512-BF16 instruction, as the bfloat16 panels multiply.
+template <typename S, typename E = S>
 class RowCombinations {
  public:
   using V = at::vec::Vectorized<S>;
@@ -483,7 +486,7 @@ class RowCombinations {
   static constexpr int64_t kBlockVectors = 4;
 
   RowCombinations() = default;
-  RowCombinations(const S* w, int64_t k, int64_t n)
+  RowCombinations(const E* w, int64_t k, int64_t n)
       : w_(w), k_(k), n_(n), count_((n + kBlockVectors * kWidth - 1) / (kBlockVectors * kWidth)) {}
 
   bool defined() const { return w_ != nullptr; }
@@ -498,20 +501,98 @@ class RowCombinations {
   // C's row at c, the columns of blocks [begin, end): c = a W + beta c (a: one row of k values).
   // W's rows are read in order, each over the blocks' columns, kRows at a time: a thread streams
   // through its columns of W while that part of C's row stays in L1.
-  void combine(int64_t begin, int64_t end, const S* a, S beta, S* c) const {
+  void combine(int64_t begin, int64_t end, const E* a, S beta, S* c) const {
     const int64_t col_begin = unit(begin, 0), col_end = std::min(n_, unit(end, 0));
-    for (int64_t col = col_begin; col < col_end; col += kWidth) {
-      const int count = static_cast<int>(std::min(kWidth, col_end - col));
-      const V start = beta == S(0) ? V(S(0)) : at::vec::fmadd(V::loadu(c + col, count), V(beta), V(S(0)));
-      start.store(c + col, count);
+    if constexpr (!std::is_same_v<E, S>) {
+      // Strips of up to kStripGroups groups of 32 columns, their sums kept in registers over all k.
+      constexpr int64_t kStrip = kStripGroups * 2 * kWidth;
+      for (int64_t col = col_begin; col < col_end; col += kStrip) {
+        const int64_t cols = std::min(kStrip, col_end - col);
+        if (cols > 64) pair_strip<4>(w_ + col, k_, n_, a, cols, beta, c + col);
+        else if (cols > 32) pair_strip<2>(w_ + col, k_, n_, a, cols, beta, c + col);
+        else pair_strip<1>(w_ + col, k_, n_, a, cols, beta, c + col);
+      }
+    } else {
+      for (int64_t col = col_begin; col < col_end; col += kWidth) {
+        const int count = static_cast<int>(std::min(kWidth, col_end - col));
+        const V start = beta == S(0) ? V(S(0)) : at::vec::fmadd(V::loadu(c + col, count), V(beta), V(S(0)));
+        start.store(c + col, count);
+      }
+      int64_t i = 0;
+      for (; i + kRows <= k_; i += kRows) add_rows<kRows>(i, a, c, col_begin, col_end);
+      for (; i < k_; ++i) add_rows<1>(i, a, c, col_begin, col_end);
     }
-    int64_t i = 0;
-    for (; i + kRows <= k_; i += kRows) add_rows<kRows>(i, a, c, col_begin, col_end);
-    for (; i < k_; ++i) add_rows<1>(i, a, c, col_begin, col_end);
   }
 
  private:
   static constexpr int kRows = 8;
+  // 4 groups: 8 independent sums, enough to cover the dot-product instruction's latency.
+  static constexpr int kStripGroups = 4;
+
+  // c[0, cols) = a W[:, 0, cols) + beta c, W's rows n apart from w, in bfloat16 (cols <= 32 G).
+  // Two rows of W at a time: their vectors interleaved (unpacklo / unpackhi of 16-bit values) give
+  // each 32-bit lane a pair of k for one column, which the dot-product instruction multiplies by
+  // A's pair for those rows. Within each 128-bit lane, unpacklo takes columns 0-3 and unpackhi
+  // 4-7 of that lane's 8, so a group of 32 columns sums into two vectors in that order, put back
+  // in column order at the end.
+  template <int G>
+#if defined(CPU_CAPABILITY_AVX512)
+  __attribute__((noinline, target("avx512bf16")))
+#endif
+  static void pair_strip(const E* w, int64_t k, int64_t n, const E* a, int64_t cols, S beta, S* c) {
+#if defined(CPU_CAPABILITY_AVX512)
+    static_assert(std::is_same_v<S, float> && sizeof(E) == 2 && kWidth == 16, "bfloat16 rows sum in float32");
+    __m512 lo[G], hi[G];
+    __mmask32 mask[G];
+    __mmask16 half_mask[G][2];
+    // lo's lane 4L + q holds column 8L + q of the group's 32 (q < 4), hi's column 8L + 4 + q (see
+    // below); in _mm512_permutex2var_ps's indices, the second vector's lanes count from 16.
+    const __m512i lo_columns = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+    const __m512i hi_columns = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const int64_t lanes = std::clamp<int64_t>(cols - 32 * g, 0, 32);
+      mask[g] = static_cast<__mmask32>((uint64_t(1) << lanes) - 1);
+      for (int h = 0; h < 2; ++h)
+        half_mask[g][h] = static_cast<__mmask16>((1u << std::clamp<int64_t>(lanes - 16 * h, 0, 16)) - 1);
+      // The sums start from beta c, as the panels' kernel starts them.
+      lo[g] = hi[g] = _mm512_setzero_ps();
+      if (beta != S(0)) {
+        const __m512 scale = _mm512_set1_ps(beta);
+        const __m512 first = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(half_mask[g][0], c + 32 * g), scale, lo[g]);
+        const __m512 second = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(half_mask[g][1], c + 32 * g + 16), scale, lo[g]);
+        lo[g] = _mm512_permutex2var_ps(first, lo_columns, second);
+        hi[g] = _mm512_permutex2var_ps(first, hi_columns, second);
+      }
+    }
+    // Rows i and i + 1 (an odd k's last row: with a row of zeros, as a's value after it is 0).
+    for (int64_t i = 0; i < k; i += 2) {
+      const E* even_row = w + i * n;
+      const E* odd_row = i + 1 < k ? even_row + n : even_row;
+      int32_t pair_bits;
+      std::memcpy(&pair_bits, a + i, sizeof(pair_bits));
+      const __m512bh pair = (__m512bh)_mm512_set1_epi32(pair_bits);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        const __m512i even = _mm512_maskz_loadu_epi16(mask[g], even_row + 32 * g);
+        const __m512i odd = _mm512_maskz_loadu_epi16(i + 1 < k ? mask[g] : 0, odd_row + 32 * g);
+        lo[g] = _mm512_dpbf16_ps(lo[g], (__m512bh)_mm512_unpacklo_epi16(even, odd), pair);
+        hi[g] = _mm512_dpbf16_ps(hi[g], (__m512bh)_mm512_unpackhi_epi16(even, odd), pair);
+      }
+    }
+    // Back in column order: column q of lane L's 8 from lo's lane 4L + q (q < 4), else hi's 4L + q - 4.
+    const __m512i first_half = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second_half = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      _mm512_mask_storeu_ps(c + 32 * g, half_mask[g][0], _mm512_permutex2var_ps(lo[g], first_half, hi[g]));
+      _mm512_mask_storeu_ps(c + 32 * g + 16, half_mask[g][1], _mm512_permutex2var_ps(lo[g], second_half, hi[g]));
+    }
+#else
+    (void)w, (void)k, (void)n, (void)a, (void)cols, (void)beta, (void)c;
+    TORCH_INTERNAL_ASSERT(false, "bfloat16 row combinations need the AVX-512 build");
+#endif
+  }
 
   // c[col_begin, col_end) += a[i + r] W[i + r, ...] for r < R, in order of r.
   template <int R>
@@ -536,7 +617,7 @@ class RowCombinations {
     }
   }
 
-  const S* w_ = nullptr;
+  const E* w_ = nullptr;
   int64_t k_ = 0, n_ = 0, count_ = 0;
 };
 
