@@ -535,6 +535,7 @@ std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, co
     return to_type<Backend>(part(t, 0, row, n), compute);
   };
   const Tensor res = reserve.contiguous();
+  const auto reserve_rows = [&](int64_t row, int64_t n) { return R > 0 ? rows_in_compute_type(res, row, n) : res; };  // RNN: none
 
   const Tensor h_init = hx.contiguous(), c_init = Cell::kHasCell ? cx.contiguous() : Tensor();
   Tensor grad_h_state = Backend::empty(grad_hy.sizes(), opts);
@@ -644,7 +645,7 @@ std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, co
       const int64_t part_steps = std::max(copy_steps, (last - first + kMaxParts - 1) / kMaxParts);
       const bool by_parts = narrow_storage && !s.packed && !Cell::kHasCell && !project &&
                             w_hh_step.row_groups == 1 && part_steps < last - first;
-      if (!res_rows.defined() && !by_parts) res_rows = R > 0 ? rows_in_compute_type(res, row_lo, n_rows) : res;  // RNN: none
+      if (!res_rows.defined() && !by_parts) res_rows = reserve_rows(row_lo, n_rows);
       const Tensor grad_out_rows = by_parts ? Tensor() : rows_in_compute_type(grad_out, row_lo, n_rows);
       const int64_t ld_grad_out = by_parts ? H_out : grad_out_rows.stride(0);
       a.ld_prev = Cell::kHasCell ? c_prev.stride(0) : h_prev.stride(0);
@@ -679,7 +680,7 @@ std::vector<Tensor> layer_backward_in_compute_type(const Tensor& grad_output, co
             const int64_t lo = reverse ? k : T - k_end, hi = reverse ? k_end : T - k;
             part_lo = s.offset[lo];
             const int64_t part_rows = (hi < T ? s.offset[hi] : s.rows) - part_lo;
-            part_res = R > 0 ? rows_in_compute_type(res, part_lo, part_rows) : res;
+            part_res = reserve_rows(part_lo, part_rows);
             part_grad_out = rows_in_compute_type(grad_out, part_lo, part_rows);
           }
           const int64_t t = reverse ? k : T - 1 - k;

@@ -535,9 +535,8 @@ struct CpuBackend {
   template <typename S, typename F>
   static void by_slabs(at::Tensor& grad_w, const F& product) {
     constexpr int64_t kSlabValues = int64_t(1) << 15, kSlabsPerThread = 4;
-    const int64_t n = grad_w.size(0), cols = grad_w.size(1);
-    const int64_t per_thread = (n + kSlabsPerThread * at::get_num_threads() - 1) / (kSlabsPerThread * at::get_num_threads());
-    const int64_t slab = std::max<int64_t>(1, std::min(kSlabValues / std::max<int64_t>(1, cols), per_thread));
+    const int64_t n = grad_w.size(0), cols = grad_w.size(1), slabs = kSlabsPerThread * at::get_num_threads();
+    const int64_t slab = std::max<int64_t>(1, std::min(kSlabValues / std::max<int64_t>(1, cols), (n + slabs - 1) / slabs));
     const auto options = grad_w.options().dtype(c10::CppTypeToScalarType<S>::value);
     AT_DISPATCH_REDUCED_FLOATING_TYPES(grad_w.scalar_type(), "fused_rnn_weight_grad_slabs", [&] {
       scalar_t* out = grad_w.data_ptr<scalar_t>();
@@ -620,7 +619,8 @@ struct CpuBackend {
     if (bf16_in_place) {
       if constexpr (std::is_same_v<S, float>) {
         sw.bf16_combinations = RowCombinations<S, c10::BFloat16>(ptr<c10::BFloat16>(data), k, n);
-        sw.operands = cpu_scratch(Scratch::kStateCopy, {max_rows, k + k % 2}, at::TensorOptions().dtype(at::kBFloat16));
+        sw.operands = cpu_scratch(Scratch::kStateCopy, {max_rows, sw.bf16_combinations.padded_k()},
+                                  at::TensorOptions().dtype(at::kBFloat16));
       }
     } else if (in_place) {
       if (trans) sw.rows = WeightRows<S>(w, k, 1, n);
@@ -1110,7 +1110,7 @@ struct CpuBackend {
     if (w_hh.combinations.defined()) return combine(w_hh.combinations, grad_gates_after, w_hh.k);
     if constexpr (std::is_same_v<S, float>) {
       if (w_hh.bf16_combinations.defined()) {
-        const int64_t ld = w_hh.k + w_hh.k % 2;
+        const int64_t ld = w_hh.bf16_combinations.padded_k();
         c10::BFloat16* operands = w_hh.operands.template data_ptr<c10::BFloat16>();
         round_rows_to_bf16(grad_gates_after, w_hh.k, operands, ld, row_begin, after_end, w_hh.k);
         return combine(w_hh.bf16_combinations, static_cast<const c10::BFloat16*>(operands), ld);
@@ -1194,23 +1194,22 @@ void CpuDenseWeight<S>::apply_out(at::Tensor& out, const at::Tensor& x) const {
 template <typename S>
 void CpuStepWeight<S>::gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const {
   if (m == 0) return;
+  // C's rows from A's (ld_a values apart) on a weight read in place by rows of A.
+  const auto combine_rows = [&](const auto& combinations, const auto* a_rows, int64_t ld_a) {
+    return for_each_block_range(combinations, m, [&](int64_t begin, int64_t end) {
+      for (int64_t r = 0; r < m; ++r) combinations.combine(begin, end, a_rows + r * ld_a, beta, c + r * ldc);
+    });
+  };
   if constexpr (std::is_same_v<S, float>) {
-    if (bf16_panels.defined()) {
-      // A's rows into a buffer of the calling thread, not `operands`: row groups may call this at
-      // once, each with its rows from a[0].
-      const int64_t ld = bf16_panels.padded_k();
-      at::Tensor rows = cpu_scratch(Scratch::kGemmOperands, {m, ld}, at::TensorOptions().dtype(at::kBFloat16));
-      round_rows_to_bf16(a, lda, rows.data_ptr<c10::BFloat16>(), ld, 0, m, k);
-      return bf16_panels.multiply(m, rows.data_ptr<c10::BFloat16>(), ld, 1, beta, c, ldc);
-    }
-    if (bf16_combinations.defined()) {
-      const int64_t ld = k + k % 2;
-      at::Tensor rows = cpu_scratch(Scratch::kGemmOperands, {m, ld}, at::TensorOptions().dtype(at::kBFloat16));
-      const c10::BFloat16* rounded = rows.data_ptr<c10::BFloat16>();
-      round_rows_to_bf16(a, lda, rows.data_ptr<c10::BFloat16>(), ld, 0, m, k);
-      return for_each_block_range(bf16_combinations, m, [&](int64_t begin, int64_t end) {
-        for (int64_t r = 0; r < m; ++r) bf16_combinations.combine(begin, end, rounded + r * ld, beta, c + r * ldc);
-      });
+    if (bf16_panels.defined() || bf16_combinations.defined()) {
+      // A's rows rounded into a buffer of the calling thread, not `operands`: row groups may call
+      // this at once, each with its rows from a[0].
+      const int64_t ld = bf16_panels.defined() ? bf16_panels.padded_k() : bf16_combinations.padded_k();
+      const at::Tensor rounded_rows = cpu_scratch(Scratch::kGemmOperands, {m, ld}, at::TensorOptions().dtype(at::kBFloat16));
+      c10::BFloat16* rounded = rounded_rows.data_ptr<c10::BFloat16>();
+      round_rows_to_bf16(a, lda, rounded, ld, 0, m, k);
+      if (bf16_panels.defined()) return bf16_panels.multiply(m, rounded, ld, 1, beta, c, ldc);
+      return combine_rows(bf16_combinations, static_cast<const c10::BFloat16*>(rounded), ld);
     }
   }
   if (rows.defined()) {
@@ -1218,11 +1217,7 @@ void CpuStepWeight<S>::gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, in
       for (int64_t p = begin; p < end; ++p) rows.block(p, m, a, lda, beta, c, ldc);
     });
   }
-  if (combinations.defined()) {
-    return for_each_block_range(combinations, m, [&](int64_t begin, int64_t end) {
-      for (int64_t r = 0; r < m; ++r) combinations.combine(begin, end, a + r * lda, beta, c + r * ldc);
-    });
-  }
+  if (combinations.defined()) return combine_rows(combinations, a, lda);
   if (!panels.defined()) return CpuBackend::gemm<S>(false, trans, m, n, k, S(1), a, lda, w, trans ? k : n, beta, c, ldc);
   panels.multiply(m, a, lda, 1, beta, c, ldc);
 }

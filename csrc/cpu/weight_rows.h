@@ -497,6 +497,8 @@ class RowCombinations {
   int64_t valid_lanes(int64_t p, int64_t v) const { return std::clamp<int64_t>(n_ - unit(p, v), 0, kWidth); }
   // Multiply-adds in one row of one block.
   int64_t row_work() const { return kBlockVectors * kWidth * k_; }
+  // Values of A's row that combine() reads: k, padded to pairs in bfloat16.
+  int64_t padded_k() const { return std::is_same_v<E, S> ? k_ : k_ + k_ % 2; }
 
   // C's row at c, the columns of blocks [begin, end): c = a W + beta c (a: one row of k values).
   // W's rows are read in order, each over the blocks' columns, kRows at a time: a thread streams
