@@ -29,32 +29,23 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16_instructions.h"
 #include "caches.h"
 #include "scratch.h"
 
 namespace fused_rnn {
 
-// n float32 values rounded to bfloat16 (to nearest, ties to even), as operands of bfloat16 panels
-// only: with AVX512-BF16's conversion instruction, 32 values an instruction where at::vec's
-// integer rounding takes about ten for 16 (the steps' serial rounding of h_prev: LSTM B=64 H=256
-// inference, 4% of the time). It flushes denormals to zero, as the dot-product instruction
-// treats them anyway.
 #if defined(CPU_CAPABILITY_AVX512)
-__attribute__((target("avx512bf16"))) inline void round_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
+// n float32 values rounded to bfloat16 (round_vector_to_bf16), as operands of bfloat16 panels
+// only: one instruction for 16 values where at::vec's integer rounding takes about ten (the steps'
+// serial rounding of h_prev: LSTM B=64 H=256 inference, 4% of the time).
+inline void round_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
-    _mm512_storeu_si512(dst + i, reinterpret_cast<const __m512i&>(pairs));
-  }
-  if (i + 16 <= n) {  // a whole vector: an unmasked store
-    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), reinterpret_cast<const __m256i&>(rounded));
-    i += 16;
-  }
-  for (; i < n; i += 16) {
-    const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
-    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(lanes, src + i));
-    _mm256_mask_storeu_epi16(dst + i, lanes, reinterpret_cast<const __m256i&>(rounded));
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), round_vector_to_bf16(_mm512_loadu_ps(src + i)));
+  if (i < n) {
+    const __mmask16 lanes = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm256_mask_storeu_epi16(dst + i, lanes, round_vector_to_bf16(_mm512_maskz_loadu_ps(lanes, src + i)));
   }
 }
 #else
@@ -372,42 +363,29 @@ class Panels {
     }
   }
 
-  // The same for bfloat16 panels: `pairs` pairs of k, A's pair (r, i) at a[r * lda + 2 i]. Out of
-  // line, as only this function may use the AVX512-BF16 instruction; the accumulators are copied
-  // in and out once per call.
+  // The same for bfloat16 panels: `pairs` pairs of k, A's pair (r, i) at a[r * lda + 2 i].
   template <int NV, int R, bool kPrefetch>
-#if defined(CPU_CAPABILITY_AVX512)
-  __attribute__((noinline, target("avx512bf16")))
-#endif
-  static void multiply_add_pairs(V (&acc_io)[R][NV], const E* w, int64_t stride, const E* a, int64_t lda,
-                                 int64_t pairs, Prefetch& pf) {
+  static inline __attribute__((always_inline)) void multiply_add_pairs(V (&acc)[R][NV], const E* w, int64_t stride,
+                                                                       const E* a, int64_t lda, int64_t pairs,
+                                                                       Prefetch& pf) {
     static_assert(std::is_same_v<S, float>, "bfloat16 panels accumulate in float32");
 #if defined(CPU_CAPABILITY_AVX512)
-    __m512 acc[R][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = acc_io[r][v];
     for (int64_t i = 0; i < pairs; ++i, w += stride, a += 2) {
       if constexpr (kPrefetch) {
         if (--pf.countdown == 0) prefetch_to_l2(pf.at, NV * kWidth * 2 * sizeof(E)), pf.at += stride, pf.countdown = pf.every;
       }
-      __m512bh wv[NV];
+      __m512i wv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) wv[v] = (__m512bh)_mm512_loadu_si512(w + v * kWidth * 2);
+      for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + v * kWidth * 2);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         int32_t pair;
         std::memcpy(&pair, a + r * lda, sizeof(pair));
-        const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+        const __m512i x = _mm512_set1_epi32(pair);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, wv[v]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = V(dot_bf16_pairs(acc[r][v], x, wv[v]));
       }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc_io[r][v] = acc[r][v];
 #else
     TORCH_INTERNAL_ASSERT(false, "bfloat16 panels need the AVX-512 build");
 #endif

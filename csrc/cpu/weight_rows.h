@@ -22,6 +22,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "bf16_instructions.h"
+
 namespace fused_rnn {
 
 // v, kept in a register: an empty asm statement claims to change it, so that the compiler cannot
@@ -212,12 +214,9 @@ class WeightRows : public WeightRowBlocks<S, E> {
   // repeat the last) with x, in bfloat16 (E) summed in float32 (S): each row's sum runs in 16
   // lanes, a vector of pairs of k at a time (kWidth independent chains), then the rows' 16 lanes are
   // added in a tree of shuffles in registers (through memory, as lane_sums adds them, the sums took
-  // half as long as the products at k = 512). Out of line, as only this function may use the
-  // AVX512-BF16 instruction.
-#if defined(CPU_CAPABILITY_AVX512)
-  __attribute__((noinline, target("avx512bf16")))
-#endif
-  static V pair_sums(const E* w, int64_t k, const E* x, int64_t lanes) {
+  // half as long as the products at k = 512). Out of line: its 16 accumulators stay apart from
+  // the caller's loop over the row blocks.
+  static __attribute__((noinline)) V pair_sums(const E* w, int64_t k, const E* x, int64_t lanes) {
 #if defined(CPU_CAPABILITY_AVX512)
     static_assert(std::is_same_v<S, float> && sizeof(E) == 2 && kWidth == 16, "bfloat16 rows sum in float32");
     constexpr int64_t kValues = 2 * kWidth;  // bfloat16 values of k per vector
@@ -227,16 +226,15 @@ class WeightRows : public WeightRowBlocks<S, E> {
     for (int l = 0; l < kWidth; ++l) acc[l] = _mm512_setzero_ps(), row[l] = w + std::min<int64_t>(l, lanes - 1) * k;
     int64_t i = 0;
     for (; i + kValues <= k; i += kValues) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
+      const __m512i xv = _mm512_loadu_si512(x + i);
 #pragma GCC unroll 16
-      for (int l = 0; l < kWidth; ++l) acc[l] = _mm512_dpbf16_ps(acc[l], (__m512bh)_mm512_loadu_si512(row[l] + i), xv);
+      for (int l = 0; l < kWidth; ++l) acc[l] = dot_bf16_pairs(acc[l], _mm512_loadu_si512(row[l] + i), xv);
     }
     if (i < k) {  // the last k % 32 values, the rest of the vectors zero (an odd last pair's too)
       const __mmask32 mask = static_cast<__mmask32>((uint64_t(1) << (k - i)) - 1);
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + i);
+      const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + i);
 #pragma GCC unroll 16
-      for (int l = 0; l < kWidth; ++l)
-        acc[l] = _mm512_dpbf16_ps(acc[l], (__m512bh)_mm512_maskz_loadu_epi16(mask, row[l] + i), xv);
+      for (int l = 0; l < kWidth; ++l) acc[l] = dot_bf16_pairs(acc[l], _mm512_maskz_loadu_epi16(mask, row[l] + i), xv);
     }
     // 16 rows -> 8 vectors, each 128-bit lane holding two rows' partial sums [a b a b]; -> 4, each
     // 128-bit lane four rows' [a b c d]; -> 2, then 1, adding 128-bit lanes: lane l is row l's sum.
@@ -537,11 +535,10 @@ class RowCombinations {
   // A's pair for those rows. Within each 128-bit lane, unpacklo takes columns 0-3 and unpackhi
   // 4-7 of that lane's 8, so a group of 32 columns sums into two vectors in that order, put back
   // in column order at the end.
+  // Out of line: its 2 G accumulators and masks stay apart from the caller's loop over the strips.
   template <int G>
-#if defined(CPU_CAPABILITY_AVX512)
-  __attribute__((noinline, target("avx512bf16")))
-#endif
-  static void pair_strip(const E* w, int64_t k, int64_t n, const E* a, int64_t cols, S beta, S* c) {
+  static __attribute__((noinline)) void pair_strip(const E* w, int64_t k, int64_t n, const E* a, int64_t cols, S beta,
+                                                   S* c) {
 #if defined(CPU_CAPABILITY_AVX512)
     static_assert(std::is_same_v<S, float> && sizeof(E) == 2 && kWidth == 16, "bfloat16 rows sum in float32");
     __m512 lo[G], hi[G];
@@ -573,13 +570,13 @@ class RowCombinations {
       const E* odd_row = i + 1 < k ? even_row + n : even_row;
       int32_t pair_bits;
       std::memcpy(&pair_bits, a + i, sizeof(pair_bits));
-      const __m512bh pair = (__m512bh)_mm512_set1_epi32(pair_bits);
+      const __m512i pair = _mm512_set1_epi32(pair_bits);
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
         const __m512i even = _mm512_maskz_loadu_epi16(mask[g], even_row + 32 * g);
         const __m512i odd = _mm512_maskz_loadu_epi16(i + 1 < k ? mask[g] : 0, odd_row + 32 * g);
-        lo[g] = _mm512_dpbf16_ps(lo[g], (__m512bh)_mm512_unpacklo_epi16(even, odd), pair);
-        hi[g] = _mm512_dpbf16_ps(hi[g], (__m512bh)_mm512_unpackhi_epi16(even, odd), pair);
+        lo[g] = dot_bf16_pairs(lo[g], _mm512_unpacklo_epi16(even, odd), pair);
+        hi[g] = dot_bf16_pairs(hi[g], _mm512_unpackhi_epi16(even, odd), pair);
       }
     }
     // Back in column order: column q of lane L's 8 from lo's lane 4L + q (q < 4), else hi's 4L + q - 4.
