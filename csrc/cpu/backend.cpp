@@ -270,6 +270,12 @@ struct CpuStepWeight {
 
   bool has_panels() const { return panels.defined() || bf16_panels.defined(); }
   bool combines() const { return combinations.defined() || bf16_combinations.defined(); }
+  // Whether A's rows are rounded to bfloat16 for the products (bfloat16 panels or W read in place),
+  // each padded to the length bf16_padded_k().
+  bool multiplies_in_bf16() const { return bf16_panels.defined() || bf16_combinations.defined(); }
+  int64_t bf16_padded_k() const {
+    return bf16_panels.defined() ? bf16_panels.padded_k() : bf16_combinations.padded_k();
+  }
 
   void gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, int64_t ldc) const;
 };
@@ -1107,15 +1113,6 @@ struct CpuBackend {
         for (int64_t p = begin; p < end; ++p) for_each_panel_unit(combinations, p, row_begin, row_end, point);
       });
     };
-    if (w_hh.combinations.defined()) return combine(w_hh.combinations, grad_gates_after, w_hh.k);
-    if constexpr (std::is_same_v<S, float>) {
-      if (w_hh.bf16_combinations.defined()) {
-        const int64_t ld = w_hh.bf16_combinations.padded_k();
-        c10::BFloat16* operands = w_hh.operands.template data_ptr<c10::BFloat16>();
-        round_rows_to_bf16(grad_gates_after, w_hh.k, operands, ld, row_begin, after_end, w_hh.k);
-        return combine(w_hh.bf16_combinations, static_cast<const c10::BFloat16*>(operands), ld);
-      }
-    }
     // A = the gate gradients' rows (at row 0: ld_a values per row), on either kind of panels.
     const auto run = [&](const auto& panels, const auto* a_rows, int64_t ld_a) {
       const int64_t m = rows_end - row_begin;
@@ -1134,13 +1131,16 @@ struct CpuBackend {
           });
     };
     if constexpr (std::is_same_v<S, float>) {
-      if (w_hh.bf16_panels.defined()) {
-        const int64_t ld = w_hh.bf16_panels.padded_k();
+      if (w_hh.multiplies_in_bf16()) {
+        const int64_t ld = w_hh.bf16_padded_k();
         c10::BFloat16* operands = w_hh.operands.template data_ptr<c10::BFloat16>();
         round_rows_to_bf16(grad_gates_after, w_hh.k, operands, ld, row_begin, after_end, w_hh.k);
-        return run(w_hh.bf16_panels, static_cast<const c10::BFloat16*>(operands), ld);
+        const c10::BFloat16* rounded = operands;
+        if (w_hh.bf16_panels.defined()) return run(w_hh.bf16_panels, rounded, ld);
+        return combine(w_hh.bf16_combinations, rounded, ld);
       }
     }
+    if (w_hh.combinations.defined()) return combine(w_hh.combinations, grad_gates_after, w_hh.k);
     run(w_hh.panels, grad_gates_after, w_hh.k);
   }
 };
@@ -1201,10 +1201,10 @@ void CpuStepWeight<S>::gemm(int64_t m, const S* a, int64_t lda, S beta, S* c, in
     });
   };
   if constexpr (std::is_same_v<S, float>) {
-    if (bf16_panels.defined() || bf16_combinations.defined()) {
+    if (multiplies_in_bf16()) {
       // A's rows rounded into a buffer of the calling thread, not `operands`: row groups may call
       // this at once, each with its rows from a[0].
-      const int64_t ld = bf16_panels.defined() ? bf16_panels.padded_k() : bf16_combinations.padded_k();
+      const int64_t ld = bf16_padded_k();
       const at::Tensor rounded_rows = cpu_scratch(Scratch::kGemmOperands, {m, ld}, at::TensorOptions().dtype(at::kBFloat16));
       c10::BFloat16* rounded = rounded_rows.data_ptr<c10::BFloat16>();
       round_rows_to_bf16(a, lda, rounded, ld, 0, m, k);
