@@ -48,7 +48,7 @@ inline void round_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
     _mm256_mask_storeu_epi16(dst + i, lanes, round_vector_to_bf16(_mm512_maskz_loadu_ps(lanes, src + i)));
   }
 }
-#else
+#else  // (no bfloat16 panels here; at::vec's rounding, denormals kept)
 inline void round_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) { at::vec::convert(src, dst, n); }
 #endif
 
