@@ -34,15 +34,24 @@ def _autocasting():
     return torch.is_autocast_enabled("cuda")
 
 
-# Inside torch.autocast("cpu"), the dtype each torch.nn layer runs in depends on the layer and on
-# the input's dtype (torch 2.13): LSTM (oneDNN) casts float32 input to the region's dtype and runs
-# the other half type in float32; RNN and RNNCell (autocast linear ops) cast every floating input
-# to the region's dtype; GRU, LSTMCell and GRUCell run in the region's dtype only when the input
-# already is in it, else in float32. fused_rnn's layers follow the same table.
-_CPU_AUTOCAST_FROM_FLOAT32 = {"LSTM": True, "RNN": True, "GRU": False, "RNNCell": True, "LSTMCell": False,
-                              "GRUCell": False}
-_CPU_AUTOCAST_FROM_OTHER_HALF = {"LSTM": False, "RNN": True, "GRU": False, "RNNCell": True, "LSTMCell": False,
-                                 "GRUCell": False}
+# Inside torch.autocast("cpu"), torch.nn's layers run their GEMMs in the region's dtype (autocast
+# linear ops, or oneDNN's LSTM op, which autocast casts), but GRU, LSTMCell, GRUCell and the LSTM
+# off oneDNN then mix the gates with the previous state (the LSTM's cell state), so their results
+# take the promotion of the region's dtype and that state's: float32 for float32 input or for the
+# other half type, unless a state is given in another dtype. fused_rnn's layers run in that dtype
+# (torch 2.13's behaviour, tests/test_half_precision.py).
+_ONEDNN_LSTM_DTYPES = {torch.float32} | ({dtype for dtype, supported in (
+    (torch.bfloat16, torch.ops.mkldnn._is_mkldnn_bf16_supported),
+    (torch.float16, torch.ops.mkldnn._is_mkldnn_fp16_supported)) if supported()}
+    if torch.backends.mkldnn.is_available() else set())
+
+
+def _onednn_runs_lstm(input, packed, projected):
+    """Whether torch.nn's LSTM runs this call on oneDNN (ATen's use_mkldnn): not packed, no projection,
+    oneDNN enabled, and float32 input, or a half type oneDNN runs on this CPU (float16 only for
+    inference: oneDNN has no float16 LSTM backward)."""
+    return (not packed and not projected and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and input.dtype in _ONEDNN_LSTM_DTYPES and not (input.dtype == torch.float16 and torch.is_grad_enabled()))
 
 
 def _cpu_autocasting(input):
@@ -51,15 +60,18 @@ def _cpu_autocasting(input):
             and input.dtype != torch.float64)
 
 
-def _cpu_autocast_dtype(name, input):
-    """The dtype layer `name` runs `input` in inside a CPU autocast region, None where none casts it."""
+def _cpu_autocast_dtypes(name, input, state_dtype, onednn=False, projected=False):
+    """Inside a CPU autocast region, the dtype layer or cell `name` runs `input` in and the dtype its
+    (cell) state comes out in, given the dtype of the state it starts from; (None, None) where no
+    region casts the input. A projected LSTM (off oneDNN) projects h in the region's dtype but its
+    cell state takes the promotion."""
     if not _cpu_autocasting(input):
-        return None
+        return None, None
     region = torch.get_autocast_dtype("cpu")
-    if input.dtype == region:
-        return region
-    table = _CPU_AUTOCAST_FROM_FLOAT32 if input.dtype == torch.float32 else _CPU_AUTOCAST_FROM_OTHER_HALF
-    return region if table[name] else torch.float32
+    if name in ("RNN", "RNNCell") or onednn:
+        return region, region
+    promoted = torch.promote_types(region, state_dtype)
+    return (region if projected else promoted), promoted
 
 
 def _cast(tensors, dtype):
@@ -307,7 +319,10 @@ class RNNBase(nn.Module):
                 if not is_batched:
                     hx = tuple(h.unsqueeze(1) for h in hidden) if lstm else hx.unsqueeze(1)
             max_batch = input.size(0) if self.batch_first else input.size(1)
-        run_dtype = _cpu_autocast_dtype(name, input)
+        state_dtype = input.dtype if hx is None else (hx[1] if lstm else hx).dtype
+        run_dtype, cell_state_dtype = _cpu_autocast_dtypes(
+            name, input, state_dtype, lstm and _onednn_runs_lstm(input, batch_sizes is not None, self.proj_size > 0),
+            self.proj_size > 0)
         if run_dtype is not None:
             input = input.to(run_dtype)
 
@@ -347,6 +362,8 @@ class RNNBase(nn.Module):
                 c_n = c_n.squeeze(1) if c_n is not None else None
         h_n = self.permute_hidden(h_n, unsorted_indices)
         if lstm:
+            if cell_state_dtype is not None:
+                c_n = c_n.to(cell_state_dtype)
             return output, (h_n, self.permute_hidden(c_n, unsorted_indices))
         return output, h_n
 
@@ -426,7 +443,7 @@ class RNNCellBase(nn.Module):
         """Validates like ATen's cell ops and runs one fused step: (input [B, I], hidden states
         [B, H]) -> new states."""
         weights = (*_tensors(self, _CELL_WEIGHTS), None)
-        run_dtype = _cpu_autocast_dtype(_CELL_NAMES[mode], input)
+        run_dtype, _ = _cpu_autocast_dtypes(_CELL_NAMES[mode], input, hidden[-1].dtype)
         if run_dtype is not None:
             input, hidden, weights = input.to(run_dtype), _cast(hidden, run_dtype), _cast(weights, run_dtype)
         if input.size(1) != self.input_size:
