@@ -6,6 +6,7 @@ dtype, at least as accurate as it against float64, same dtypes out, and inside t
 the same dtypes as torch.nn layer by layer."""
 import copy
 import itertools
+import os
 
 import pytest
 import torch
@@ -311,6 +312,38 @@ def test_bf16_products_follow_the_cpu():
     assert fused_rnn._cpu.bfloat16_products == bf16_products_expected()
 
 
+def amx_products_expected():
+    """Where bfloat16 products run and the CPU has AMX tiles (Sapphire Rapids on), they run on
+    them, through ATen's oneDNN micro-kernel, while oneDNN is enabled and FUSED_RNN_AMX is not 0
+    (panels.h, amx_bf16_products)."""
+    return bf16_products_expected() and torch.cpu._is_amx_tile_supported() and os.environ.get("FUSED_RNN_AMX") != "0"
+
+
+def test_amx_products_follow_the_cpu_and_onednn():
+    assert fused_rnn._cpu.amx_products() == amx_products_expected()
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not fused_rnn._cpu.amx_products()
+    try:
+        fused_rnn._cpu.set_amx_products(False)
+        assert not fused_rnn._cpu.amx_products()
+        fused_rnn._cpu.set_amx_products(True)
+        assert fused_rnn._cpu.amx_products() == (bf16_products_expected() and torch.cpu._is_amx_tile_supported())
+    finally:
+        fused_rnn._cpu.set_amx_products(amx_products_expected())
+
+
+@pytest.fixture(params=["amx", "avx512-bf16"])
+def bf16_kernel(request):
+    """Runs a test with each kernel a CPU with AMX has for bfloat16 products: AMX tiles, and
+    AVX512-BF16's dot-product instruction (set_amx_products(False)); elsewhere with the one it has."""
+    amx = request.param == "amx"
+    if amx and not amx_products_expected():
+        pytest.skip("no AMX tiles here (or FUSED_RNN_AMX=0)")
+    fused_rnn._cpu.set_amx_products(amx)
+    yield request.param
+    fused_rnn._cpu.set_amx_products(amx_products_expected())
+
+
 # A bfloat16 layer's backward multiplies by W_hh and W_ih on bfloat16 panels laid out from the
 # weights as they are, with no float32 copy of either (4 bytes a weight). GRU I=H=1024 (6 MiB of
 # bfloat16 W_hh, 6 of W_ih), 8 steps of 16 rows: the training call peaked at 36 MiB (Zen 4), at 60
@@ -493,7 +526,7 @@ BF16_PRODUCT_SHAPES = [(12, 5, 7, 33), (12, 20, 17, 40), (6, 130, 9, 16), (10, 2
 
 @pytest.mark.parametrize("shape", BF16_PRODUCT_SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn"])
-def test_bf16_layer_rounds_exactly_the_gemm_operands(mode, shape):
+def test_bf16_layer_rounds_exactly_the_gemm_operands(mode, shape, bf16_kernel):
     """A bfloat16 layer op equals, to the rounding of its output, float64 arithmetic on its bfloat16
     inputs with h_prev rounded to bfloat16 for each step's GEMM (bfloat16 products) or not (float32
     products, CPUs without AVX512-BF16): >= 98% of outputs identical to the expected model (measured
@@ -538,7 +571,7 @@ def assert_layer_rounds_exactly_the_gemm_operands(mode, shape, reverse=False):
 @pytest.mark.parametrize("shape", [(40, 64, 16, 48), (40, 160, 15, 49), (9, 20, 17, 33)],
                          ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn"])
-def test_bf16_steps_round_the_next_h_prev_exactly(mode, shape, reverse, folded, groups, set_cache_sizes):
+def test_bf16_steps_round_the_next_h_prev_exactly(mode, shape, reverse, folded, groups, set_cache_sizes, bf16_kernel):
     torch.set_num_threads(2)  # the fixture restores it
     l2 = 64 << 20 if groups else 1 << 12
     set_cache_sizes(l2, max(2 * l2, fused_rnn._cpu.cache_sizes()[1]) if folded else 1 << 12)
@@ -547,7 +580,7 @@ def test_bf16_steps_round_the_next_h_prev_exactly(mode, shape, reverse, folded, 
 
 @pytest.mark.parametrize("batch", [1, 5, 20], ids=["B1", "B5", "B20"])
 @pytest.mark.parametrize("class_name", ["LSTM", "GRU", "RNN"])
-def test_bf16_odd_sizes_against_float64(class_name, batch):
+def test_bf16_odd_sizes_against_float64(class_name, batch, bf16_kernel):
     """Odd input and hidden sizes (bfloat16 panels pad each part of k to pairs, in the forward's
     [h_prev, x_t] and the backward's gate gradients) and, with B1 and B5, an odd number of rows (the
     k of the weight gradients' GEMMs), batches below and above the folding one; with B1, W_hh read

@@ -5,9 +5,10 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import (BATCH, CELL_KINDS, GATES, INPUT_FORMS, INPUT_SIZE, LAYER_GRID_ARGS, LAYER_KINDS, PROJ_SIZE, STEPS,
-                     assert_close_nested, assert_same_outputs_and_grads, assert_state_dicts_identical, layer_call,
-                     layer_grid, layer_leaves, leaf, make_kind_pair, output_tensors)
+from helpers import (BATCH, CELL_KINDS, GATES, INPUT_FORMS, INPUT_SIZE, LAYER_GRID_ARGS, LAYER_KINDS, PROJ_SIZE,
+                     SCALED_TOLERANCE, STEPS, assert_close_nested, assert_same_outputs_and_grads,
+                     assert_same_results, assert_state_dicts_identical, layer_call, layer_grid, layer_leaves, leaf,
+                     make_kind_pair, named_outputs_and_grads, output_tensors)
 
 pytestmark = pytest.mark.usefixtures("torch_test_state")
 
@@ -169,13 +170,18 @@ def test_cell_unrolled_over_steps_matches_nn(kind):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("kind", list(LAYER_KINDS))
 def test_layer_matches_nn_with_intra_op_threads(kind, dtype):
-    """A batch large enough for the pointwise pass to be split across two threads."""
+    """A batch large enough for the pointwise pass to be split across two threads. The weight
+    gradients sum 900 rows' products: compared within SCALED_TOLERANCE, whose absolute part follows
+    each tensor's magnitude (in float32 an element that such a sum cancels to 0.08 among terms of
+    up to 60 differs by 2e-5 between MKL's order and the panels', each within 6e-5 of float64)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         ref, ours = make_kind_pair(kind, INPUT_SIZE, HIDDEN[dtype], bidirectional=True, dtype=dtype)
         leaves = {"input": leaf(3, 300, INPUT_SIZE, dtype=dtype)}
-        assert_same_outputs_and_grads(ref, ours, leaves, lambda m: m(leaves["input"]), dtype)
+        call = lambda m, ls: m(ls["input"])
+        assert_same_results(named_outputs_and_grads(ours, leaves, call), named_outputs_and_grads(ref, leaves, call),
+                            SCALED_TOLERANCE[dtype])
     finally:
         torch.set_num_threads(threads)
 
