@@ -33,10 +33,17 @@ def sysconf_bytes(name):
         return 0
 
 
-def test_cache_sizes_are_the_machines():
-    """sysfs's sizes where it lists them (in a VM, sysconf may give the whole host's L3), else sysconf's."""
+L3_SHARE_PER_THREAD = 16 << 20  # caches.h, kL3SharePerThread
+
+
+@pytest.mark.parametrize("threads", [1, 2, 8])
+def test_cache_sizes_are_the_machines(threads):
+    """sysfs's sizes where it lists them (in a VM, sysconf may give the whole host's L3), else
+    sysconf's; of the L3, at most 16 MiB a thread of the intra-op pool."""
+    torch.set_num_threads(threads)  # (torch_test_state restores it)
+    l3 = sysfs_cache_bytes(3) or sysconf_bytes("SC_LEVEL3_CACHE_SIZE")
     expected = (sysfs_cache_bytes(2) or sysconf_bytes("SC_LEVEL2_CACHE_SIZE") or 1 << 20,
-                sysfs_cache_bytes(3) or sysconf_bytes("SC_LEVEL3_CACHE_SIZE"))
+                min(l3, threads * L3_SHARE_PER_THREAD))
     assert fused_rnn._cpu.cache_sizes() == expected
 
 
