@@ -40,7 +40,8 @@ def _autocasting():
 # take the promotion of the region's dtype and that state's: float32 for float32 input or for the
 # other half type, unless a state is given in another dtype. fused_rnn's layers run in that dtype
 # (torch 2.13's behaviour, tests/test_half_precision.py).
-_ONEDNN_LSTM_DTYPES = {torch.float32} | ({dtype for dtype, supported in (
+# The input dtypes oneDNN runs torch.nn's LSTM in on this CPU (none in a build without oneDNN).
+_ONEDNN_LSTM_DTYPES = ({torch.float32} | {dtype for dtype, supported in (
     (torch.bfloat16, torch.ops.mkldnn._is_mkldnn_bf16_supported),
     (torch.float16, torch.ops.mkldnn._is_mkldnn_fp16_supported)) if supported()}
     if torch.backends.mkldnn.is_available() else set())
@@ -50,8 +51,8 @@ def _onednn_runs_lstm(input, packed, projected):
     """Whether torch.nn's LSTM runs this call on oneDNN (ATen's use_mkldnn): not packed, no projection,
     oneDNN enabled, and float32 input, or a half type oneDNN runs on this CPU (float16 only for
     inference: oneDNN has no float16 LSTM backward)."""
-    return (not packed and not projected and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and input.dtype in _ONEDNN_LSTM_DTYPES and not (input.dtype == torch.float16 and torch.is_grad_enabled()))
+    return (not packed and not projected and input.dtype in _ONEDNN_LSTM_DTYPES and torch.backends.mkldnn.enabled
+            and not (input.dtype == torch.float16 and torch.is_grad_enabled()))
 
 
 def _cpu_autocasting(input):

@@ -27,7 +27,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -47,7 +46,7 @@ namespace fused_rnn {
 // the AVX512-BF16 kernel instead).
 inline std::atomic<int> amx_override{[] {
   const char* value = std::getenv("FUSED_RNN_AMX");
-  return value != nullptr && std::string(value) == "0" ? 0 : -1;
+  return value != nullptr && std::strcmp(value, "0") == 0 ? 0 : -1;
 }()};
 
 // Whether this thread's AMX tiles are configured by a block since release_amx_tiles last ran.
