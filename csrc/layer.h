@@ -62,6 +62,10 @@
 //       buffers of inference (unfolded input) and of the backward pass hold, a chunk of steps at a time
 //   Backend::min_projection_chunk_rows<S>(w_ih, rows): the fewest rows an inference chunk of a
 //       call of `rows` rows has
+//   Backend::max_projection_chunk_rows(w_hh) -> the most rows a chunk's input projection takes, for
+//       a layer whose recurrent weight is w_hh (as recurrent_weight made it)
+//   Backend::gate_row_stride(width, element_size) -> the row stride, at least width, of a
+//       forward gate buffer that is not the reserve (rows of `width` gates of element_size bytes)
 //   Backend::kPersistentRecurrence: whether the backend can run a chunk's steps in one call
 //       (CUDA's persistent kernels). If so, Backend::persistent_recurrence<Cell, S>(w_hh, hidden,
 //       h_out, max_rows, backward) -> an object whose .forward(chunk) / .backward(chunk) run the
@@ -336,7 +340,6 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
   dispatch_kernel_type<Backend>(compute, [&](auto zero) {
     using S = decltype(zero);
     StepForward<S> a{};
-    a.ld_reserve = width;
     a.ld_output = H_out;
     a.hidden = H;
     a.relu = relu;
@@ -388,19 +391,25 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
             ? T
             : std::max<int64_t>(1, (T * static_cast<int64_t>(c10::elementSize(operands)) + sizeof(S) - 1) /
                                        static_cast<int64_t>(sizeof(S)));
+    const int64_t projection_steps =
+        gates_unchunked ? T : std::max<int64_t>(1, Backend::max_projection_chunk_rows(w_hh_t) / std::max<int64_t>(1, B));
     const int64_t chunk =
         gates_unchunked && !round_chunks && !steps_convert_input
             ? std::max<int64_t>(T, 1)
-            : std::max<int64_t>(std::min(Backend::kForwardChunkValues /
-                                             std::max<int64_t>(1, B * (gates_unchunked ? H_out : width)),
-                                         narrow_steps),
+            : std::max<int64_t>(std::min({Backend::kForwardChunkValues /
+                                              std::max<int64_t>(1, B * (gates_unchunked ? H_out : width)),
+                                          narrow_steps, projection_steps}),
                                 (Backend::template min_projection_chunk_rows<S>(w.w_ih, s.rows) + B - 1) /
                                     std::max<int64_t>(1, B));
     const Tensor chunk_output = round_chunks ? Backend::empty({std::min(s.rows, chunk * B), H_out}, opts) : output;
     if (keep) reserve = Backend::empty({s.rows, R}, round_reserve ? opts.dtype(operands) : opts);
+    // (A reused gate buffer's rows may be further apart than width: Backend::gate_row_stride.)
+    const int64_t ld_gates = gates_in_reserve ? width : Backend::gate_row_stride(width, sizeof(S));
     const Tensor gates = gates_in_reserve ? reserve
                                           : Backend::scratch(Scratch::kGates,
-                                                             {reuse_rows ? B : std::min(s.rows, chunk * B), width}, opts);
+                                                             {reuse_rows ? B : std::min(s.rows, chunk * B), ld_gates},
+                                                             opts);
+    a.ld_reserve = ld_gates;
     const auto w_ih_t = Backend::template dense_weight<S>(w.w_ih, true, bias, folded ? 0 : s.rows,
                                                           std::min(s.rows, chunk * B), operands);
     // Whatever reads x (the steps where the input is folded in, else the input projection) may
@@ -425,7 +434,7 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
       bool ran = false;
       if constexpr (Backend::kPersistentRecurrence) {
         StepForward<S> step = a;
-        step.reserve = ptr<S>(gates) + gates_lo * width;
+        step.reserve = ptr<S>(gates) + gates_lo * ld_gates;
         step.output = ptr<S>(chunk_output) + (row_lo - output_lo) * H_out;
         ran = persistent.forward(RecurrenceChunk<StepForward<S>>{step, s, reverse, first, last, row_lo, false},
                                  ptr<S>(hidden_gates));
@@ -436,7 +445,7 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
           const int64_t t = reverse ? T - 1 - k : k;
           const int64_t end = std::min(s.batch[t], row_end), row = s.offset[t];
           if (end <= row_begin) continue;
-          step.reserve = ptr<S>(gates) + (reuse_rows ? 0 : (row - row_lo + gates_lo) * width);
+          step.reserve = ptr<S>(gates) + (reuse_rows ? 0 : (row - row_lo + gates_lo) * ld_gates);
           if (steps_round_output) {
             step.output = step.h_state;
             step.output_rounded = static_cast<char*>(output.data_ptr()) + row * H_out * output.element_size();
@@ -458,7 +467,7 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
                                                       nullptr, nullptr, h_prev);
           else
             Backend::template recurrent_step<Cell, S>(
-                w_hh_t, step, row_begin, end, step.reserve, width, S(folded ? 0 : 1),
+                w_hh_t, step, row_begin, end, step.reserve, ld_gates, S(folded ? 0 : 1),
                 folded && !x_stored ? ptr<S>(x_rows) + (row - row_lo) * I : nullptr,
                 folded && x_stored
                     ? static_cast<const char*>(x_rows.data_ptr()) + (row - row_lo) * I * x_rows.element_size()
@@ -466,7 +475,7 @@ std::vector<Tensor> layer_forward_in_compute_type(const Tensor& input_, const c1
                 h_prev);
           if (project) {
             S* out_rows = step.output + row_begin * H_out;
-            w_hr_t.gemm(end - row_begin, step.reserve + row_begin * width + 5 * H, width, S(0), out_rows, H_out);
+            w_hr_t.gemm(end - row_begin, step.reserve + row_begin * ld_gates + 5 * H, ld_gates, S(0), out_rows, H_out);
             Backend::template copy<S>(step.h_state + row_begin * H_out, out_rows, (end - row_begin) * H_out);
           }
         }

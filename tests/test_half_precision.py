@@ -385,8 +385,9 @@ def inference_peak_bytes(module, x):
 
 
 # Inference calls that make no float32 copy of what they can read as stored, each peaking below the
-# float32 size of what the copy would be, on bfloat16 products (the cache sizes make the LSTMs fold
-# their input projection into the steps on any machine):
+# float32 size of what the copy would be, on bfloat16 products (the cache sizes and, where there are
+# AMX tiles, the AVX512-BF16 kernel make the LSTMs fold their input projection into the steps on any
+# machine: on the tiles 16 rows a step hoist it for I=1024):
 # - folded: no float32 copy of W_ih for a projection that never runs (made until 2026-12-06: LSTM
 #   I=1024 H=256, 4 steps of 16 rows, peaked at 6.8 MiB, now 2.8, where the folded bfloat16 panels
 #   of [W_hh, W_ih] take 2.5);
@@ -407,7 +408,25 @@ def test_bf16_inference_makes_no_float32_copy_of_what_it_reads_as_stored(case, s
     module = getattr(fused_rnn, kind)(input_size, hidden).to(torch.bfloat16).eval()
     x = torch.randn(steps, batch, input_size, dtype=torch.bfloat16)
     copied = module.weight_ih_l0 if case == "folded-w_ih" else x
-    assert inference_peak_bytes(module, x) < copied.numel() * 4
+    fused_rnn._cpu.set_amx_products(amx_products_expected() and kind == "GRU")
+    try:
+        assert inference_peak_bytes(module, x) < copied.numel() * 4
+    finally:
+        fused_rnn._cpu.set_amx_products(amx_products_expected())
+
+
+# On AMX tiles a bfloat16 LSTM of fewer than 64 rows a step hoists a wide input's projection out of
+# the steps (csrc/cpu/backend.cpp, fold_input_projection), a chunk of at most 128 rows at a time
+# (max_projection_chunk_rows): B=16 I=H=256 T=100 in chunks of 256 rows peaked at 2.9 MiB, above
+# torch.nn's 2.7 (oneDNN), now at 2.4 (Xeon guest).
+@pytest.mark.skipif(not amx_products_expected(), reason="needs AMX tiles")
+@pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
+def test_bf16_amx_hoisted_projection_peaks_at_most_at_nn():
+    torch.manual_seed(0)
+    reference = torch.nn.LSTM(256, 256).to(torch.bfloat16).eval()
+    module = fused_rnn.LSTM(256, 256).to(torch.bfloat16).eval()
+    x = torch.randn(100, 16, 256, dtype=torch.bfloat16)
+    assert inference_peak_bytes(module, x) <= inference_peak_bytes(reference, x)
 
 
 # At batch 1 the steps read the bfloat16 W_hh where it lies and the input projection lays W_ih out a
@@ -519,9 +538,10 @@ def emulated_layer(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, round_h):
 # (steps, batch, input, hidden): odd sizes (padding of the bfloat16 pairs), batches below and above
 # the one where the input is folded into the recurrent GEMM, and enough rows for the input
 # projection's own bfloat16 GEMM; batch 1 (W_hh read in place, its rows' k odd, or a whole vector
-# and half of one).
+# and half of one); inputs wide enough for AMX tiles to hoist an LSTM's projection at 16 and 32 rows
+# (in row groups of 16), over chunks of 128 rows.
 BF16_PRODUCT_SHAPES = [(12, 5, 7, 33), (12, 20, 17, 40), (6, 130, 9, 16), (10, 24, 64, 48), (20, 1, 17, 33),
-                       (24, 1, 64, 48)]
+                       (24, 1, 64, 48), (20, 16, 200, 40), (12, 32, 200, 40)]
 
 
 @pytest.mark.parametrize("shape", BF16_PRODUCT_SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))

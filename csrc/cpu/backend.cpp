@@ -243,6 +243,8 @@ struct CpuStepWeight {
   // h_out + folded_input) and every step adds the bias.
   int64_t folded_input = 0;
   at::Tensor bias;
+  // The most rows a chunk's input projection takes (CpuBackend::max_projection_chunk_rows).
+  int64_t projection_rows = std::numeric_limits<int64_t>::max();
   // Multiplying in bfloat16 (bf16_products_for), the panels are these instead, and each step
   // rounds A's rows (h_prev and x_t; gate gradients) into the same rows of `operands`. A recurrent
   // weight has two such buffers: each step's pointwise passes round the h_new they compute into the
@@ -421,6 +423,31 @@ struct CpuBackend {
     if (rows <= w_ih.size(1)) return rows;
     const int64_t bytes = w_ih.numel() * static_cast<int64_t>(sizeof(S));
     return 2 * bytes > cache_sizes().last_level() ? kMinChunkRows : 1;
+  }
+
+  // The most rows a chunk of a layer's input projection takes: all it may, except where AMX tiles
+  // hoist a projection the steps could have read folded in (amx_hoists_input), whose chunks take
+  // at most kAmxProjectionRows: the projection's blocks of 64 rows load each weight tile once
+  // from 64 rows, and larger chunks' gates would raise the peak memory above torch.nn's, which
+  // folded they did not exceed (bfloat16 LSTM inference T=100 B=16 I=H=256 in chunks of 256 rows:
+  // 2.9 MiB against torch.nn's 2.7; folded 2.0, in chunks of 128 rows 2.4).
+  static constexpr int64_t kAmxProjectionRows = 128;
+  template <typename S>
+  static int64_t max_projection_chunk_rows(const CpuStepWeight<S>& w_hh) {
+    return w_hh.projection_rows;
+  }
+
+  // A reused forward gate buffer's rows are an odd number of cache lines apart, so that a block
+  // of rows falls in as many L1 sets as it has rows: at 4H gates of 4 bytes a multiple of 4 KiB
+  // (H = 256, 512, ...), a panel's strip of one gate in 16 rows was 16 lines in one 12-way set,
+  // which the GEMM's adding of the projected input and the pointwise step's loads evicted from
+  // one another. (Xeon guest, bfloat16 LSTM inference T=100: B=16 I=H=256 on one thread, perf, the
+  // AMX blocks' adding from 17.6% of the call to 11.1%; in-process, B=64 I=H=256 1.04x folded,
+  // 1.11x hoisted, I=H=512 hoisted 1.09x; the float32 grid level.)
+  static int64_t gate_row_stride(int64_t width, int64_t element_size) {
+    constexpr int64_t kLine = 64;
+    const int64_t lines = (width * element_size + kLine - 1) / kLine;
+    return (lines | 1) * kLine / element_size;
   }
 
   // How a weight of the GEMMs outside the time loop is multiplied:
@@ -690,6 +717,7 @@ struct CpuBackend {
   //  - RNN: only within a quarter of L2 (in S, as measured), where a step is one thin GEMM with
   //    no gate pass to save (B64 H256 and H512 inference 3-7% faster hoisted; LSTM B64 H256
   //    inference 2-3% faster folded).
+  // (On AMX tiles, amx_hoists_input decides further.)
   template <class Cell, typename S>
   static bool fold_input_projection(int64_t max_rows, int64_t joined_values, at::ScalarType operands) {
     constexpr int64_t kMinFoldRows = 16;
@@ -697,6 +725,34 @@ struct CpuBackend {
     const int64_t panel_bytes = joined_values * (bf16_products_for(operands) ? sizeof(c10::BFloat16) : sizeof(S));
     if (max_rows < kMinFoldRows || 2 * panel_bytes > caches.last_level()) return false;
     return Cell::kGates > 1 || 4 * joined_values * static_cast<int64_t>(sizeof(S)) <= caches.l2;
+  }
+
+  // Whether AMX tiles hoist an input projection that fold_input_projection would fold in: where
+  // folded, loading W_ih's weight tiles at every step costs more than hoisting saves. A step's
+  // product of R rows a thread (its row group's, up to a block's 64) loads each of its weight tiles
+  // once for all R rows; folded in, W_ih's cost a row I x n x 2 / R bytes, hoisted I x n x 2 / 64
+  // (the projection's 64-row blocks) plus the projected input's trip out to the gate buffer and
+  // back, about 16 bytes a gate (fitted to the measurements below): hoisted where
+  // I (64 - R) >= 512 R, so never from 64 rows, and at 16 rows from I = 171. And where the panels
+  // a thread reads at each step outgrow half its L2, also where its share of W_ih, read from beyond
+  // L2 at every step, costs more than the hoisted input's trip (8 bytes a gate, written then read):
+  // I x n x 2 / threads >= rows x n x 8, that is I >= 4 x threads x rows. (Xeon guest, bfloat16,
+  // T=100, in-process, median of 5-11, hoisted over folded, LSTM inference: B=16 I=H=64 1.02x, 128
+  // 0.97x, 256 1.12x, 512 1.34x; B=32 (row groups of 16) I=H=64 0.77x, 128 0.87x, 256 1.25x; B=32
+  // I=H=512 1.09x; B=64 I=H=256 (row groups of 32) 0.87x, I=H=512 1.08x; T=50 B=128 I=H=384 and 512
+  // 0.87-0.89x; training B=16-32 I=H=256-512 1.04-1.13x.) Not RNN's steps, each a thin product of one
+  // gate (benchmark suite, bfloat16 T=100 B=16 I=H=256 inference, hoisted over folded: 0.89-0.90x
+  // in three pairs of runs).
+  template <class Cell>
+  static bool amx_hoists_input(int64_t max_rows, int64_t input_size, int64_t joined_values, at::ScalarType operands) {
+    constexpr int64_t kAmxBlockRows = 64;
+    if (Cell::kGates == 1 || !bf16_products_for(operands) || !amx_bf16_products()) return false;
+    const int64_t panel_bytes = joined_values * static_cast<int64_t>(sizeof(c10::BFloat16));
+    const int64_t threads = std::max(1, at::get_num_threads()), groups = row_groups_for(max_rows, panel_bytes, true);
+    const int64_t rows = std::min(kAmxBlockRows, (max_rows + groups - 1) / groups);
+    const int64_t read_by_thread = groups > 1 ? panel_bytes : panel_bytes / threads;
+    return input_size * (kAmxBlockRows - rows) >= 512 * rows ||
+           (2 * read_by_thread > cache_sizes().l2 && input_size >= 4 * threads * max_rows);
   }
 
   // Makes a recurrent weight's GEMM [h_prev, x_t] [W_hh, W_ih]^T + bias.
@@ -781,8 +837,11 @@ struct CpuBackend {
       return sw;
     }
     if (!panels_pay(steps, max_rows, kMinRecurrentPanelRows)) return sw;
-    if (w_ih.defined() && fold_input_projection<Cell, S>(max_rows, (h_out + w_ih.size(1)) * n, operands))
-      fold_input(sw, w_ih, bias);
+    const int64_t joined_values = w_ih.defined() ? (h_out + w_ih.size(1)) * n : 0;
+    if (w_ih.defined() && fold_input_projection<Cell, S>(max_rows, joined_values, operands)) {
+      if (amx_hoists_input<Cell>(max_rows, w_ih.size(1), joined_values, operands)) sw.projection_rows = kAmxProjectionRows;
+      else fold_input(sw, w_ih, bias);
+    }
     if (stored) {
       using BF16 = c10::BFloat16;
       lay_out<S, BF16>(sw, ptr<BF16>(w_hh_data), Cell::kGates, hidden, max_rows, Scratch::kRecurrentWeight,

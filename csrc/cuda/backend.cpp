@@ -189,6 +189,10 @@ struct CudaBackend {
   static constexpr int64_t kBackwardChunkValues = int64_t(1) << 24;
   template <typename S>
   static int64_t min_projection_chunk_rows(const at::Tensor&, int64_t /*rows*/) { return 1; }
+  template <class W>
+  static int64_t max_projection_chunk_rows(const W& /*w_hh*/) { return std::numeric_limits<int64_t>::max(); }
+  // Gate rows as packed as the kernels index them.
+  static int64_t gate_row_stride(int64_t width, int64_t /*element_size*/) { return width; }
 
   static void check_dtype(at::ScalarType t) {
     TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
