@@ -416,7 +416,7 @@ def test_bf16_inference_makes_no_float32_copy_of_what_it_reads_as_stored(case, s
 
 
 # On AMX tiles a bfloat16 LSTM of fewer than 64 rows a step hoists a wide input's projection out of
-# the steps (csrc/cpu/backend.cpp, fold_input_projection), a chunk of at most 128 rows at a time
+# the steps (csrc/cpu/backend.cpp, amx_hoists_input), a chunk of at most 128 rows at a time
 # (max_projection_chunk_rows): B=16 I=H=256 T=100 in chunks of 256 rows peaked at 2.9 MiB, above
 # torch.nn's 2.7 (oneDNN), now at 2.4 (Xeon guest).
 @pytest.mark.skipif(not amx_products_expected(), reason="needs AMX tiles")
