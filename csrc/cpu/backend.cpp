@@ -745,7 +745,7 @@ struct CpuBackend {
   // in three pairs of runs).
   template <class Cell>
   static bool amx_hoists_input(int64_t max_rows, int64_t input_size, int64_t joined_values, at::ScalarType operands) {
-    constexpr int64_t kAmxBlockRows = 64;
+    constexpr int64_t kAmxBlockRows = Panels<float, c10::BFloat16>::kAmxRows;
     if (Cell::kGates == 1 || !bf16_products_for(operands) || !amx_bf16_products()) return false;
     const int64_t panel_bytes = joined_values * static_cast<int64_t>(sizeof(c10::BFloat16));
     const int64_t threads = std::max(1, at::get_num_threads()), groups = row_groups_for(max_rows, panel_bytes, true);
