@@ -20,9 +20,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <numeric>
+#include <optional>
 #include <vector>
 #include <limits>
 #include <type_traits>
@@ -40,6 +43,14 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
             const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
 int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
+}
+
+// oneDNN's matmul as ATen calls it for its reduced-precision GEMMs: result = beta result + alpha
+// mat1 mat2. libtorch_cpu exports it without installing its header (ATen/native/mkldnn/Matmul.h);
+// weak, so a torch without it still loads and its GEMMs stay with MKL.
+namespace at::native {
+void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
+                   float alpha) __attribute__((weak));
 }
 
 namespace fused_rnn {
@@ -363,6 +374,60 @@ class SingleThreadedIfSmall {
   int previous_ = -1;
 };
 
+// set_onednn_gemm (fused_rnn._cpu), first from FUSED_RNN_ONEDNN_GEMM: -1 where MKL lacks AVX-512
+// (below), 0 never, 1 wherever oneDNN's float32 matmul runs. And how many GEMMs went to it.
+std::atomic<int> onednn_gemm_override{[] {
+  const char* value = std::getenv("FUSED_RNN_ONEDNN_GEMM");
+  return value == nullptr ? -1 : std::strcmp(value, "0") == 0 ? 0 : std::strcmp(value, "1") == 0 ? 1 : -1;
+}()};
+std::atomic<int64_t> onednn_gemm_calls{0};
+
+// Whether large float32 GEMMs go to oneDNN's matmul, which ATen calls for its reduced-precision
+// GEMMs (at::native::mkldnn_matmul) and refuses float32 without AVX-512 BW/VL/DQ. Where it is
+// not set, on CPUs with AVX-512 that are not Intel's: MKL takes its AVX-512 code paths only on
+// Intel processors, and on others runs AVX2, half the float32 rate of full-width AVX-512 units
+// (AMD Zen 5: 2 x 512-bit FMA a cycle). Zen 5 guest, 2 threads, float32, one call of m x n x k,
+// us, oneDNN / MKL: 64 x 256 x 256 41 / 54, 64 x 1024 x 256 113 / 222, 6400 x 2048 x 512 29100 /
+// 68200, 4096 x 1024 x 6400 138000 / 274000; 16 x 256 x 64 17 / 7.6 (its wrapper costs ~10 us).
+// In IEEE float32 only: a reduced oneDNN matmul precision set in torch (bf16, tf32) would round
+// the operands; and not while oneDNN is disabled (torch.backends.mkldnn).
+bool onednn_gemm_enabled() {
+#if defined(__x86_64__)
+  static const bool runs = at::native::mkldnn_matmul != nullptr && __builtin_cpu_supports("avx512f") &&
+                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                           __builtin_cpu_supports("avx512dq");
+  static const bool mkl_without_avx512 = !__builtin_cpu_is("intel");
+#else
+  constexpr bool runs = false, mkl_without_avx512 = false;
+#endif
+  const int setting = onednn_gemm_override.load(std::memory_order_relaxed);
+  if (!runs || setting == 0 || (setting < 0 && !mkl_without_avx512)) return false;
+  at::Context& context = at::globalContext();
+  const at::Float32Precision precision = context.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  return context.userEnabledMkldnn() && precision != at::Float32Precision::BF16 &&
+         precision != at::Float32Precision::TF32;
+}
+
+// Row-major C[m, n] = alpha op(A) op(B) + beta C on oneDNN where onednn_gemm_enabled, for products
+// large enough to repay its wrapper and operands it reads in place (dense, or dense transposed:
+// the wrapper copies any other; C's rows may lie ldc apart, written in place as fast: 1600 x 4096
+// x 1024 at ldc = n + 16). Returns false, C untouched, elsewhere.
+bool onednn_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  constexpr int64_t kMinProduct = int64_t(1) << 22;
+  if (m * n * k < kMinProduct || lda != (trans_a ? m : k) || ldb != (trans_b ? k : n) || !onednn_gemm_enabled())
+    return false;
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  const auto operand = [&](const float* p, bool trans, int64_t rows, int64_t cols) {
+    const at::Tensor t = at::from_blob(const_cast<float*>(p), {trans ? cols : rows, trans ? rows : cols}, opts);
+    return trans ? t.t() : t;
+  };
+  at::native::mkldnn_matmul(operand(a, trans_a, m, k), operand(b, trans_b, k, n), at::from_blob(c, {m, n}, {ldc, 1}, opts),
+                            beta, alpha);
+  onednn_gemm_calls.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
 // Row groups for the steps of a weight laid out in panels: one per thread when every thread
 // gets at least kMinGroupRows rows (panels on AMX tiles: kMinAmxGroupRows, a tile's rows) and the
 // whole weight fits in half a core's L2 cache. Each thread then runs all the steps of its rows
@@ -609,6 +674,9 @@ struct CpuBackend {
       else if constexpr (std::is_same_v<S, double>) return dgemm_;
       else return static_cast<void (*)()>(nullptr);
     }();
+    if constexpr (std::is_same_v<S, float>) {
+      if (onednn_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
+    }
     if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
       constexpr int64_t kMax = std::numeric_limits<int>::max();
       if (blas != nullptr && std::max({m, n, k, lda, ldb, ldc}) <= kMax) {
@@ -1305,6 +1373,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_amx_products", [](bool enabled) { fused_rnn::amx_override = enabled ? -1 : 0; },
         pybind11::arg("enabled") = true,
         "False: bfloat16 products on the AVX512-BF16 kernel even where AMX would run them (the next calls)");
+  m.def("onednn_gemm", &fused_rnn::onednn_gemm_enabled,
+        "Whether large float32 GEMMs (input projections, input and weight gradients) run on oneDNN "
+        "rather than MKL, as set");
+  m.def("set_onednn_gemm", [](std::optional<bool> enabled) {
+        fused_rnn::onednn_gemm_override = enabled.has_value() ? int(*enabled) : -1;
+      }, pybind11::arg("enabled") = std::nullopt,
+      "True: on oneDNN wherever it runs; False: on MKL; None: on oneDNN where MKL lacks AVX-512 (not Intel)");
+  m.def("onednn_gemm_calls", [] { return fused_rnn::onednn_gemm_calls.load(); },
+        "How many GEMMs have run on oneDNN in this process");
   m.def("cache_sizes", [] {
         const fused_rnn::CacheSizes sizes = fused_rnn::cache_sizes();
         return std::make_pair(sizes.l2, sizes.l3);
