@@ -459,22 +459,25 @@ int64_t row_groups_for(int64_t max_rows, int64_t weight_bytes, bool amx = false)
 // I=H=1024 GRU 0.94-0.97x, RNN 0.96x; smaller weights, B=16: T=50 I=H=512 GRU 0.98x, T=100 RNN
 // 0.91x, packed T=100 I=H=256 2 layers bidirectional LSTM 0.84x, GRU 0.94x; in row groups, T=100
 // B=32 H=128 RNN 0.74x.) Steps of fewer than kMinBroadcastRows rows (packed input) read the weight
-// as calls of a few rows do (WeightRows), which pads no rows. A weight under half the cache is read
-// in place only by at least two vectors of rows: with one (16 rows of float32 in AVX-512) each
-// broadcast value of W feeds a single FMA, and the loads bound the kernel (AVX-512 Zen 5, 2
-// threads, in-process, T=100 inference, in place -> panels: LSTM B=16 I=H=512, folded, 1.23x; GRU
-// B=16 I=H=1024 1.23x; at 32 rows panels are faster there too, LSTM 1.11x, GRU 1.11x, not
-// changed; with AVX2's 8 floats a vector, 16 rows are two).
+// as calls of a few rows do (WeightRows), which pads no rows. A folded weight ([W_hh, W_ih]: no
+// other copy of W_ih is laid out) under half the cache is read in place only by at least two
+// vectors of rows: with one (16 rows of float32 in AVX-512) each broadcast value of W feeds a
+// single FMA, and the loads bound the kernel (AVX-512 Zen 5, 2 threads, in-process, T=100
+// inference, in place -> panels: LSTM B=16 I=H=512, folded, 1.23x, in the suite 0.67x -> 1.03x of
+// torch.nn, peak 3.4 -> 11.4 MiB against its 14.6; with AVX2's 8 floats a vector, 16 rows are two).
+// A hoisted W_hh stays in place there: its panels would be a second copy beside W_ih's (GRU B=16
+// I=H=1024 inference 1.23x faster on them, but peaking at 35.5 MiB against torch.nn's 33.4). At 32
+// rows panels are faster on Zen 5 too (LSTM 1.11x, GRU 1.11x): not changed.
 constexpr int64_t kMinBroadcastRows = 16, kMaxQuarterCacheRows = 48;
 
 template <typename S>
-bool broadcasts(int64_t max_rows, int64_t weight_bytes, at::ScalarType operands) {
+bool broadcasts(int64_t max_rows, int64_t weight_bytes, bool folded, at::ScalarType operands) {
   if (bf16_products_for(operands) || max_rows < kMinBroadcastRows || row_groups_for(max_rows, weight_bytes) > 1)
     return false;
   const int64_t cache = cache_sizes().last_level();
   if (4 * weight_bytes < cache) return false;
   return 2 * weight_bytes >= cache ||
-         (max_rows < kMaxQuarterCacheRows && max_rows >= 2 * BroadcastRows<S>::kWidth);
+         (max_rows < kMaxQuarterCacheRows && (!folded || max_rows >= 2 * BroadcastRows<S>::kWidth));
 }
 
 }  // namespace
@@ -924,7 +927,7 @@ struct CpuBackend {
                        sw.folded_input ? ptr<BF16>(w_ih) : nullptr);
     } else {
       const S* w_tail = sw.folded_input ? ptr<S>(w_ih) : nullptr;
-      if (broadcasts<S>(max_rows, sw.k * n * static_cast<int64_t>(sizeof(S)), operands)) {
+      if (broadcasts<S>(max_rows, sw.k * n * static_cast<int64_t>(sizeof(S)), sw.folded_input > 0, operands)) {
         sw.broadcast = BroadcastRows<S>(w_hh, sw.k, Cell::kGates, hidden, w_tail, sw.folded_input);
         sw.rows = WeightRows<S>(w_hh, sw.k, Cell::kGates, hidden, w_tail, sw.folded_input);
         // Steps of fewer than kMinBroadcastRows rows run on `rows` (in_place_step), whose copy of
