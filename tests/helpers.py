@@ -262,13 +262,19 @@ def assert_results_at_least_as_accurate(ours, theirs, exact, floor=0.0, factor=1
     return their_errors
 
 
+def exact_outputs_and_grads(exact, leaves, call):
+    """named_outputs_and_grads of `exact` (a float64 reference) on float64 copies of `leaves` on
+    its own device."""
+    device = next(exact.parameters()).device
+    exact_leaves = {name: t.detach().to(device, torch.float64).requires_grad_() for name, t in leaves.items()}
+    return named_outputs_and_grads(exact, exact_leaves, call)
+
+
 def assert_at_least_as_accurate(fused, reference, exact, leaves, call, floor=0.0):
     """fused's outputs and gradients are within 1.5x of torch.nn's error, plus `floor`, against
     `exact` (a float64 reference) run on the same inputs in float64 on its own device (on single
     elements the two round differently). Returns the exact outputs and torch.nn's output error."""
-    device = next(exact.parameters()).device
-    exact_leaves = {name: t.detach().to(device, torch.float64).requires_grad_() for name, t in leaves.items()}
-    exact_result = named_outputs_and_grads(exact, exact_leaves, call)
+    exact_result = exact_outputs_and_grads(exact, leaves, call)
     their_errors = assert_results_at_least_as_accurate(named_outputs_and_grads(fused, leaves, call),
                                                        named_outputs_and_grads(reference, leaves, call),
                                                        exact_result, floor)

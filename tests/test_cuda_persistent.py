@@ -12,8 +12,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fused_rnn
 from helpers import (LAYER_KINDS, OPCHECK_CASE_ARGS, OPCHECK_CASE_IDS, OPCHECK_CASES, Float64Truth,
                      assert_backward_op_opcheck_passes, assert_close_scaled, assert_layer_op_opcheck_passes,
-                     assert_results_at_least_as_accurate, assert_same_results, capture_cuda_graph, make_kind_pair,
-                     named_outputs_and_grads, output_tensors, rounding_floor)
+                     assert_results_at_least_as_accurate, assert_same_results, capture_cuda_graph,
+                     exact_outputs_and_grads, make_kind_pair, named_outputs_and_grads, output_tensors, rounding_floor)
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (or a CPU-only torch)"),
@@ -96,8 +96,7 @@ def test_at_least_as_accurate_as_cudnn(kind, dtype, hidden, batch, packed, barri
     kernel("persistent")
     ours, counts = counted(lambda: named_outputs_and_grads(fused, leaves, call))
     assert_runs("persistent", counts)
-    exact_leaves = {name: t.detach().to("cpu", torch.float64).requires_grad_() for name, t in leaves.items()}
-    exact = named_outputs_and_grads(Float64Truth(reference, dtype), exact_leaves, call)
+    exact = exact_outputs_and_grads(Float64Truth(reference, dtype), leaves, call)
     assert_results_at_least_as_accurate(ours, named_outputs_and_grads(reference, leaves, call), exact,
                                         floor=rounding_floor(dtype))
     if dtype == torch.float32:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fused_rnn
-from helpers import (assert_at_least_as_accurate, assert_results_at_least_as_accurate, leaf, make_kind_pair,
-                     named_outputs_and_grads, rounding_floor)
+from helpers import (assert_at_least_as_accurate, assert_results_at_least_as_accurate, exact_outputs_and_grads, leaf,
+                     make_kind_pair, named_outputs_and_grads, rounding_floor)
 
 pytestmark = pytest.mark.usefixtures("torch_test_state")
 
@@ -59,8 +59,7 @@ def test_onednn_as_accurate_as_mkl_and_only_onednn_is_counted(onednn, set_cache_
     set_cache_sizes(1 << 12, 1 << 12)
     ref, ours = make_kind_pair("LSTM", SIZE, SIZE, proj_size=64, dtype=torch.float32)
     leaves = {"input": leaf(STEPS, BATCH, SIZE, dtype=torch.float32)}
-    exact_leaves = {"input": leaves["input"].detach().double().requires_grad_()}
-    exact = named_outputs_and_grads(copy.deepcopy(ref).double(), exact_leaves, _call)
+    exact = exact_outputs_and_grads(copy.deepcopy(ref).double(), leaves, _call)
     results, counts = {}, {}
     for enabled in (False, True):
         onednn(enabled)
@@ -76,8 +75,7 @@ def test_no_onednn_where_torch_reduces_its_precision_or_disables_it(setting, one
     set_cache_sizes(1 << 12, 1 << 12)
     ref, ours = make_kind_pair("GRU", SIZE, SIZE, dtype=torch.float32)
     leaves = {"input": leaf(STEPS, BATCH, SIZE, dtype=torch.float32)}
-    exact_leaves = {"input": leaves["input"].detach().double().requires_grad_()}
-    exact = named_outputs_and_grads(copy.deepcopy(ref).double(), exact_leaves, _call)
+    exact = exact_outputs_and_grads(copy.deepcopy(ref).double(), leaves, _call)
     theirs = named_outputs_and_grads(ref, leaves, _call)  # in IEEE float32 (torch.nn's own matmuls follow the setting)
     precision = torch.backends.mkldnn.matmul.fp32_precision
     try:
