@@ -300,12 +300,14 @@ def test_autocast_leaves_float64_alone(kind):
     assert (out[0] if isinstance(out, tuple) else out).dtype == torch.float64
 
 
-# ---- bfloat16 products on AVX512-BF16 ------------------------------------------------------------
+# ---- bfloat16 products (AVX512-BF16, or the AVX2 kernels widening the operands) ------------------
 
 def bf16_products_expected():
-    """Where the AVX-512 kernels run on a CPU with AVX512-BF16, a bfloat16 layer's GEMMs multiply in
-    bfloat16 (csrc/cpu/backend.cpp, bf16_products_for)."""
-    return fused_rnn.cpu_instruction_set() == "avx512" and torch.cpu._is_avx512_bf16_supported()
+    """Where the AVX-512 kernels run on a CPU with AVX512-BF16, and wherever the AVX2 kernels run
+    (widening the operands to float32), a bfloat16 layer's GEMMs multiply in bfloat16
+    (csrc/cpu/backend.cpp, bf16_products_for)."""
+    isa = fused_rnn.cpu_instruction_set()
+    return isa == "avx2" or (isa == "avx512" and torch.cpu._is_avx512_bf16_supported())
 
 
 def test_bf16_products_follow_the_cpu():
@@ -348,7 +350,7 @@ def bf16_kernel(request):
 # weights as they are, with no float32 copy of either (4 bytes a weight). GRU I=H=1024 (6 MiB of
 # bfloat16 W_hh, 6 of W_ih), 8 steps of 16 rows: the training call peaked at 36 MiB (Zen 4), at 60
 # with the float32 copies (0416c44).
-@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need AVX512-BF16")
+@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need the AVX2 module or AVX512-BF16")
 @pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
 def test_bf16_backward_makes_no_float32_copy_of_the_weights():
     torch.manual_seed(0)
@@ -396,7 +398,7 @@ def inference_peak_bytes(module, x):
 #   whole input in float32 is 12.5);
 # - hoisted (GRU): the projection reads the input's rows as they are, not a float32 copy rounded
 #   back to bfloat16 (I=1024 H=64, 8 steps of 64 rows in one chunk: 4.1 MiB before, now 1.0).
-@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need AVX512-BF16")
+@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need the AVX2 module or AVX512-BF16")
 @pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
 @pytest.mark.parametrize("case", ["folded-w_ih", "folded-odd-input", "hoisted-input"])
 def test_bf16_inference_makes_no_float32_copy_of_what_it_reads_as_stored(case, set_cache_sizes):
@@ -433,7 +435,7 @@ def test_bf16_amx_hoisted_projection_peaks_at_most_at_nn():
 # panel at a time as it multiplies (csrc/cpu/backend.cpp: recurrent_weight, dense_weight): no copy of
 # either weight. I=H=1024, 100 steps: until 2026-12-06 both were laid out in bfloat16 panels, the
 # call peaking above twice the size of W_hh (LSTM 16+ MiB); now LSTM 2.0 MiB, GRU 1.6, RNN 0.8 (Zen 4).
-@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need AVX512-BF16")
+@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need the AVX2 module or AVX512-BF16")
 @pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
 @pytest.mark.parametrize("class_name", ["LSTM", "GRU", "RNN"])
 def test_bf16_inference_at_batch_1_makes_no_copy_of_the_weights(class_name):
@@ -449,7 +451,7 @@ def test_bf16_inference_at_batch_1_makes_no_copy_of_the_weights(class_name):
 # (1 MiB), the call peaking at 1.25 MiB, above the 1.17 MiB all the steps' gates take in float32;
 # now two of 50, 0.84 MiB (torch.nn 1.05, Zen 4). (With float32 products the input's and the
 # output's chunks in float32 come on top.)
-@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need AVX512-BF16")
+@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need the AVX2 module or AVX512-BF16")
 @pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
 def test_bf16_inference_chunks_hold_half_the_steps_gates():
     torch.manual_seed(0)
@@ -482,7 +484,7 @@ def test_bf16_training_chunks_count_the_float32_copies():
 # computed whole in float32. I=H=1024, 50 steps: until 2026-12-06 the call peaked above twice the
 # size of the bfloat16 weights (LSTM 36 MiB, GRU 29, RNN 13.5, beyond the gradients it replaces);
 # now LSTM 4.3 MiB, GRU 4.1, RNN 1.3 (Zen 4).
-@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need AVX512-BF16")
+@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need the AVX2 module or AVX512-BF16")
 @pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
 @pytest.mark.parametrize("class_name", ["LSTM", "GRU", "RNN"])
 def test_bf16_training_at_batch_1_makes_no_copy_of_the_weights(class_name):
@@ -500,7 +502,7 @@ def test_bf16_training_at_batch_1_makes_no_copy_of_the_weights(class_name):
 # 2026-12-06 the whole chunk's were converted at once (9.8 MiB), the call peaking at 37.4 MiB; now
 # in four parts, 30.2-30.6 (Zen 4; at I=H=1024 this RSS measure spread by 1.5 MiB from process to
 # process, more than the parts saved there).
-@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need AVX512-BF16")
+@pytest.mark.skipif(not bf16_products_expected(), reason="bfloat16 products need the AVX2 module or AVX512-BF16")
 @pytest.mark.skipif(not _can_reset_rss_peak(), reason="needs a writable /proc/self/clear_refs")
 def test_bf16_training_at_batch_1_converts_the_reserve_in_parts():
     torch.manual_seed(0)
@@ -549,7 +551,7 @@ BF16_PRODUCT_SHAPES = [(12, 5, 7, 33), (12, 20, 17, 40), (6, 130, 9, 16), (10, 2
 def test_bf16_layer_rounds_exactly_the_gemm_operands(mode, shape, bf16_kernel):
     """A bfloat16 layer op equals, to the rounding of its output, float64 arithmetic on its bfloat16
     inputs with h_prev rounded to bfloat16 for each step's GEMM (bfloat16 products) or not (float32
-    products, CPUs without AVX512-BF16): >= 98% of outputs identical to the expected model (measured
+    products: the default module, or AVX-512 without AVX512-BF16): >= 98% of outputs identical to the expected model (measured
     99.3-100%), while the other model agrees on only 67-87%, so the test tells the two apart."""
     assert_layer_rounds_exactly_the_gemm_operands(mode, shape)
 

@@ -1,7 +1,8 @@
 // AVX512-BF16's two instructions that the CPU kernels use, as inline assembly: a function that
 // uses them then needs no target("avx512bf16") attribute, which GCC does not inline across, so a
 // kernel's loop keeps its accumulators in registers around them and a pointwise pass rounds its
-// results in line. They run only where bf16_products_for (backend.cpp) found the CPU has them.
+// results in line. They run only where bf16_products_for (backend.cpp) found the CPU has them. In
+// the AVX2 build, what the kernels widen bfloat16 operands with instead.
 #pragma once
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -21,6 +22,29 @@ inline __attribute__((always_inline)) __m256i round_vector_to_bf16(__m512 v) {
   __m256i rounded;
   asm("vcvtneps2bf16 %1, %0" : "=v"(rounded) : "v"(v));
   return rounded;
+}
+
+}  // namespace fused_rnn
+
+#elif defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+
+namespace fused_rnn {
+
+// Without AVX512-BF16 (the AVX2 build), bfloat16 products are float32 FMAs on the operands widened
+// exactly: a bfloat16's bits are the high half of the float32 of the same value. Of 32-bit lanes
+// that each hold a pair (the even k's value in the low half, the odd k's in the high), the even
+// k's values and the odd k's, as float32.
+inline __attribute__((always_inline)) __m256 even_bf16s(__m256i pairs) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+}
+inline __attribute__((always_inline)) __m256 odd_bf16s(__m256i pairs) {
+  return _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+// 8 bfloat16 values at p as float32.
+inline __attribute__((always_inline)) __m256 widened_bf16s(const void* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
 }  // namespace fused_rnn

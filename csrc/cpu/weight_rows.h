@@ -90,7 +90,8 @@ class WeightRowBlocks {
 
 // C = A W^T, each value of C the dot product of A's row with a row of W. With E bfloat16 (S float),
 // A's rows are bfloat16 too, each product of a pair of k summed in float32 by the AVX512-BF16
-// instruction (the AVX-512 build only), as the bfloat16 panels multiply; such a W has no w_tail
+// instruction (AVX-512 build; the AVX2 build by FMAs on the pair widened), as the bfloat16 panels
+// multiply; such a W has no w_tail
 // (the steps that read it, of one row, never fold the input in).
 template <typename S, typename E = S>
 class WeightRows : public WeightRowBlocks<S, E> {
@@ -253,9 +254,45 @@ class WeightRows : public WeightRowBlocks<S, E> {
                                _mm512_shuffle_f32x4(four[2 * i], four[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
     return _mm512_add_ps(_mm512_shuffle_f32x4(eight[0], eight[1], _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(eight[0], eight[1], _MM_SHUFFLE(3, 1, 3, 1)));
+#elif defined(CPU_CAPABILITY_AVX2)
+    // No dot-product instruction: 8 rows, 16 values of k (8 pairs) a vector, each pair widened to
+    // float32 (even_bf16s, odd_bf16s) and its even k's products added before its odd k's.
+    static_assert(std::is_same_v<S, float> && sizeof(E) == 2 && kWidth == 8, "bfloat16 rows sum in float32");
+    constexpr int64_t kValues = 2 * kWidth;
+    __m256 acc[kWidth];
+    const E* row[kWidth];
+#pragma GCC unroll 8
+    for (int l = 0; l < kWidth; ++l) acc[l] = _mm256_setzero_ps(), row[l] = w + std::min<int64_t>(l, lanes - 1) * k;
+    const auto pairs_at = [](const E* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+    // Each row's vector loaded as it is multiplied: 8 sums, A's two halves and one row in registers.
+    const auto add = [&](const E* const (&rows)[kWidth], int64_t at, __m256i xv) {
+      const __m256 x_even = even_bf16s(xv), x_odd = odd_bf16s(xv);
+#pragma GCC unroll 8
+      for (int l = 0; l < kWidth; ++l) {
+        const __m256i wv = pairs_at(rows[l] + at);
+        acc[l] = _mm256_fmadd_ps(odd_bf16s(wv), x_odd, _mm256_fmadd_ps(even_bf16s(wv), x_even, acc[l]));
+      }
+    };
+    int64_t i = 0;
+    for (; i + kValues <= k; i += kValues) add(row, i, pairs_at(x + i));
+    if (i < k) {  // the last k % 16 values, the rest of the vectors zero (an odd last pair's too)
+      alignas(32) E tail[kWidth + 1][kValues] = {};
+      const E* tail_rows[kWidth];
+      for (int l = 0; l < kWidth; ++l) std::copy(row[l] + i, row[l] + k, tail[l]), tail_rows[l] = tail[l];
+      std::copy(x + i, x + k, tail[kWidth]);
+      add(tail_rows, 0, pairs_at(tail[kWidth]));
+    }
+    // 8 rows -> 4 vectors of pairwise sums -> 2, each 128-bit lane holding four rows' partial sums
+    // [a b c d]; then the two 128-bit lanes added: lane l is row l's sum.
+    __m256 two[4], four[2];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) two[j] = _mm256_hadd_ps(acc[2 * j], acc[2 * j + 1]);
+#pragma GCC unroll 2
+    for (int j = 0; j < 2; ++j) four[j] = _mm256_hadd_ps(two[2 * j], two[2 * j + 1]);
+    return _mm256_add_ps(_mm256_permute2f128_ps(four[0], four[1], 0x20), _mm256_permute2f128_ps(four[0], four[1], 0x31));
 #else
     (void)w, (void)k, (void)x, (void)lanes;
-    TORCH_INTERNAL_ASSERT(false, "bfloat16 weight rows need the AVX-512 build");
+    TORCH_INTERNAL_ASSERT(false, "bfloat16 weight rows need the AVX-512 or AVX2 build");
     return V();
 #endif
   }
@@ -473,9 +510,10 @@ class BroadcastRows : public WeightRowBlocks<S> {
 
 // C = A W + beta C, W [k, n], a row at a time: blocks of kBlockVectors vectors of C's columns, a
 // thread taking a contiguous range of them (see combine). Each value is beta C + the products in
-// order of k, as the panels' kernel adds them. With E bfloat16 (S float; the AVX-512 build only), W
-// and A's rows are bfloat16 (A's padded with a 0 after an odd k), and each product of a pair of k
-// is summed in float32 by the AVX512-BF16 instruction, as the bfloat16 panels multiply.
+// order of k, as the panels' kernel adds them. With E bfloat16 (S float; the AVX-512 and AVX2
+// builds), W and A's rows are bfloat16 (A's padded with a 0 after an odd k), and each product of a
+// pair of k is summed in float32 by the AVX512-BF16 instruction (AVX2: by FMAs on the pair
+// widened), as the bfloat16 panels multiply.
 template <typename S, typename E = S>
 class RowCombinations {
  public:
@@ -587,9 +625,53 @@ class RowCombinations {
       _mm512_mask_storeu_ps(c + 32 * g, half_mask[g][0], _mm512_permutex2var_ps(lo[g], first_half, hi[g]));
       _mm512_mask_storeu_ps(c + 32 * g + 16, half_mask[g][1], _mm512_permutex2var_ps(lo[g], second_half, hi[g]));
     }
+#elif defined(CPU_CAPABILITY_AVX2)
+    // No dot-product instruction, so no interleaving: A's pair widened to two float32 values, each
+    // row's 8 columns a vector widened (widened_bf16s), the even row's products added, then the
+    // odd row's. A last vector of fewer than 8 columns reads its weights through a copy.
+    static_assert(std::is_same_v<S, float> && sizeof(E) == 2 && kWidth == 8, "bfloat16 rows sum in float32");
+    constexpr int kVectors = 4 * G;
+    const int64_t full = cols / kWidth, rest = cols % kWidth;
+    alignas(32) int32_t rest_lanes[kWidth];
+    for (int l = 0; l < kWidth; ++l) rest_lanes[l] = l < rest ? -1 : 0;
+    const __m256i rest_mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(rest_lanes));
+    __m256 acc[kVectors];
+#pragma GCC unroll 8
+    for (int v = 0; v < kVectors; ++v) {
+      acc[v] = _mm256_setzero_ps();
+      if (beta == S(0)) continue;  // the sums start from beta c, as the panels' kernel starts them
+      if (v < full) acc[v] = _mm256_mul_ps(_mm256_loadu_ps(c + v * kWidth), _mm256_set1_ps(beta));
+      else if (v == full && rest > 0) acc[v] = _mm256_mul_ps(_mm256_maskload_ps(c + v * kWidth, rest_mask), _mm256_set1_ps(beta));
+    }
+    for (int64_t i = 0; i < k; i += 2) {
+      const E* even_row = w + i * n;
+      const bool odd = i + 1 < k;  // (else A's value after the last k is 0, and the row is skipped)
+      int32_t pair_bits;
+      std::memcpy(&pair_bits, a + i, sizeof(pair_bits));
+      const __m256i pair = _mm256_set1_epi32(pair_bits);
+      const __m256 a_even = even_bf16s(pair), a_odd = odd_bf16s(pair);
+#pragma GCC unroll 8
+      for (int v = 0; v < kVectors; ++v) {
+        if (v < full) {
+          acc[v] = _mm256_fmadd_ps(a_even, widened_bf16s(even_row + v * kWidth), acc[v]);
+          if (odd) acc[v] = _mm256_fmadd_ps(a_odd, widened_bf16s(even_row + n + v * kWidth), acc[v]);
+        } else if (v == full && rest > 0) {
+          E weights[2][kWidth] = {};
+          std::copy_n(even_row + v * kWidth, rest, weights[0]);
+          if (odd) std::copy_n(even_row + n + v * kWidth, rest, weights[1]);
+          acc[v] = _mm256_fmadd_ps(a_even, widened_bf16s(weights[0]), acc[v]);
+          if (odd) acc[v] = _mm256_fmadd_ps(a_odd, widened_bf16s(weights[1]), acc[v]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < kVectors; ++v) {
+      if (v < full) _mm256_storeu_ps(c + v * kWidth, acc[v]);
+      else if (v == full && rest > 0) _mm256_maskstore_ps(c + v * kWidth, rest_mask, acc[v]);
+    }
 #else
     (void)w, (void)k, (void)n, (void)a, (void)cols, (void)beta, (void)c;
-    TORCH_INTERNAL_ASSERT(false, "bfloat16 row combinations need the AVX-512 build");
+    TORCH_INTERNAL_ASSERT(false, "bfloat16 row combinations need the AVX-512 or AVX2 build");
 #endif
   }
 
