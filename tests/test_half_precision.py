@@ -551,8 +551,9 @@ BF16_PRODUCT_SHAPES = [(12, 5, 7, 33), (12, 20, 17, 40), (6, 130, 9, 16), (10, 2
 def test_bf16_layer_rounds_exactly_the_gemm_operands(mode, shape, bf16_kernel):
     """A bfloat16 layer op equals, to the rounding of its output, float64 arithmetic on its bfloat16
     inputs with h_prev rounded to bfloat16 for each step's GEMM (bfloat16 products) or not (float32
-    products: the default module, or AVX-512 without AVX512-BF16): >= 98% of outputs identical to the expected model (measured
-    99.3-100%), while the other model agrees on only 67-87%, so the test tells the two apart."""
+    products: the default module, or AVX-512 without AVX512-BF16): >= 98% of outputs identical to
+    the expected model (measured 99.3-100%), while the other model agrees on only 67-87%, so the
+    test tells the two apart."""
     assert_layer_rounds_exactly_the_gemm_operands(mode, shape)
 
 

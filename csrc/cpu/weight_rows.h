@@ -643,6 +643,7 @@ class RowCombinations {
       if (v < full) acc[v] = _mm256_mul_ps(_mm256_loadu_ps(c + v * kWidth), _mm256_set1_ps(beta));
       else if (v == full && rest > 0) acc[v] = _mm256_mul_ps(_mm256_maskload_ps(c + v * kWidth, rest_mask), _mm256_set1_ps(beta));
     }
+    E rest_weights[2][kWidth] = {};  // the last vector's weights of the two rows, zero past `rest`
     for (int64_t i = 0; i < k; i += 2) {
       const E* even_row = w + i * n;
       const bool odd = i + 1 < k;  // (else A's value after the last k is 0, and the row is skipped)
@@ -652,16 +653,16 @@ class RowCombinations {
       const __m256 a_even = even_bf16s(pair), a_odd = odd_bf16s(pair);
 #pragma GCC unroll 8
       for (int v = 0; v < kVectors; ++v) {
-        if (v < full) {
-          acc[v] = _mm256_fmadd_ps(a_even, widened_bf16s(even_row + v * kWidth), acc[v]);
-          if (odd) acc[v] = _mm256_fmadd_ps(a_odd, widened_bf16s(even_row + n + v * kWidth), acc[v]);
-        } else if (v == full && rest > 0) {
-          E weights[2][kWidth] = {};
-          std::copy_n(even_row + v * kWidth, rest, weights[0]);
-          if (odd) std::copy_n(even_row + n + v * kWidth, rest, weights[1]);
-          acc[v] = _mm256_fmadd_ps(a_even, widened_bf16s(weights[0]), acc[v]);
-          if (odd) acc[v] = _mm256_fmadd_ps(a_odd, widened_bf16s(weights[1]), acc[v]);
+        if (v > full || (v == full && rest == 0)) break;
+        const E* even_weights = even_row + v * kWidth;
+        const E* odd_weights = even_weights + n;
+        if (v == full) {
+          std::copy_n(even_weights, rest, rest_weights[0]);
+          if (odd) std::copy_n(odd_weights, rest, rest_weights[1]);
+          even_weights = rest_weights[0], odd_weights = rest_weights[1];
         }
+        acc[v] = _mm256_fmadd_ps(a_even, widened_bf16s(even_weights), acc[v]);
+        if (odd) acc[v] = _mm256_fmadd_ps(a_odd, widened_bf16s(odd_weights), acc[v]);
       }
     }
 #pragma GCC unroll 8
