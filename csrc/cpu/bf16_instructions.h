@@ -41,6 +41,10 @@ inline __attribute__((always_inline)) __m256 even_bf16s(__m256i pairs) {
 inline __attribute__((always_inline)) __m256 odd_bf16s(__m256i pairs) {
   return _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
 }
+// The same by two shifts instead of a mask, whose register the panel kernel's sums need.
+inline __attribute__((always_inline)) __m256 odd_bf16s_unmasked(__m256i pairs) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(pairs, 16), 16));
+}
 // 8 bfloat16 values at p as float32.
 inline __attribute__((always_inline)) __m256 widened_bf16s(const void* p) {
   return _mm256_castsi256_ps(

@@ -342,13 +342,13 @@ class Panels {
 #endif
 
   // Rows of a register block: R x NV sums, NV vectors of the panel and A's value in registers. The
-  // AVX2 build's bfloat16 pairs, widened in registers (multiply_add_pairs), take fewer rows: with
-  // 6 x 2 sums GCC spilled them to the stack at every pair (AVX2 Zen 4, micro-benchmark, GFLOP/s a
-  // core, against float32 panels' 6 x 2: 36 at 6 x 2, 42 at 5 x 2, 70-79 at 4 x 2 against 75-87;
-  // 3 vectors: 45 at 3 rows, 62-64 at 2 against 86-89 at 4; 4 vectors: 73-74 at 2 against 64).
+  // AVX2 build's bfloat16 pairs, widened in registers (multiply_add_pairs), take 6 rows of 2
+  // vectors, 3 of 3, 2 of 4: one row fewer at 3 vectors, whose 4 rows spilled the sums (AVX2 Zen
+  // 4, micro-benchmark, GFLOP/s a core: 3 vectors 77-82 at 3 rows, 60 at 4, 64 at 2; float32
+  // panels' 4 rows 85-89).
   template <int NV>
   static constexpr int64_t block_rows_for() {
-    if constexpr (kPack > 1 && kRegisters == 16) return NV == 2 ? 4 : 2;
+    if constexpr (kPack > 1 && kRegisters == 16) return (kRegisters - 2 * NV) / NV;
     return std::min<int64_t>(8, (kRegisters - NV - 1) / NV);
   }
 
@@ -513,33 +513,43 @@ class Panels {
       }
     }
 #elif defined(CPU_CAPABILITY_AVX2)
-    // No dot-product instruction: each pair widened to float32 (even_bf16s, odd_bf16s), the even
-    // k's products added, then the odd k's; the weights' vectors are widened once for all R rows,
-    // one half at a time (16 registers hold R x NV sums, NV weights and A's value).
+    // No dot-product instruction: each pair widened to float32 (even_bf16s, odd_bf16s_unmasked),
+    // the even k's products added, then the odd k's; the weights' vectors are widened once for all
+    // R rows, one half at a time (16 registers hold R x NV sums, NV weights and A's value). A's
+    // pair is broadcast for each half on its own, as integers for the even k and as a float for
+    // the odd: one broadcast shared by both halves kept R more registers live, which spilled the
+    // sums at 5 and 6 rows (AVX2 Zen 4, micro-benchmark: 2 vectors x 6 rows 82-86 GFLOP/s a core,
+    // float32 panels' 85-89).
     for (int64_t i = 0; i < pairs; ++i, w += stride, a += 2) {
       if constexpr (kPrefetch) {
         if (--pf.countdown == 0) prefetch_to_l2(pf.at, NV * kWidth * 2 * sizeof(E)), pf.at += stride, pf.countdown = pf.every;
       }
       const auto pairs_of = [](const E* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
-      const auto broadcast_pair = [](const E* p) {
+      const auto even_of_pair = [](const E* p) {
         int32_t pair;
         std::memcpy(&pair, p, sizeof(pair));
-        return _mm256_set1_epi32(pair);
+        return even_bf16s(_mm256_set1_epi32(pair));
       };
-      // The products of one k of the pair, its values taken from each lane by `half`.
-      const auto add_products = [&](auto half) {
+      const auto odd_of_pair = [](const E* p) {
+        float pair;
+        std::memcpy(&pair, p, sizeof(pair));
+        return odd_bf16s_unmasked(_mm256_castps_si256(_mm256_set1_ps(pair)));
+      };
+      // The products of one k of the pair: `half` takes its values from each lane of the weights'
+      // pairs, `a_half` A's value from a pair.
+      const auto add_products = [&](auto half, auto a_half) {
         __m256 wv[NV];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) wv[v] = half(pairs_of(w + v * kWidth * 2));
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-          const __m256 x = half(broadcast_pair(a + r * lda));
+          const __m256 x = a_half(a + r * lda);
 #pragma GCC unroll 4
           for (int v = 0; v < NV; ++v) acc[r][v] = V(_mm256_fmadd_ps(x, wv[v], acc[r][v]));
         }
       };
-      add_products([](__m256i pairs) { return even_bf16s(pairs); });
-      add_products([](__m256i pairs) { return odd_bf16s(pairs); });
+      add_products([](__m256i pairs) { return even_bf16s(pairs); }, even_of_pair);
+      add_products([](__m256i pairs) { return odd_bf16s_unmasked(pairs); }, odd_of_pair);
     }
 #else
     TORCH_INTERNAL_ASSERT(false, "bfloat16 panels need the AVX-512 or AVX2 build");
