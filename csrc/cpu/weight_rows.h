@@ -91,8 +91,7 @@ class WeightRowBlocks {
 // C = A W^T, each value of C the dot product of A's row with a row of W. With E bfloat16 (S float),
 // A's rows are bfloat16 too, each product of a pair of k summed in float32 by the AVX512-BF16
 // instruction (AVX-512 build; the AVX2 build by FMAs on the pair widened), as the bfloat16 panels
-// multiply; such a W has no w_tail
-// (the steps that read it, of one row, never fold the input in).
+// multiply; such a W has no w_tail (the steps that read it, of one row, never fold the input in).
 template <typename S, typename E = S>
 class WeightRows : public WeightRowBlocks<S, E> {
   using Base = WeightRowBlocks<S, E>;
