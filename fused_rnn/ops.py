@@ -7,6 +7,7 @@ layer over a whole sequence; see there for argument conventions.
 from typing import Any, Callable, NamedTuple
 
 import torch
+from torch.autograd import forward_ad
 
 from . import composite
 
@@ -276,8 +277,9 @@ _eager_layer_apply = super(torch.autograd.Function, _EagerLayer).apply
 
 def _eager():
     """Whether this is a plain eager call, which may skip torch.library's autograd wrapper: not
-    traced (torch.compile, torch.jit.trace) nor inside a torch.func transform, which need every call
-    to go through the dispatcher as registered."""
+    traced (torch.compile, torch.jit.trace) nor inside a torch.func transform (vmap; the
+    differentiating ones run no op, _runs_as_composite), which need every call to go through the
+    dispatcher as registered."""
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or torch._C._functorch.peek_interpreter_stack() is not None)
 
@@ -319,11 +321,39 @@ def _call_layer(mode, *args):
 # ---- one layer direction, as the modules call it -----------------------------------------
 
 
+# The torch.func transforms that differentiate, which the ops' registered autograd cannot serve:
+# torch's register_autograd makes an autograd.Function that grad, vjp, jacrev and hessian refuse in
+# torch 2.13 (pytorch/pytorch#179652), and a custom op has no forward-mode derivative, so under jvp
+# and jacfwd its outputs would carry zero tangents, silently. vmap alone runs the ops (PyTorch's
+# per-sample fallback).
+_DIFFERENTIATING_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+
+
+def _runs_as_composite(tensors):
+    """Whether a layer call runs as plain torch ops (composite.layer), which every autograd mode
+    differentiates, as torch.nn's CPU layers are: inside a differentiating torch.func transform, or
+    with a forward-mode AD tangent (torch.autograd.forward_ad) on any of `tensors` (the fused ops
+    would drop it, under no_grad too). Not in a torch.jit.trace, nor in a torch.compile trace unless
+    a forward-mode AD level is open there (torch.func.jvp's, or forward_ad.dual_level's): Dynamo
+    cannot read functorch's interpreter stack, nor tangents, but sees that level."""
+    if torch.compiler.is_compiling():
+        return forward_ad._current_level >= 0
+    stack = torch._C._functorch.get_interpreter_stack()
+    needed = (bool(stack) and any(interpreter.key() in _DIFFERENTIATING_TRANSFORMS for interpreter in stack)) or (
+        forward_ad._current_level >= 0
+        and any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors))
+    return needed and not torch.jit.is_tracing()
+
+
 def run_layer(mode, input, batch_sizes, hx, cx, weights, reverse):
     """Runs one direction of one layer. `mode` is LSTM, GRU, RNN_TANH or RNN_RELU; `weights`
     is (w_ih, w_hh, b_ih, b_hh, w_hr) with None for absent tensors. Returns (output, h_n, c_n),
     c_n None except for LSTM."""
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    if _runs_as_composite((input, hx, cx, *weights)):
+        op_mode = "rnn" if mode.startswith("RNN") else mode.lower()
+        return composite.layer(op_mode, input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+                               mode == "RNN_RELU")
     # Activations are kept for backward only when something here can be differentiated; always in a
     # torch.jit.trace, whose graph fixes the choice for every later call, training ones included.
     save = torch.jit.is_tracing() or (
