@@ -329,20 +329,29 @@ def _call_layer(mode, *args):
 _DIFFERENTIATING_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
 
 
-def _runs_as_composite(tensors):
+def _runs_as_composite(compiling, stack, tensors):
     """Whether a layer call runs as plain torch ops (composite.layer), which every autograd mode
-    differentiates, as torch.nn's CPU layers are: inside a differentiating torch.func transform, or
-    with a forward-mode AD tangent (torch.autograd.forward_ad) on any of `tensors` (the fused ops
-    would drop it, under no_grad too). Not in a torch.jit.trace, nor in a torch.compile trace unless
-    a forward-mode AD level is open there (torch.func.jvp's, or forward_ad.dual_level's): Dynamo
-    cannot read functorch's interpreter stack, nor tangents, but sees that level."""
-    if torch.compiler.is_compiling():
+    differentiates, as torch.nn's CPU layers are: inside a differentiating torch.func transform (on
+    functorch's interpreter `stack`), or with a forward-mode AD tangent (torch.autograd.forward_ad)
+    on any of `tensors` (the fused ops would drop it, under no_grad too). Not in a torch.jit.trace,
+    nor while `compiling` (a torch.compile trace) unless a forward-mode AD level is open there
+    (torch.func.jvp's, or forward_ad.dual_level's): Dynamo cannot read the interpreter stack, nor
+    tangents, but sees that level."""
+    if compiling:
         return forward_ad._current_level >= 0
-    stack = torch._C._functorch.get_interpreter_stack()
     needed = (bool(stack) and any(interpreter.key() in _DIFFERENTIATING_TRANSFORMS for interpreter in stack)) or (
         forward_ad._current_level >= 0
         and any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors))
     return needed and not torch.jit.is_tracing()
+
+
+def _batched_requires_grad(t):
+    """Inside vmap, whether the tensor that t's batched wrappers hold requires grad: they do not
+    show it (an ensemble's stacked parameters under torch.func.functional_call), while autograd,
+    below vmap, sees it."""
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t.requires_grad
 
 
 def run_layer(mode, input, batch_sizes, hx, cx, weights, reverse):
@@ -350,14 +359,17 @@ def run_layer(mode, input, batch_sizes, hx, cx, weights, reverse):
     is (w_ih, w_hh, b_ih, b_hh, w_hr) with None for absent tensors. Returns (output, h_n, c_n),
     c_n None except for LSTM."""
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
-    if _runs_as_composite((input, hx, cx, *weights)):
+    tensors = (input, hx, cx, *weights)
+    compiling = torch.compiler.is_compiling()
+    stack = None if compiling else torch._C._functorch.get_interpreter_stack()
+    if (stack is not None or forward_ad._current_level >= 0) and _runs_as_composite(compiling, stack, tensors):
         op_mode = "rnn" if mode.startswith("RNN") else mode.lower()
         return composite.layer(op_mode, input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
                                mode == "RNN_RELU")
     # Activations are kept for backward only when something here can be differentiated; always in a
     # torch.jit.trace, whose graph fixes the choice for every later call, training ones included.
-    save = torch.jit.is_tracing() or (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, hx, cx, *weights)))
+    save = torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
+        t is not None and (t.requires_grad or (stack is not None and _batched_requires_grad(t))) for t in tensors))
     if mode == "LSTM":
         out, hy, cy, _ = _call_layer("lstm", input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save)
         return out, hy, cy

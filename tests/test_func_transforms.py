@@ -3,6 +3,8 @@ vjp, jacrev, jvp, jacfwd, hessian and torch.autograd.forward_ad give what torch.
 differentiates them as plain torch ops on CPU), and vmap(grad) per-sample gradients what a loop of
 ordinary backward passes gives (torch.nn's layers have no batching rule). Outside those, the fused
 ops still run."""
+import copy
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -276,3 +278,27 @@ def test_transforms_on_cuda_match_nn_on_cpu(kind, transform):
     expected = transform(layer_function(ref, kind, "3d"), x, states, parameters(ref))
     got = transform(layer_function(ours, kind, "3d"), x.cuda(), tuple(t.cuda() for t in states), parameters(ours))
     assert_close_nested(torch.utils._pytree.tree_map(lambda t: t.cpu(), got), expected, DTYPE)
+
+
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_ensemble_by_vmap_matches_each_model(kind):
+    """Models stacked by torch.func.stack_module_state and run by vmap over their parameters (vmap
+    alone: the fused ops, one model at a time): the outputs and, by an ordinary backward through
+    vmap, the gradients of each model. The stacked parameters require grad, which vmap's batched
+    wrappers do not show; the layer must keep its activations all the same."""
+    models = [layer_pair(kind, 2, True, kind == "LSTM")[1] for _ in range(3)]
+    for seed, model in enumerate(models):  # three different models
+        torch.manual_seed(seed)
+        for p in model.parameters():
+            torch.nn.init.uniform_(p, -0.5, 0.5)
+    params, buffers = torch.func.stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(3, 2, INPUT_SIZE, dtype=DTYPE)
+    outputs = vmap(lambda p, b: output_tensors(functional_call(skeleton, (p, b), (x,))))(params, buffers)
+    sum(t.pow(2).sum() for t in outputs).backward()
+    for k, model in enumerate(models):
+        expected = output_tensors(model(x))
+        assert_close_nested([t[k] for t in outputs], expected, DTYPE)
+        expected_grads = torch.autograd.grad(sum(t.pow(2).sum() for t in expected), list(model.parameters()))
+        assert_close_nested([params[name].grad[k] for name, _ in model.named_parameters()], list(expected_grads),
+                            DTYPE)
