@@ -12,7 +12,7 @@ from tqdm import tqdm
 from .measure import CUDA_KERNELS, Settings, make_fused_module, measure_point
 from .report import environment, plot, point_label, print_report, summarize
 from .schema import SCHEMA_VERSION, validate
-from .shapes import CELLS, GRIDS, MODES, custom_grid
+from .shapes import CELLS, GRID_CELLS, GRIDS, LAYERS, MODES, custom_grid
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_REPEATS, DEFAULT_WARMUP = 15, 3
@@ -52,10 +52,12 @@ def _choice(choices):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m benchmarks",
-                                     description="Times fused_rnn.LSTM/GRU/RNN against torch.nn with the same weights.")
+                                     description="Times fused_rnn.LSTM/GRU/RNN and their *Cells against torch.nn with the same weights.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--cells", type=_list_of(_choice(CELLS)), default=list(CELLS), help="e.g. LSTM,GRU")
+    parser.add_argument("--cells", type=_list_of(_choice(CELLS)),
+                        help="e.g. LSTM,GRU or GRUCell (default: LSTM,GRU,RNN; on the cells grid the *Cell modules, "
+                             "called once a step)")
     parser.add_argument("--modes", type=_list_of(_choice(MODES)), default=list(MODES),
                         help="inference (no_grad, eval) and/or training (forward + backward)")
     parser.add_argument("--grid", choices=GRIDS, help="named shape grid (default: cpu or gpu, after --device)")
@@ -148,6 +150,7 @@ def main(argv=None, make_ours=make_fused_module):
     parser = build_parser()
     args = parser.parse_args(argv)
     grid, shapes, repeats, warmup = _resolve(args, parser)
+    args.cells = args.cells or list(GRID_CELLS.get(grid, LAYERS))
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -158,10 +161,11 @@ def main(argv=None, make_ours=make_fused_module):
             for mode in args.modes]
     skipped = sum(not shape.supports(cell) for cell in args.cells for shape in shapes)
     if skipped:
-        print(f"note: {skipped} GRU/RNN shape(s) skipped, proj_size is LSTM-only", file=sys.stderr)
+        print(f"note: {skipped} shape(s) skipped: proj_size is LSTM-only, and a *Cell module runs one layer, "
+              "one direction, unpacked", file=sys.stderr)
     if args.list:
         for cell, shape, mode in plan:
-            print(f"{cell:4} {mode:9} {shape.label()}")
+            print(f"{cell:8} {mode:9} {shape.label()}")
         return 0
 
     if args.cuda_kernel:

@@ -17,6 +17,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fused_rnn
 
+from .shapes import is_cell_module
+
 # Elementwise |ours - ref| <= tol * (scale + |ref|), scale = max(1, max |ref|) per tensor, so the
 # bound is relative for large values and absolute (tol) for outputs in [-1, 1].
 TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -71,7 +73,8 @@ class _Case:
 
     def __init__(self, cell, shape, mode, settings, make_ours):
         torch.manual_seed(settings.seed)
-        kwargs = shape.module_kwargs()
+        kwargs = shape.module_kwargs(cell)
+        self.step_by_step = is_cell_module(cell)
         reference = getattr(torch.nn, cell)(**kwargs)
         ours = _attempt("ours", lambda: make_ours(cell, **kwargs))
         _attempt("ours", lambda: ours.load_state_dict(reference.state_dict()))
@@ -87,13 +90,24 @@ class _Case:
         features = (shape.proj_size or shape.hidden_size) * directions
         self.grad_output = torch.randn(*self.input_data.shape[:-1], features).to(settings.device, settings.dtype)
 
+    def _run(self, module):
+        """(output, final state) of a layer on the input; a *Cell module is called on each step in
+        turn, carrying its state, and its output is the steps' hidden states stacked."""
+        if not self.step_by_step:
+            return module(self.input)
+        state, hidden = None, []
+        for x in self.input.unbind(0):
+            state = module(x, state)
+            hidden.append(state[0] if isinstance(state, tuple) else state)
+        return torch.stack(hidden), state
+
     def step(self, name):
         module, context = self.contenders[name]
         with context():
             if not self.training:
                 with torch.no_grad():
-                    return module(self.input)
-            output, state = module(self.input)
+                    return self._run(module)
+            output, state = self._run(module)
             (output.data if isinstance(output, PackedSequence) else output).backward(self.grad_output)
             return output, state
 

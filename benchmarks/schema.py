@@ -16,14 +16,15 @@ a change that would break readers bumps SCHEMA_VERSION.
     "cpu_instruction_sets": {"torch": str, "fused_rnn": str, "onednn_cap": str | null,
                              "mkl_cap": str | null}  (added later: absent in older files)
   },
-  "config": {"grid": str ("cpu" | "cpu-large" | "gpu" | "gpu-small" | "quick" | "step" | "custom"), "cells": [str], "modes": [str],
+  "config": {"grid": str ("cpu" | "cpu-large" | "gpu" | "gpu-small" | "quick" | "step" | "cells" | "custom"), "cells": [str], "modes": [str],
              "repeats": int, "warmup": int, "seed": int, "with_aten": bool,
              "input_grad": bool  (training: whether the input needs a gradient; added later, absent
                                   in older files, which all had it),
              "cuda_kernel": "auto" | "persistent" | "stepwise" | null  (FUSED_RNN_CUDA_KERNEL on CUDA,
                                   null on CPU; added later)},
   "points": [{
-    "cell": "LSTM" | "GRU" | "RNN", "mode": "inference" | "training",
+    "cell": "LSTM" | "GRU" | "RNN" | "LSTMCell" | "GRUCell" | "RNNCell"  (the *Cell modules called once
+            a step, in a Python loop over seq_len; added later), "mode": "inference" | "training",
     "shape": {"seq_len", "batch", "input_size", "hidden_size", "num_layers", "proj_size": int,
               "bidirectional", "packed": bool},
     "status": "ok" | "failed",  "failure": str | null  (why it failed),
@@ -48,7 +49,7 @@ and "peak_memory_bytes" and null ratios: no speed is reported for an implementat
 SCHEMA_VERSION = 1
 
 IMPLEMENTATIONS = ("reference", "ours", "aten")
-_CELLS = ("LSTM", "GRU", "RNN")
+_CELLS = ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell")
 _MODES = ("inference", "training")
 
 

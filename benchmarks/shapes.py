@@ -2,8 +2,16 @@
 from dataclasses import dataclass, replace
 from itertools import product
 
-CELLS = ("LSTM", "GRU", "RNN")
+LAYERS = ("LSTM", "GRU", "RNN")
+# The *Cell modules, timed as a streaming model runs them: one call per time step, in a Python loop
+# over seq_len that carries the state.
+CELL_MODULES = ("LSTMCell", "GRUCell", "RNNCell")
+CELLS = LAYERS + CELL_MODULES
 MODES = ("inference", "training")
+
+
+def is_cell_module(cell):
+    return cell in CELL_MODULES
 
 
 @dataclass(frozen=True)
@@ -21,11 +29,16 @@ class Shape:
     packed: bool = False
 
     def supports(self, cell):
+        """proj_size is LSTM-only; a *Cell module is one layer, one direction, fed a step at a time."""
+        if is_cell_module(cell):
+            return self.num_layers == 1 and not self.bidirectional and not self.proj_size and not self.packed
         return self.proj_size == 0 or cell == "LSTM"
 
-    def module_kwargs(self):
-        kwargs = {"input_size": self.input_size, "hidden_size": self.hidden_size,
-                  "num_layers": self.num_layers, "bidirectional": self.bidirectional}
+    def module_kwargs(self, cell):
+        kwargs = {"input_size": self.input_size, "hidden_size": self.hidden_size}
+        if is_cell_module(cell):
+            return kwargs
+        kwargs.update(num_layers=self.num_layers, bidirectional=self.bidirectional)
         if self.proj_size:
             kwargs["proj_size"] = self.proj_size
         return kwargs
@@ -65,10 +78,7 @@ def _variants(base):
 def cpu_grid():
     """Batch × hidden sizes plus the layer/direction/packing variants; T is kept moderate so the
     whole grid takes roughly 10-20 minutes on 2 cores."""
-    base = Shape(seq_len=100, batch=16, input_size=256, hidden_size=256)
-    sizes = [_with_hidden(replace(base, batch=batch), hidden)
-             for batch, hidden in product((1, 16, 64), (64, 256, 512))]
-    return sizes + _variants(base)
+    return _cpu_sizes(100) + _variants(Shape(seq_len=100, batch=16, input_size=256, hidden_size=256))
 
 
 def cpu_large_grid():
@@ -105,14 +115,27 @@ def quick_grid():
     return batches + hiddens + _variants(base) + [replace(base, proj_size=32)]
 
 
-def step_grid():
-    """Single time steps, as streaming inference (and training step by step) calls a layer: T=1
-    over the batch × hidden sizes of the CPU grid, where per-call overhead counts most."""
-    return [Shape(seq_len=1, batch=batch, input_size=hidden, hidden_size=hidden)
+def _cpu_sizes(seq_len):
+    """The CPU grid's batch × hidden sizes (I = H) at `seq_len`."""
+    return [Shape(seq_len=seq_len, batch=batch, input_size=hidden, hidden_size=hidden)
             for batch, hidden in product((1, 16, 64), (64, 256, 512))]
 
 
-GRIDS = {"cpu": cpu_grid, "cpu-large": cpu_large_grid, "gpu": gpu_grid, "gpu-small": gpu_small_grid, "quick": quick_grid, "step": step_grid}
+def step_grid():
+    """Single time steps, as streaming inference (and training step by step) calls a layer: T=1
+    over the batch × hidden sizes of the CPU grid, where per-call overhead counts most."""
+    return _cpu_sizes(1)
+
+
+def cell_grid():
+    """The *Cell modules over 100 steps, a call each (streaming), at the CPU grid's batch × hidden sizes."""
+    return _cpu_sizes(100)
+
+
+GRIDS = {"cpu": cpu_grid, "cpu-large": cpu_large_grid, "gpu": gpu_grid, "gpu-small": gpu_small_grid, "quick": quick_grid,
+         "step": step_grid, "cells": cell_grid}
+# What --cells defaults to on a grid: the layers, or on the cells grid the *Cell modules.
+GRID_CELLS = {"cells": CELL_MODULES}
 
 
 def custom_grid(seq_lens, batches, input_sizes, hidden_sizes, layers, proj_sizes, bidirectional, packed):

@@ -218,3 +218,48 @@ def test_plot_has_a_column_per_swept_axis(tmp_path, monkeypatch):
     assert [ax.get_title() for ax in grids[0][0]] == ["GRU inference: vs sequence length",
                                                        "GRU training: vs sequence length"]
     assert [line.get_xdata().tolist() for line in grids[0][0][0].get_lines()[1:]] == [[1, 2, 4]]
+
+
+CELL_TINY = ["-T", "5", "-B", "1,3", "-H", "8", "--cells", "LSTMCell,GRUCell,RNNCell", "--repeats", "1",
+             "--warmup", "0", "--no-plot"]
+
+
+class _StepWithoutState(fused_rnn.GRUCell):
+    """Ignores the state it is given: right at the first step only, so only a loop over the steps
+    that carries the state can tell."""
+
+    def forward(self, input, hx=None):
+        return super().forward(input)
+
+
+def test_cell_modules_run_a_step_at_a_time(tmp_path):
+    """--cells with the *Cell modules: each call of a point runs the cell once a step over seq_len,
+    carrying the state, and the guard compares every step's hidden state, the final state and, in
+    training, every gradient."""
+    status = main(CELL_TINY + ["--out", str(tmp_path)])
+    result = validate(json.loads((tmp_path / "results.json").read_text()))
+    assert status == 0 and result["config"]["cells"] == ["LSTMCell", "GRUCell", "RNNCell"]
+    points = result["points"]
+    assert len(points) == 3 * 2 * 2 and all(p["status"] == "ok" and p["ratio"] > 0 for p in points)
+    status = main(CELL_TINY + ["--cells", "GRUCell", "--out", str(tmp_path)],
+                  make_ours=lambda cell, **kwargs: _StepWithoutState(**kwargs))
+    failures = [p["failure"] for p in json.loads((tmp_path / "results.json").read_text())["points"]]
+    assert status == 1 and len(failures) == 4
+    assert all("differs from the reference in output" in failure for failure in failures)
+
+
+def test_cells_grid_defaults_to_the_cell_modules_and_skips_what_cells_lack(capsys):
+    from benchmarks.cli import _resolve, build_parser
+    parser = build_parser()
+    grid, shapes, _, _ = _resolve(parser.parse_args(["--grid", "cells", "--device", "cpu"]), parser)
+    assert grid == "cells" and {shape.seq_len for shape in shapes} == {100}
+    assert {(shape.batch, shape.hidden_size) for shape in shapes} == {(b, h) for b in (1, 16, 64) for h in (64, 256, 512)}
+    assert main(["--grid", "cells", "--device", "cpu", "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 9 * 3 * 2 and {line.split()[0] for line in listed} == {"LSTMCell", "GRUCell", "RNNCell"}
+    # Layers stay the default elsewhere; a cell module skips stacked, bidirectional and packed shapes.
+    assert main(["--quick", "--device", "cpu", "--list"]) == 0
+    assert {line.split()[0] for line in capsys.readouterr().out.splitlines()} == {"LSTM", "GRU", "RNN"}
+    assert main(["--quick", "--device", "cpu", "--cells", "GRUCell", "--list"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2 * 5 and "shape(s) skipped" in captured.err
