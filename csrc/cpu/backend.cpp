@@ -593,7 +593,11 @@ struct CpuBackend {
   // The panel kernel reads all of g once per panel of x: from L2 while g fits in half of it, else
   // from L3 or memory, where MKL's blocked GEMM, which packs blocks of g to keep them in cache, is
   // faster (AVX2, T=100, training: LSTM B16 H512 7%, B64 H512 15%, RNN B64 H512 15%, LSTM I=H=1024
-  // B16 10%; g within half of L2, as LSTM B16 H64 and RNN B1 H64, 3-4% slower on MKL).
+  // B16 10%; g within half of L2, as LSTM B16 H64 and RNN B1 H64, 3-4% slower on MKL). And it
+  // writes grad_w a strip of columns per panel, over all its rows: where grad_w outgrows half of
+  // L2 too, MKL's blocks of rows are faster (Zen 4 with AVX2 only, training calls of few rows,
+  // in-process: LSTM T=1 B=16 H=512 1.19x, T=16 B=16 H=256 1.15x, GRU T=1 B=32 H=1024 1.13x, RNN
+  // T=100 B=1 H=512 1.17x; grad_w within half of L2, H=64, 1.01-1.03x either way).
   // Where bf16_products_for(operands), g and x are rounded to bfloat16 (g transposed, as the
   // kernel reads pairs of k = rows) and multiplied in bfloat16, as torch.nn's bfloat16 layers do.
   // A grad_w in a narrower type than S (not accumulating) is computed a slab of its rows at a time
@@ -633,7 +637,8 @@ struct CpuBackend {
       });
     }
     const int64_t g_bytes = rows * g.size(1) * static_cast<int64_t>(sizeof(S));
-    if (panels && 2 * g_bytes <= cache_sizes().l2) {
+    const int64_t grad_w_bytes = grad_w.numel() * static_cast<int64_t>(sizeof(S));
+    if (panels && 2 * std::max(g_bytes, grad_w_bytes) <= cache_sizes().l2) {
       const Panels<S> x_panels(ptr<S>(x), false, rows, 1, x.size(1), Scratch::kGradientPanels);
       x_panels.multiply(g.size(1), ptr<S>(g), 1, g.stride(0), S(accumulate ? 1 : 0), ptr<S>(grad_w), grad_w.stride(0));
     } else if (x.stride(1) == 1 && g.stride(1) == 1 && grad_w.is_contiguous()) {
