@@ -46,11 +46,11 @@ a change that would break readers bumps SCHEMA_VERSION.
 IMPL is "reference", "ours" and, with --with-aten, "aten". A failed point has empty "timings"
 and "peak_memory_bytes" and null ratios: no speed is reported for an implementation that is wrong.
 """
+from .shapes import CELLS as _CELLS, MODES as _MODES
+
 SCHEMA_VERSION = 1
 
 IMPLEMENTATIONS = ("reference", "ours", "aten")
-_CELLS = ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell")
-_MODES = ("inference", "training")
 
 
 def _is_int(value):

@@ -284,12 +284,13 @@ def _eager():
                 or torch._C._functorch.peek_interpreter_stack() is not None)
 
 
-def _call(op, *args):
-    """op(*args) where nothing is to be differentiated; called eagerly, straight to the kernel below
-    autograd, where the registered autograd would send it, without its Python round trip (a few
-    microseconds, as much as a whole small step). An autocast rule (autocast.py) still applies:
-    autocast dispatches above autograd, and with nothing saved for backward it may cast here."""
-    if not _eager():
+def _call(op, *args, eager=None):
+    """op(*args) where nothing is to be differentiated; called eagerly (`eager`, or _eager() where
+    the caller has not found it out), straight to the kernel below autograd, where the registered
+    autograd would send it, without its Python round trip (a few microseconds, as much as a whole
+    small step). An autocast rule (autocast.py) still applies: autocast dispatches above autograd,
+    and with nothing saved for backward it may cast here."""
+    if not (_eager() if eager is None else eager):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
@@ -307,13 +308,14 @@ def _autocast_rule_applies(op, input):
                 op.name(), "Autocast" + torch._C._dispatch_key_for_device(device)))
 
 
-def _call_layer(mode, *args):
+def _call_layer(mode, eager, *args):
     """The `mode` layer op on args, which end with save_reserve: differentiable when that is true.
-    Eagerly through _EagerLayer, except where an autocast rule applies: that needs the dispatcher."""
+    Where `eager` (_eager()), through _EagerLayer, except where an autocast rule applies: that needs
+    the dispatcher."""
     layer = _LAYERS[mode]
     if not args[-1]:
-        return _call(layer.op, *args)
-    if not _eager() or (torch._C._is_any_autocast_enabled() and _autocast_rule_applies(layer.op, args[0])):
+        return _call(layer.op, *args, eager=eager)
+    if not eager or (torch._C._is_any_autocast_enabled() and _autocast_rule_applies(layer.op, args[0])):
         return layer.op(*args)
     return _eager_layer_apply(*args, layer)
 
@@ -368,14 +370,17 @@ def run_layer(mode, input, batch_sizes, hx, cx, weights, reverse):
                                mode == "RNN_RELU")
     # Activations are kept for backward only when something here can be differentiated; always in a
     # torch.jit.trace, whose graph fixes the choice for every later call, training ones included.
-    save = torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
+    tracing = torch.jit.is_tracing()
+    save = tracing or (torch.is_grad_enabled() and any(
         t is not None and (t.requires_grad or (stack is not None and _batched_requires_grad(t))) for t in tensors))
+    eager = not (compiling or tracing or stack is not None)  # as _eager()
     if mode == "LSTM":
-        out, hy, cy, _ = _call_layer("lstm", input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save)
+        out, hy, cy, _ = _call_layer("lstm", eager, input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+                                     save)
         return out, hy, cy
     if mode == "GRU":
-        out, hy, _ = _call_layer("gru", input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, save)
+        out, hy, _ = _call_layer("gru", eager, input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, save)
     else:
-        out, hy, _ = _call_layer("rnn", input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, mode == "RNN_RELU", reverse,
-                                 save)
+        out, hy, _ = _call_layer("rnn", eager, input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, mode == "RNN_RELU",
+                                 reverse, save)
     return out, hy, None
